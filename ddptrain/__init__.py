@@ -1,0 +1,26 @@
+"""ddptrain: train any PyTorch model data-parallel, on one CPU or across many GPU nodes.
+
+`import ddptrain` stays light: the training machinery loads on first use.
+"""
+__version__ = "0.1.0"
+
+__all__ = ["train", "Task", "Config", "load_config", "split"]
+
+
+def __getattr__(name):
+    if name == "train":
+        from .trainer import train
+        return train
+    if name == "Task":
+        from .task import Task
+        return Task
+    if name == "Config":
+        from .config import Config
+        return Config
+    if name == "load_config":
+        from .config import load
+        return load
+    if name == "split":
+        from .data import split
+        return split
+    raise AttributeError(f"module 'ddptrain' has no attribute {name!r}")

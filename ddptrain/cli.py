@@ -1,0 +1,112 @@
+"""The `ddptrain` command: train, launch, keys.
+
+Plain user mistakes (config, task, data, checkpoint) print one line, `ddptrain: error: ...`, on rank 0
+and exit with status 2; a run stopped by non-finite gradients exits with 3. Anything else is a bug
+or an environment failure and keeps its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+EXIT_USER_ERROR = 2
+EXIT_NONFINITE = 3
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ddptrain", description="Data-parallel training of PyTorch models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train in this process (or as one rank under torchrun/srun)")
+    t.add_argument("config", help="config file (.yaml, .yml or .toml)")
+    t.add_argument("overrides", nargs="*", help="section.key=value (or --section.key=value) overrides")
+    t.add_argument("--print-config", action="store_true", help="print the resolved config with every default and exit")
+
+    la = sub.add_parser("launch", help="start torchrun with N processes on this node")
+    la.add_argument("--nproc-per-node", "--nproc_per_node", type=int, default=2, help="processes to start (default 2)")
+    la.add_argument("--max-restarts", type=int, default=0, help="torchrun elastic restarts (default 0)")
+    la.add_argument("config", help="config file")
+    la.add_argument("overrides", nargs="*", help="section.key=value overrides")
+
+    sub.add_parser("keys", help="print every config key with its default and description (Markdown)")
+    return p
+
+
+def _split_wandb_style(argv: list[str]) -> list[str]:
+    """`wandb agent` passes `--optim.lr=0.01`; argparse would take that for an option, so treat it as an override."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--") and "=" in arg and "." in arg.split("=", 1)[0]:
+            out.append(arg[2:])
+        else:
+            out.append(arg)
+    return out
+
+
+def _is_main() -> bool:
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+
+
+def _train(args) -> int:
+    from . import config as config_mod
+    from .trainer import run
+    from .dist import detect
+
+    cfg = config_mod.load(args.config, args.overrides)
+    if args.print_config:
+        print(config_mod.dump_yaml(cfg), end="")
+        return 0
+    summary = run(cfg, detect(os.environ))
+    if _is_main():
+        test = summary.get("test") or {}
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in test.items())
+        print(f"done: {summary['steps']} steps, {summary['samples_per_s']:.0f} samples/s"
+              + (f"; test {shown}" if shown else "") + f"; run directory {cfg.run_dir}", flush=True)
+    return 0
+
+
+def _launch(args) -> int:
+    from . import config as config_mod
+    from .data import micro_batch_size
+    from .task import resolve
+
+    if args.nproc_per_node < 1:
+        raise config_mod.ConfigError(f"--nproc-per-node: expected a positive integer, got {args.nproc_per_node}")
+    cfg = config_mod.load(args.config, args.overrides)  # fail here, not once per rank
+    micro_batch_size(cfg.data, args.nproc_per_node, cfg.train.grad_accum_steps)
+    resolve(cfg.task)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc_per_node}",
+           f"--max-restarts={args.max_restarts}", "-m", "ddptrain", "train", args.config, *args.overrides]
+    sys.stdout.flush()
+    os.execv(sys.executable, cmd)
+
+
+def _keys() -> int:
+    from .config import describe
+    print("| key | default | description |\n|---|---|---|")
+    for key, default, help in describe():
+        print(f"| `{key}` | `{default}` | {help} |")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(_split_wandb_style(sys.argv[1:] if argv is None else argv))
+    from .config import ConfigError
+    try:
+        if args.command == "keys":
+            return _keys()
+        if args.command == "launch":
+            return _launch(args)
+        return _train(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:
+        from .checkpoint import CheckpointError
+        from .task import TaskError
+        from .trainer import NonFiniteError
+        if isinstance(e, (ConfigError, TaskError, CheckpointError, NonFiniteError)):
+            if _is_main():
+                print(f"ddptrain: error: {e}", file=sys.stderr, flush=True)
+            return EXIT_NONFINITE if isinstance(e, NonFiniteError) else EXIT_USER_ERROR
+        raise

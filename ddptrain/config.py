@@ -1,0 +1,388 @@
+"""The run configuration: typed sections, loading from YAML or TOML, `section.key=value` overrides.
+
+Everything a run can be told lives here, with its default and a one-line description that the CLI,
+`--print-config` and the README show. Validation happens once, at the edge: unknown keys, wrong types
+and out-of-range values raise ConfigError naming the key, the value and what was expected.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A plain user mistake in the configuration; the CLI prints it without a traceback."""
+
+
+def _f(default, help: str, check=None, expect: str = ""):
+    """A config field: its default, a one-line description and an optional range check."""
+    meta = {"help": help, "check": check, "expect": expect}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _positive(x):
+    return x > 0
+
+
+def _non_negative(x):
+    return x >= 0
+
+
+def _fraction(x):
+    return 0 <= x < 1
+
+
+def _positive_or_none(x):
+    return x is None or x > 0
+
+
+@dataclass
+class DataConfig:
+    batch_size: int = _f(64, "global batch per optimizer step, split evenly over ranks and accumulation steps", _positive, "> 0")
+    eval_batch_size: int = _f(256, "batch size of each rank during validation and test", _positive, "> 0")
+    val_fraction: float = _f(0.15, "share of the data held out for validation by the split helper", _fraction, "in [0, 1)")
+    test_fraction: float = _f(0.15, "share of the data held out for test by the split helper", _fraction, "in [0, 1)")
+    split_seed: int = _f(0, "seed of the train/val/test split (independent of `seed`)")
+    num_workers: int = _f(0, "DataLoader worker processes per rank", _non_negative, ">= 0")
+    pin_memory: bool = _f(True, "pin host memory for faster copies (used only on CUDA)")
+    persistent_workers: bool = _f(True, "keep workers alive between epochs (used only when num_workers > 0)")
+
+
+@dataclass
+class ModelConfig:
+    hidden: list[int] = _f([256, 128], "hidden layer widths of the built-in MLP", lambda v: all(h > 0 for h in v), "positive widths")
+    activation: Literal["relu", "gelu", "tanh", "sigmoid"] = _f("relu", "activation of the built-in MLP")
+    dropout: float = _f(0.0, "dropout probability after each hidden layer", _fraction, "in [0, 1)")
+    batch_norm: bool = _f(False, "batch norm after each hidden linear layer")
+    init: Literal["default", "kaiming", "xavier"] = _f("default", "weight initialisation of linear layers")
+
+
+@dataclass
+class LossConfig:
+    name: Literal["task", "cross_entropy", "mse", "l1", "huber", "bce_with_logits"] = _f(
+        "task", "loss function; `task` uses the loss the task returns")
+    label_smoothing: float = _f(0.0, "label smoothing for cross_entropy", _fraction, "in [0, 1)")
+    huber_delta: float = _f(1.0, "delta of the huber loss", _positive, "> 0")
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["sgd", "adam", "adamw", "rmsprop"] = _f("adamw", "optimizer")
+    lr: float = _f(1e-3, "peak learning rate", _positive, "> 0")
+    weight_decay: float = _f(0.0, "L2 penalty (decoupled for adamw) on weights with 2+ dims; biases and norms are exempt", _non_negative, ">= 0")
+    l1: float = _f(0.0, "L1 penalty added to the loss, on weights with 2+ dims", _non_negative, ">= 0")
+    momentum: float = _f(0.9, "momentum of sgd and rmsprop", _fraction, "in [0, 1)")
+    nesterov: bool = _f(False, "nesterov momentum (sgd)")
+    betas: list[float] = _f([0.9, 0.999], "betas of adam and adamw", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two values in [0, 1)")
+    eps: float = _f(1e-8, "epsilon of adam, adamw and rmsprop", _positive, "> 0")
+
+
+@dataclass
+class SchedConfig:
+    name: Literal["constant", "step", "cosine", "linear", "onecycle", "plateau"] = _f("constant", "learning-rate schedule")
+    warmup_steps: int = _f(0, "linear warmup steps from lr/100 (constant, step, cosine, linear)", _non_negative, ">= 0")
+    min_lr: float = _f(0.0, "final learning rate of cosine and linear", _non_negative, ">= 0")
+    step_size: int = _f(1000, "optimizer steps between decays (step)", _positive, "> 0")
+    gamma: float = _f(0.1, "decay factor (step, plateau)", lambda x: 0 < x < 1, "in (0, 1)")
+    pct_start: float = _f(0.3, "share of steps spent increasing the lr (onecycle)", lambda x: 0 < x < 1, "in (0, 1)")
+    plateau_patience: int = _f(5, "validations without improvement before the lr decays (plateau)", _non_negative, ">= 0")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _f(10, "epochs to train", _positive, "> 0")
+    max_steps: int | None = _f(None, "stop after this many optimizer steps (None: run all epochs)", _positive_or_none, "> 0 or null")
+    grad_accum_steps: int = _f(1, "micro-batches per optimizer step; gradients are all-reduced once per step", _positive, "> 0")
+    precision: Literal["fp32", "bf16", "fp16"] = _f("fp32", "fp32, bf16 autocast, or fp16 autocast with a gradient scaler")
+    clip_grad_norm: float | None = _f(None, "clip the global gradient norm to this value", _positive_or_none, "> 0 or null")
+    clip_grad_value: float | None = _f(None, "clip each gradient element to [-v, v]", _positive_or_none, "> 0 or null")
+    nonfinite: Literal["skip", "stop"] = _f("stop", "on a NaN/Inf gradient: skip the step, or stop with an error (all ranks agree)")
+    log_every: int = _f(10, "optimizer steps between train log records (the only per-step collective)", _positive, "> 0")
+    compile: bool = _f(False, "wrap the model in torch.compile")
+    compile_backend: str = _f("inductor", "torch.compile backend")
+
+
+@dataclass
+class ValConfig:
+    mode: Literal["sharded", "rank0"] = _f("sharded", "sharded: every rank evaluates a disjoint shard; rank0: rank 0 evaluates all")
+    every: int = _f(1, "epochs between validations", _positive, "> 0")
+    rank0_timeout_s: float = _f(7200.0, "how long other ranks wait for rank 0 in rank0 mode", _positive, "> 0")
+
+
+@dataclass
+class EarlyStopConfig:
+    monitor: str = _f("val_loss", "metric that picks the best checkpoint and drives early stopping (val_<name>)")
+    mode: Literal["min", "max"] = _f("min", "whether a lower or a higher monitored value is better")
+    patience: int | None = _f(None, "validations without improvement before stopping (None: never stop early)", lambda x: x is None or x >= 0, ">= 0 or null")
+    min_delta: float = _f(0.0, "smallest change that counts as an improvement", _non_negative, ">= 0")
+    restore_best: bool = _f(True, "load the best weights at the end, before the test evaluation")
+
+
+@dataclass
+class DistConfig:
+    backend: Literal["auto", "gloo", "nccl"] = _f("auto", "process-group backend; auto: nccl with CUDA, else gloo")
+    device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto: cuda:<local_rank> when CUDA is available, else cpu")
+    init_timeout_s: float = _f(600.0, "timeout of process-group start-up", _positive, "> 0")
+    timeout_s: float = _f(300.0, "timeout of each collective once training runs", _positive, "> 0")
+    find_unused_parameters: bool = _f(False, "DDP find_unused_parameters")
+    static_graph: bool = _f(False, "DDP static_graph")
+    gradient_as_bucket_view: bool = _f(True, "DDP gradient_as_bucket_view (saves a copy of the gradients)")
+    bucket_cap_mb: float = _f(25.0, "DDP all-reduce bucket size in MiB", _positive, "> 0")
+    sync_batchnorm: bool = _f(False, "convert every BatchNorm of the model to SyncBatchNorm")
+
+
+@dataclass
+class CheckpointConfig:
+    save_last: bool = _f(True, "save checkpoints/last.pt after every validation")
+    save_best: bool = _f(True, "save checkpoints/best.pt when the monitored metric improves")
+
+
+@dataclass
+class Config:
+    task: str = _f("digits", "built-in task name (digits, diabetes) or `module:function` or `file.py:function`")
+    task_args: dict = _f({}, "free-form arguments for the task function (not validated by ddptrain)")
+    name: str = _f("run", "run name: the run directory is <runs_dir>/<name> (the CLI defaults it to the config file's stem)")
+    runs_dir: str = _f("runs", "where run directories are created")
+    seed: int = _f(0, "seed of model initialisation and data order; each rank derives its own seed for dropout")
+    deterministic: bool = _f(False, "use deterministic algorithms (slower; errors on ops that have none)")
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    val: ValConfig = field(default_factory=ValConfig)
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+
+def _is_section(tp) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp, key: str):
+    """Return value converted to tp, or raise ConfigError naming key, value and the expected type."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise bad
+    if origin is typing.Union or type(tp).__name__ == "UnionType":
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+            raise bad
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        raise bad
+    if origin is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise bad
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, key) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-3` as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    if tp is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise bad
+    raise TypeError(f"unsupported config type {tp!r} for {key}")
+
+
+def _unknown_key(key: str, known: list[str]) -> ConfigError:
+    name = key.rsplit(".", 1)[-1]
+    prefix = key[: len(key) - len(name)]
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known keys: {', '.join(known)}"
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}': expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            raise _unknown_key(prefix + str(key), names)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        key, tp = prefix + f.name, hints[f.name]
+        if _is_section(tp):
+            kwargs[f.name] = _build(tp, data[f.name] if data[f.name] is not None else {}, key + ".")
+            continue
+        value = _coerce(data[f.name], tp, key)
+        check = f.metadata.get("check")
+        if check is not None and not check(value):
+            raise ConfigError(f"config key '{key}': expected {f.metadata['expect']}, got {value!r}")
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def _cross_checks(cfg: Config) -> None:
+    if not cfg.name or "/" in cfg.name or cfg.name in (".", ".."):
+        raise ConfigError(f"config key 'name': expected a plain directory name, got {cfg.name!r}")
+    if cfg.data.val_fraction + cfg.data.test_fraction >= 1:
+        raise ConfigError("config keys 'data.val_fraction' + 'data.test_fraction': expected a sum below 1, got "
+                          f"{cfg.data.val_fraction} + {cfg.data.test_fraction}")
+    if not cfg.early_stop.monitor.startswith("val_"):
+        raise ConfigError(f"config key 'early_stop.monitor': expected a validation metric named val_<name>, "
+                          f"got {cfg.early_stop.monitor!r}")
+
+
+def from_dict(data: dict) -> Config:
+    """Build and validate a Config from nested plain data (raises ConfigError)."""
+    cfg = _build(Config, data)
+    _cross_checks(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def read_file(path: str | Path) -> dict:
+    """Read a YAML (.yaml/.yml) or TOML (.toml) file into nested plain data."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}': not found")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            import yaml
+            data = yaml.safe_load(text)
+        else:
+            raise ConfigError(f"config file '{path}': expected a .yaml, .yml or .toml file")
+    except ConfigError:
+        raise
+    except Exception as e:  # the parsers' own errors carry line and column
+        raise ConfigError(f"config file '{path}': cannot parse: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}': expected a mapping at the top level")
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=value` (or `--a.b=value`, as `wandb agent` passes it) -> (['a', 'b'], parsed value)."""
+    body = text[2:] if text.startswith("--") else text
+    if "=" not in body or not body.split("=", 1)[0]:
+        raise ConfigError(f"override '{text}': expected section.key=value")
+    key, raw = body.split("=", 1)
+    import yaml
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Return a copy of data with each `section.key=value` override set (validation comes later)."""
+    import copy
+    data = copy.deepcopy(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{text}': '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> Config:
+    """Read a config file (or start from `base`), apply overrides, validate.
+
+    The run name defaults to the file's stem, so re-running a config reuses its run directory.
+    """
+    data = dict(base or {})
+    if path is not None:
+        data = {**data, **read_file(path)}
+        data.setdefault("name", Path(path).stem)
+    return from_dict(apply_overrides(data, list(overrides)))
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """Every config key as (dotted key, default as YAML, description), for the README and --help."""
+    import json
+    rows = []
+
+    def walk(cls, prefix):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if _is_section(hints[f.name]):
+                walk(hints[f.name], prefix + f.name + ".")
+                continue
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            rows.append((prefix + f.name, json.dumps(default), f.metadata["help"]))
+
+    walk(Config, "")
+    return rows
+
+
+def dump_yaml(cfg: Config) -> str:
+    import yaml
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,76 @@
+"""Data: a seeded train/val/test split and the per-rank loaders.
+
+Training batches are sharded with DistributedSampler (also at world size 1, so one code path).
+Each rank's batch is batch_size / (world_size * grad_accum_steps), and incomplete global batches
+are dropped: rank r's batch b is then exactly its slice of global batch b, whatever the world size.
+Evaluation uses ShardSampler: disjoint and unpadded, so no sample is counted twice.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
+
+from .config import DataConfig, ConfigError
+from .dist import DistEnv
+
+
+def split(dataset: Dataset, fractions: Sequence[float], seed: int) -> list[Subset]:
+    """Split into len(fractions) + 1 subsets: the remainder first (train), then one per fraction."""
+    n = len(dataset)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    sizes = [int(round(f * n)) for f in fractions]
+    first = n - sum(sizes)
+    parts, start = [perm[:first]], first
+    for size in sizes:
+        parts.append(perm[start:start + size])
+        start += size
+    return [Subset(dataset, p) for p in parts]
+
+
+class ShardSampler(Sampler[int]):
+    """Rank r gets indices r, r + world_size, ...: disjoint across ranks and never padded."""
+
+    def __init__(self, length: int, rank: int, world_size: int):
+        self.length, self.rank, self.world_size = length, rank, world_size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.length, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.length, self.world_size))
+
+
+def micro_batch_size(cfg: DataConfig, world_size: int, grad_accum_steps: int) -> int:
+    parts = world_size * grad_accum_steps
+    if cfg.batch_size % parts:
+        raise ConfigError(
+            f"config key 'data.batch_size': {cfg.batch_size} must be divisible by world_size * "
+            f"train.grad_accum_steps = {world_size} * {grad_accum_steps} = {parts}")
+    return cfg.batch_size // parts
+
+
+def _loader_kwargs(cfg: DataConfig, device: torch.device) -> dict:
+    kw = {"num_workers": cfg.num_workers, "pin_memory": cfg.pin_memory and device.type == "cuda"}
+    if cfg.num_workers > 0:
+        kw["persistent_workers"] = cfg.persistent_workers
+    return kw
+
+
+def train_loader(dataset: Dataset, cfg: DataConfig, env: DistEnv, grad_accum_steps: int, seed: int,
+                 device: torch.device) -> tuple[DataLoader, DistributedSampler]:
+    per_rank = micro_batch_size(cfg, env.world_size, grad_accum_steps)
+    if len(dataset) < cfg.batch_size:
+        raise ConfigError(f"config key 'data.batch_size': {cfg.batch_size} is larger than the training set "
+                          f"({len(dataset)} samples)")
+    sampler = DistributedSampler(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True,
+                                 seed=seed, drop_last=True)
+    loader = DataLoader(dataset, batch_size=per_rank, sampler=sampler, drop_last=True,
+                        **_loader_kwargs(cfg, device))
+    return loader, sampler
+
+
+def eval_loader(dataset: Dataset, cfg: DataConfig, rank: int, world_size: int, device: torch.device) -> DataLoader:
+    return DataLoader(dataset, batch_size=cfg.eval_batch_size, sampler=ShardSampler(len(dataset), rank, world_size),
+                      **_loader_kwargs(cfg, device))

@@ -1,0 +1,156 @@
+"""Who am I in the job, and the few collectives the loop needs.
+
+`detect()` is a pure function from environment variables to a frozen DistEnv. `Dist` holds the
+process group once it exists; at world size 1 it has none and every collective is a no-op, so the
+training loop never branches on "am I distributed".
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+import torch.distributed as dist
+
+from .config import ConfigError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+    launcher: str = "single"  # torchrun | slurm | single
+    restart_count: int = 0    # torchrun elastic restarts so far
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _int(env: Mapping[str, str], name: str) -> int:
+    try:
+        return int(env[name])
+    except (KeyError, ValueError):
+        raise ConfigError(f"environment variable {name}: expected an integer, got {env.get(name)!r}") from None
+
+
+def detect(env: Mapping[str, str]) -> DistEnv:
+    """Read the launcher's variables. torchrun's win over SLURM's: under `srun torchrun`, SLURM's describe nodes."""
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(
+            rank=_int(env, "RANK"), world_size=_int(env, "WORLD_SIZE"),
+            local_rank=_int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0,
+            local_world_size=_int(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else 1,
+            launcher="torchrun",
+            restart_count=int(env.get("TORCHELASTIC_RESTART_COUNT", "0") or 0),
+        )
+    # SLURM_STEP_ID is set only inside an srun step: a plain `python` in the batch shell of a
+    # multi-task allocation also sees SLURM_NTASKS, but no other task will ever join it.
+    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env and _int(env, "SLURM_NTASKS") > 1:
+        tasks_per_node = env.get("SLURM_STEP_TASKS_PER_NODE", env.get("SLURM_NTASKS_PER_NODE", "1"))
+        return DistEnv(
+            rank=_int(env, "SLURM_PROCID"), world_size=_int(env, "SLURM_NTASKS"),
+            local_rank=_int(env, "SLURM_LOCALID"),
+            local_world_size=int(tasks_per_node.split("(")[0].split(",")[0] or 1),
+            launcher="slurm",
+            restart_count=int(env.get("SLURM_RESTART_COUNT", "0") or 0),
+        )
+    return DistEnv()
+
+
+def pick_device(env: DistEnv, device: str, backend: str) -> tuple[torch.device, str]:
+    """Return (device, backend) for this rank from the dist config's `device` and `backend`."""
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise ConfigError("config key 'dist.device': 'cuda' was asked for but CUDA is not available")
+    if backend == "nccl" and not use_cuda:
+        raise ConfigError("config key 'dist.backend': 'nccl' needs CUDA; use 'gloo' or 'auto' on CPU")
+    dev = torch.device("cuda", env.local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if backend == "auto":
+        backend = "nccl" if use_cuda else "gloo"
+    return dev, backend
+
+
+class Dist:
+    """The process group of this run and the collectives the loop uses.
+
+    Every method that communicates says "call on all ranks": every rank must call it, in the same order.
+    """
+
+    def __init__(self, env: DistEnv, device: torch.device, backend: str, init_timeout_s: float,
+                 control_timeout_s: float):
+        self.env, self.device, self.backend = env, device, backend
+        self.control = None  # a gloo group with its own (long) timeout, for waits on rank 0
+        if env.world_size == 1:
+            return
+        timeout = datetime.timedelta(seconds=init_timeout_s)
+        kwargs = dict(backend=backend, rank=env.rank, world_size=env.world_size, timeout=timeout)
+        if backend == "nccl":
+            kwargs["device_id"] = device
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun shares its rendezvous store with the workers and reuses it across elastic
+            # restarts; without a per-attempt prefix gloo reads the peer addresses of the previous,
+            # dead attempt and fails or hangs (pytorch#135712).
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                  env.world_size, is_master=False, timeout=timeout)
+            kwargs["store"] = dist.PrefixStore(f"ddptrain/attempt_{env.restart_count}", store)
+        dist.init_process_group(**kwargs)
+        self.control = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=control_timeout_s))
+
+    @property
+    def active(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+    def set_timeout(self, seconds: float) -> None:
+        """Shorten the collective timeout once start-up is over, so a dead rank is noticed sooner."""
+        if self.active:
+            from torch.distributed.distributed_c10d import _set_pg_timeout
+            _set_pg_timeout(datetime.timedelta(seconds=seconds), None)
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum `tensor` over ranks in place. Call on all ranks."""
+        if self.active:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if it is true on any rank. Call on all ranks."""
+        if not self.active:
+            return flag
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control)
+        return bool(t.item())
+
+    def broadcast_object(self, obj):
+        """Rank 0's `obj` on every rank. Call on all ranks; others pass anything.
+
+        Goes over the gloo control group, whose timeout is long enough for rank 0 to evaluate alone.
+        """
+        if not self.active:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self.control)
+        return box[0]
+
+    def broadcast_module(self, module: torch.nn.Module) -> None:
+        """Copy rank 0's parameters and buffers into every rank's module. Call on all ranks."""
+        if not self.active:
+            return
+        with torch.no_grad():
+            for t in list(module.parameters()) + list(module.buffers()):
+                dist.broadcast(t.data, src=0)
+
+    def barrier(self) -> None:
+        """Call on all ranks."""
+        if self.active:
+            dist.barrier(group=self.control)
+
+    def close(self) -> None:
+        if self.active:
+            dist.destroy_process_group()

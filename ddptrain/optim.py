@@ -1,0 +1,58 @@
+"""Optimizers, learning-rate schedules and the L1 penalty, built from their config sections.
+
+Weight decay and L1 apply to weights with two or more dimensions; biases and norm parameters are
+exempt, as in most modern recipes. Every schedule except plateau steps once per optimizer step.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.optim import lr_scheduler as sch
+
+from .config import OptimConfig, SchedConfig
+
+
+def _decayed(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [p for p in params if p.dim() >= 2], [p for p in params if p.dim() < 2]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    decay, no_decay = _decayed(model)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+    if cfg.name == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    return torch.optim.RMSprop(groups, lr=cfg.lr, momentum=cfg.momentum, eps=cfg.eps)
+
+
+def l1_penalty(model: nn.Module, strength: float) -> torch.Tensor | float:
+    if strength == 0:
+        return 0.0
+    decay, _ = _decayed(model)
+    return strength * sum(p.abs().sum() for p in decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedConfig, total_steps: int, lr: float):
+    """Return the scheduler; `total_steps` is the number of optimizer steps the run will take."""
+    if cfg.name == "plateau":
+        return sch.ReduceLROnPlateau(optimizer, factor=cfg.gamma, patience=cfg.plateau_patience)
+    if cfg.name == "onecycle":
+        return sch.OneCycleLR(optimizer, max_lr=lr, total_steps=max(total_steps, 2), pct_start=cfg.pct_start)
+    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+    rest = max(total_steps - warmup, 1)
+    if cfg.name == "constant":
+        main = sch.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    elif cfg.name == "step":
+        main = sch.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
+    elif cfg.name == "cosine":
+        main = sch.CosineAnnealingLR(optimizer, T_max=rest, eta_min=cfg.min_lr)
+    else:
+        main = sch.LambdaLR(optimizer, lambda s: 1 - (1 - cfg.min_lr / lr) * min(s, rest) / rest)
+    if warmup == 0:
+        return main
+    ramp = sch.LinearLR(optimizer, start_factor=0.01, end_factor=1.0, total_iters=warmup)
+    return sch.SequentialLR(optimizer, [ramp, main], milestones=[warmup])

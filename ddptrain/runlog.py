@@ -1,0 +1,132 @@
+"""What rank 0 tells the world: the run directory's files, the console, and (later) trackers.
+
+Every rank holds a logger, but only rank 0's does anything: other ranks get NullLogger, so the
+training loop calls `log.record(...)` without asking who it is. A logger never communicates.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Protocol
+
+
+class Logger(Protocol):
+    def record(self, event: dict) -> None: ...     # one metrics event (split, step, epoch, values)
+    def progress(self, step: int, total: int) -> None: ...
+    def summary(self, summary: dict) -> None: ...
+    def close(self) -> None: ...
+
+
+class NullLogger:
+    def record(self, event): pass
+    def progress(self, step, total): pass
+    def summary(self, summary): pass
+    def close(self): pass
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _clean(value):
+    """JSON has no NaN or Infinity: write them as strings so every line stays valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class RunDirLogger:
+    """metrics.jsonl (one JSON object per event, flushed at once) and summary.json in the run directory."""
+
+    def __init__(self, run_dir: Path, append: bool = False):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir = run_dir
+        self._metrics = open(run_dir / "metrics.jsonl", "a" if append else "w", buffering=1)
+
+    def record(self, event):
+        self._metrics.write(json.dumps({k: _clean(v) for k, v in event.items()}) + "\n")
+
+    def progress(self, step, total):
+        pass
+
+    def summary(self, summary):
+        write_json_atomic(self.run_dir / "summary.json", {k: _clean(v) for k, v in summary.items()})
+
+    def close(self):
+        self._metrics.close()
+
+
+def _fmt(event: dict) -> str:
+    skip = {"split", "step", "epoch", "time"}
+    parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in event.items() if k not in skip]
+    return f"{event['split']:<5} epoch {event['epoch']} step {event['step']}: " + ", ".join(parts)
+
+
+class ConsoleLogger:
+    """A tqdm bar when stderr is a terminal; otherwise plain lines, one per event, for cluster logs."""
+
+    def __init__(self, total_steps: int, start_step: int = 0):
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+        self._last = start_step
+
+    def record(self, event):
+        if self.bar is not None and event["split"] == "train":
+            self.bar.set_postfix(loss=f"{event['loss']:.4g}", refresh=False)
+        elif self.bar is not None:
+            self.bar.write(_fmt(event))
+        else:
+            print(_fmt(event), flush=True)
+
+    def progress(self, step, total):
+        if self.bar is not None:
+            self.bar.update(step - self._last)
+        self._last = step
+
+    def summary(self, summary):
+        pass
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+class Loggers:
+    """Fan one call out to several loggers."""
+
+    def __init__(self, *loggers):
+        self.loggers = loggers
+
+    def record(self, event):
+        for lg in self.loggers:
+            lg.record(event)
+
+    def progress(self, step, total):
+        for lg in self.loggers:
+            lg.progress(step, total)
+
+    def summary(self, summary):
+        for lg in self.loggers:
+            lg.summary(summary)
+
+    def close(self):
+        for lg in self.loggers:
+            lg.close()
+
+
+class Clock:
+    """Wall time since the run started, for the `time` field of every event."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def __call__(self) -> float:
+        return round(time.perf_counter() - self.start, 4)
