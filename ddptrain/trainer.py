@@ -80,6 +80,9 @@ def run(cfg: Config, env: DistEnv, task_fn: Callable | None = None, hooks: dict 
     """Everything up to the process group (validation, task, shape check), then the loop."""
     device, backend = pick_device(env, cfg.dist.device, cfg.dist.backend)
     micro_batch_size(cfg.data, env.world_size, cfg.train.grad_accum_steps)  # fail before any process group
+    if cfg.dist.sync_batchnorm and device.type == "cpu" and env.world_size > 1:
+        raise config_mod.ConfigError("config key 'dist.sync_batchnorm': torch's SyncBatchNorm runs on GPUs only; "
+                                     "set it to false on CPU")
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
@@ -245,13 +248,13 @@ def _fit(cfg: Config, dist: Dist, task: task_mod.Task, loss_fn, metrics: dict, h
                 log.record({"split": "val", "step": step, "epoch": epoch, **val_values, "time": clock()})
                 improved = stopper.update(val_values[cfg.early_stop.monitor[4:]], epoch, step)
                 # Rank 0 decides; its early-stopping state is copied to every rank, so all stop together.
-                improved, state = dist.broadcast_object((improved, stopper.state_dict()))
+                improved, stopped_early, state = dist.broadcast_object(
+                    (improved, stopper.should_stop, stopper.state_dict()))
                 stopper.load_state_dict(state)
                 if cfg.sched.name == "plateau":
                     scheduler.step(val_values[cfg.early_stop.monitor[4:]])
                 if env.is_main and cfg.checkpoint.save_best and improved:
                     ckpt.save(ckpt_dir / "best.pt", checkpoint_state())
-                stopped_early = stopper.should_stop
             if env.is_main and cfg.checkpoint.save_last:
                 ckpt.save(ckpt_dir / "last.pt", checkpoint_state())
             if stopped_early:

@@ -1,0 +1,74 @@
+"""Small deterministic tasks for the tests: no dropout, so runs differ only through what is tested."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+
+from ddptrain import Task
+from ddptrain.losses import squared_error
+
+MODELS: list[nn.Module] = []  # the models built in this process, so a test can read the trained weights
+
+
+def regression(cfg) -> Task:
+    """y = x @ w + noise on 8 features; sizes from task_args (n_train, n_val, n_test)."""
+    a = cfg.task_args
+    n_train, n_val, n_test = a.get("n_train", 96), a.get("n_val", 37), a.get("n_test", 0)
+    g = torch.Generator().manual_seed(1234)
+    x = torch.randn(n_train + n_val + n_test, 8, generator=g)
+    y = x @ torch.randn(8, 1, generator=g) + 0.1 * torch.randn(len(x), 1, generator=g)
+    width = a.get("width", 16)
+    layers = [nn.Linear(8, width)]
+    if a.get("batch_norm"):
+        layers.append(nn.BatchNorm1d(width))
+    model = nn.Sequential(*layers, nn.Tanh(), nn.Linear(width, 1))
+    MODELS.append(model)
+
+    def part(lo, hi):
+        return TensorDataset(x[lo:hi], y[lo:hi]) if hi > lo else None
+
+    return Task(model=model, train=part(0, n_train), val=part(n_train, n_train + n_val),
+                test=part(n_train + n_val, len(x)), loss=nn.functional.mse_loss, metrics={"mse": squared_error})
+
+
+def classification(cfg) -> Task:
+    """4 Gaussian blobs in 16 dimensions, an MLP classifier."""
+    a = cfg.task_args
+    g = torch.Generator().manual_seed(99)
+    centers = 3 * torch.randn(4, 16, generator=g)
+    y = torch.randint(0, 4, (a.get("n", 256),), generator=g)
+    x = centers[y] + torch.randn(len(y), 16, generator=g)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    MODELS.append(model)
+    n_val = len(y) // 4
+    return Task(model=model, train=TensorDataset(x[n_val:], y[n_val:]), val=TensorDataset(x[:n_val], y[:n_val]),
+                loss=nn.functional.cross_entropy,
+                metrics={"accuracy": lambda out, t: (out.argmax(-1) == t).float()})
+
+
+class Slow(Dataset):
+    """Wraps a dataset; every item takes `delay` seconds (a slow evaluation, a stalled data pipeline)."""
+
+    def __init__(self, inner, delay):
+        self.inner, self.delay = inner, delay
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        import time
+        time.sleep(self.delay)
+        return self.inner[i]
+
+
+def wrong_shapes(cfg) -> Task:
+    """Inputs have 7 features but the model expects 8."""
+    x, y = torch.randn(32, 7), torch.randn(32, 1)
+    return Task(model=nn.Linear(8, 1), train=TensorDataset(x, y), loss=nn.functional.mse_loss)
+
+
+def flat_targets(cfg) -> Task:
+    """Targets of shape (N,) against model outputs of shape (N, 1): MSE would silently broadcast."""
+    x, y = torch.randn(32, 8), torch.randn(32)
+    return Task(model=nn.Linear(8, 1), train=TensorDataset(x, y), val=TensorDataset(x, y))
