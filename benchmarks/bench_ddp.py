@@ -191,8 +191,9 @@ def report(results: dict) -> str:
         lines.append("")
         for name in ("ddptrain", "ddptrain.trainer"):
             r = results["imports"][name]
-            lines.append(f"`{r['statement']}`: forbidden modules attempted {r.get('attempted_forbidden')}, "
-                         f"watched modules loaded {r.get('loaded_watched')}")
+            lines.append(f"`{r['statement']}`: imports of {'/'.join(FORBIDDEN)} attempted: "
+                         f"{r.get('attempted_forbidden')}; top-level modules added to `import torch`'s: "
+                         f"{r.get('new_top_level')}")
         if results.get("forbidden_check_dev_venv"):
             lines.append(f"dev venv check: {results['forbidden_check_dev_venv']}")
     return "\n".join(lines)
@@ -204,9 +205,9 @@ def main() -> None:
     p.add_argument("--sizes", default="tiny,big")
     p.add_argument("--runners", default=",".join(RUNNERS))
     p.add_argument("--tiny-warmup", type=int, default=20)
-    p.add_argument("--tiny-steps", type=int, default=300)
+    p.add_argument("--tiny-steps", type=int, default=600)
     p.add_argument("--big-warmup", type=int, default=10)
-    p.add_argument("--big-steps", type=int, default=80)
+    p.add_argument("--big-steps", type=int, default=60)
     p.add_argument("--import-repeats", type=int, default=7, help="0 skips the import-time measurement")
     p.add_argument("--dev-python", default=str(ROOT / ".venv/bin/python"),
                    help="another interpreter for the forbidden-import check (skipped if missing)")
@@ -223,9 +224,7 @@ def main() -> None:
     rng = random.Random(seed)
     started = datetime.datetime.now()
     results = {"date": started.isoformat(timespec="seconds"), "seed": seed, "rounds": args.rounds,
-               "command": " ".join([Path(sys.executable).relative_to(ROOT) if Path(sys.executable).is_relative_to(ROOT)
-                                    else Path(sys.executable), *map(str, [Path(sys.argv[0])]), *sys.argv[1:]]).__str__()
-               if False else " ".join([sys.executable, *sys.argv]),
+               "command": " ".join([sys.executable, *sys.argv]),
                "machine": machine(), "ddptrain_start": ddptrain_fingerprint(), "launches": []}
     print(f"seed {seed}; {results['machine']}", flush=True)
 

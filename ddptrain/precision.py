@@ -25,7 +25,8 @@ class Precision:
 
     def backward(self, loss: torch.Tensor) -> None:
         if self.scaler is not None:
-            loss = self.scaler.scale(loss)
+            # On CPU autocast leaves the loss in fp16; scaled there it would overflow by itself.
+            loss = self.scaler.scale(loss.float())
         loss.backward()
 
     def unscale(self, optimizer: torch.optim.Optimizer) -> None:

@@ -22,8 +22,8 @@ RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADD
 
 
 class RankFailed(AssertionError):
-    def __init__(self, errors: dict[int, str]):
-        self.errors = errors
+    def __init__(self, errors: dict[int, str], exit_after: dict[int, float]):
+        self.errors, self.exit_after = errors, exit_after
         super().__init__("\n".join(f"[rank {r}] {e}" for r, e in sorted(errors.items())))
 
 
@@ -59,9 +59,13 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 60.0) -> list:
         procs = [ctx.Process(target=_child, args=(fn, r, world_size, port, out, args)) for r in range(world_size)]
         for p in procs:
             p.start()
-        deadline = time.monotonic() + timeout
-        for p in procs:
-            p.join(max(deadline - time.monotonic(), 0.01))
+        start = time.monotonic()
+        exit_after = {}  # rank -> seconds from start to its exit
+        while len(exit_after) < world_size and time.monotonic() - start < timeout:
+            for r, p in enumerate(procs):
+                if r not in exit_after and not p.is_alive():
+                    exit_after[r] = time.monotonic() - start
+            time.sleep(0.05)
         hung = [r for r, p in enumerate(procs) if p.is_alive()]
         for p in procs:
             if p.is_alive():
@@ -81,5 +85,5 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 60.0) -> list:
             else:
                 errors[r] = res["error"] + "\n" + res["traceback"]
         if errors:
-            raise RankFailed(errors)
+            raise RankFailed(errors, exit_after)
         return results

@@ -1,0 +1,135 @@
+"""The command line as users run it: bad input gets one line and exit 2; the README's commands work."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ddptrain.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+
+
+def write(tmp_path, text, name="exp.yaml"):
+    f = tmp_path / name
+    f.write_text(text)
+    return f
+
+
+@pytest.mark.parametrize("config, overrides, message", [
+    ("optim:\n  lrr: 0.1\n", [], "unknown config key 'optim.lrr'; did you mean 'optim.lr'?"),
+    ("optim:\n  lr: -0.1\n", [], "config key 'optim.lr': expected > 0, got -0.1"),
+    ("", ["optim.name=adagrad"], "config key 'optim.name': expected one of"),
+    ("", ["early_stop.patience=-2"], "config key 'early_stop.patience': expected >= 0 or null, got -2"),
+    ("task: no_such_module:build\n", [], "config key 'task': cannot import 'no_such_module'"),
+    ("task: tasks_for_tests:nope\n", [], "config key 'task': 'tasks_for_tests' has no function 'nope'"),
+    ("task: tasks_for_tests:wrong_shapes\n", [], "task 'tasks_for_tests:wrong_shapes': the model fails on a training "
+     "batch of input shape (2, 7): mat1 and mat2 shapes cannot be multiplied"),
+    ("task: tasks_for_tests:flat_targets\nloss:\n  name: mse\n", [], "loss 'mse' expects the model output (2, 1) "
+     "and the target (2,) to have the same shape"),
+    ("task: tasks_for_tests:flat_targets\n", [], "config key 'loss.name': the task returns no loss"),
+    ("task: digits\nearly_stop:\n  monitor: val_acc\n", [], "the task reports no 'val_acc'; did you mean 'val_accuracy'?"),
+    ("data:\n  batch_size: 5000\n", [], "config key 'data.batch_size': 5000 is larger than the training set"),
+])
+def test_bad_input_gives_one_line_and_exit_2(tmp_path, capsys, monkeypatch, config, overrides, message):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(TESTS))
+    f = write(tmp_path, config + "train:\n  epochs: 1\n" if "train" not in config else config)
+    assert main(["train", str(f), *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ddptrain: error: ") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "runs").exists()  # nothing was started
+
+
+def test_bad_input_under_torchrun_exits_before_any_rank_starts(tmp_path):
+    f = write(tmp_path, "data:\n  batch_size: 63\n")
+    proc = subprocess.run([sys.executable, "-m", "ddptrain", "launch", "--nproc-per-node", "2", str(f)],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("ddptrain: error: config key 'data.batch_size': 63 must be divisible by world_size "
+                                   "* train.grad_accum_steps = 2 * 1 = 2")
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_print_config_shows_every_default(tmp_path, capsys):
+    f = write(tmp_path, "optim:\n  lr: 0.5\n")
+    assert main(["train", "--print-config", str(f), "train.epochs=3"]) == 0
+    out = capsys.readouterr().out
+    assert "lr: 0.5" in out and "epochs: 3" in out and "bucket_cap_mb: 25.0" in out and "name: exp" in out
+
+
+def test_keys_lists_every_config_key(capsys):
+    from ddptrain.config import describe
+    assert main(["keys"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"| `{key}` |" in out for key, _, _ in describe())
+
+
+def test_readme_documents_every_config_key():
+    from ddptrain.config import describe
+    readme = (ROOT / "README.md").read_text()
+    missing = [key for key, _, _ in describe() if f"`{key}`" not in readme]
+    assert not missing
+
+
+def test_import_ddptrain_is_light():
+    code = ("import sys, ddptrain; heavy = [m for m in ('wandb', 'optuna', 'matplotlib', 'sklearn', 'tqdm', 'yaml')"
+            " if m in sys.modules]; print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "[]", out.stderr
+
+
+def readme_command(marker: str) -> str:
+    """The shell command in the README's code block that follows `<!-- marker -->`."""
+    readme = (ROOT / "README.md").read_text()
+    match = re.search(rf"<!-- {marker} -->\s*```(?:bash|sh)?\n(.*?)```", readme, re.S)
+    assert match, f"README has no command marked {marker}"
+    return match.group(1).strip()
+
+
+def test_readme_main_command_trains_digits_on_two_processes():
+    """The README's main command, exactly as written, run from the repository root."""
+    cmd = readme_command("main-command")
+    run_dir = ROOT / "runs" / "digits"
+    before = (run_dir / "summary.json").stat().st_mtime if (run_dir / "summary.json").exists() else None
+    proc = subprocess.run(["bash", "-c", cmd], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (run_dir / "summary.json").stat().st_mtime != before
+    assert summary["world_size"] == 2 and summary["steps"] > 0
+    assert summary["test"]["accuracy"] >= 0.98
+    assert (run_dir / "checkpoints" / "best.pt").exists() and (run_dir / "metrics.jsonl").exists()
+
+
+def test_diabetes_example_reports_test_mse_and_r2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "ddptrain", "train", str(ROOT / "examples" / "diabetes.yaml"),
+                           f"runs_dir={tmp_path}"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "diabetes" / "summary.json").read_text())
+    assert summary["test"]["r2"] > 0.4 and summary["test"]["mse"] < 3500
+
+
+def test_compile_option_trains_like_eager(tmp_path):
+    from ddptrain import train
+    cfg = {"task": "tasks_for_tests:classification", "runs_dir": str(tmp_path),
+           "optim": {"lr": 0.01}, "train": {"epochs": 3}}
+    eager = train(cfg)
+    compiled = train({**cfg, "train": {**cfg["train"], "compile": True, "compile_backend": "aot_eager"}})
+    assert compiled["val"]["accuracy"] > 0.9
+    assert compiled["val"]["loss"] == pytest.approx(eager["val"]["loss"], rel=1e-4)
+
+
+def test_python_api_takes_a_task_function(tmp_path):
+    import tasks_for_tests
+    from ddptrain import train
+    summary = train({"runs_dir": str(tmp_path), "name": "api", "train": {"epochs": 1}}, task=tasks_for_tests.regression)
+    assert summary["steps"] == 96 // 64 and (tmp_path / "api" / "summary.json").exists()
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert readme_command("test-command") in ci.splitlines()

@@ -1,0 +1,135 @@
+"""Pure units: config loading and errors, environment detection, early stopping, splits, schedules."""
+import pytest
+import torch
+
+from ddptrain import config as C
+from ddptrain.config import ConfigError
+from ddptrain.data import ShardSampler, split
+from ddptrain.dist import DistEnv, detect
+from ddptrain.early_stop import EarlyStopping
+
+
+def test_defaults_file_and_overrides_take_precedence_in_order(tmp_path):
+    f = tmp_path / "exp.yaml"
+    f.write_text("optim:\n  lr: 1e-3\n  name: sgd\ntrain:\n  epochs: 3\n")
+    cfg = C.load(f, ["optim.lr=0.5", "--train.epochs=7", "model.hidden=[8, 4]"])
+    assert cfg.optim.lr == 0.5 and cfg.optim.name == "sgd"  # override > file > default
+    assert cfg.train.epochs == 7 and cfg.model.hidden == [8, 4]
+    assert cfg.optim.weight_decay == 0.0  # default
+    assert cfg.name == "exp"  # run name from the file's stem
+    assert C.load(f).optim.lr == 1e-3  # YAML 1.1 reads 1e-3 as a string; it is still a float
+
+
+def test_toml_config(tmp_path):
+    f = tmp_path / "exp.toml"
+    f.write_text('task = "diabetes"\n[optim]\nlr = 0.01\n[train]\nprecision = "bf16"\n')
+    cfg = C.load(f)
+    assert (cfg.task, cfg.optim.lr, cfg.train.precision) == ("diabetes", 0.01, "bf16")
+
+
+def test_print_config_round_trips():
+    cfg = C.from_dict({"optim": {"lr": 0.1}})
+    import yaml
+    assert C.from_dict(yaml.safe_load(C.dump_yaml(cfg))) == cfg
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"optim": {"lrr": 0.1}}, "unknown config key 'optim.lrr'; did you mean 'optim.lr'?"),
+    ({"trian": {}}, "unknown config key 'trian'; did you mean 'train'?"),
+    ({"optim": {"lr": -1}}, "config key 'optim.lr': expected > 0, got -1.0"),
+    ({"optim": {"lr": "fast"}}, "config key 'optim.lr': expected a number, got 'fast'"),
+    ({"optim": {"name": "adagrad"}}, "config key 'optim.name': expected one of 'sgd', 'adam', 'adamw', 'rmsprop', got 'adagrad'"),
+    ({"train": {"precision": "fp8"}}, "config key 'train.precision': expected one of 'fp32', 'bf16', 'fp16', got 'fp8'"),
+    ({"train": {"epochs": 2.5}}, "config key 'train.epochs': expected an integer, got 2.5"),
+    ({"train": {"compile": "yes"}}, "config key 'train.compile': expected true or false, got 'yes'"),
+    ({"early_stop": {"patience": -1}}, "config key 'early_stop.patience': expected >= 0 or null, got -1"),
+    ({"model": {"hidden": [8, 0]}}, "config key 'model.hidden': expected positive widths, got [8, 0]"),
+    ({"optim": 3}, "config section 'optim': expected a mapping, got 3"),
+    ({"data": {"val_fraction": 0.6, "test_fraction": 0.5}}, "expected a sum below 1"),
+    ({"early_stop": {"monitor": "loss"}}, "expected a validation metric named val_<name>"),
+])
+def test_bad_values_name_the_key_the_value_and_the_expectation(data, message):
+    with pytest.raises(ConfigError) as e:
+        C.from_dict(data)
+    assert message in str(e.value)
+
+
+def test_missing_or_unparsable_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file '.*nope.yaml': not found"):
+        C.load(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: [1, 2\n")
+    with pytest.raises(ConfigError, match="config file '.*bad.yaml': cannot parse"):
+        C.load(bad)
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        C.apply_overrides({}, ["lr"])
+
+
+def test_every_key_is_described():
+    rows = C.describe()
+    assert len(rows) > 50 and all(help for _, _, help in rows)
+    assert ("optim.lr", "0.001", "peak learning rate") in rows
+
+
+def test_environment_detection():
+    assert detect({}) == DistEnv()
+    torchrun = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                "TORCHELASTIC_RESTART_COUNT": "1"}
+    assert detect(torchrun) == DistEnv(rank=3, local_rank=1, world_size=8, local_world_size=2,
+                                       launcher="torchrun", restart_count=1)
+    slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0",
+             "SLURM_STEP_TASKS_PER_NODE": "4(x2)"}
+    assert detect(slurm) == DistEnv(rank=5, local_rank=1, world_size=8, local_world_size=4, launcher="slurm")
+    # under `srun torchrun`, torchrun's variables win over SLURM's
+    assert detect({**slurm, **torchrun}).launcher == "torchrun"
+    # the batch shell of a multi-task job is not a rank of it
+    assert detect({k: v for k, v in slurm.items() if k != "SLURM_STEP_ID"}) == DistEnv()
+    with pytest.raises(ConfigError, match="RANK: expected an integer"):
+        detect({"RANK": "x", "WORLD_SIZE": "2"})
+
+
+def test_early_stopping_logic():
+    es = EarlyStopping("min", patience=1, min_delta=0.1)
+    assert es.update(1.0, 0, 10) and es.best == 1.0
+    assert not es.update(0.95, 1, 20)  # not better by min_delta
+    assert not es.should_stop
+    assert not es.update(float("nan"), 2, 30)  # NaN never improves
+    assert es.should_stop and es.best_epoch == 0
+    es2 = EarlyStopping("min", patience=1, min_delta=0.1)
+    es2.load_state_dict(es.state_dict())
+    assert es2.should_stop and es2.best_step == 10
+    es3 = EarlyStopping("max")
+    assert es3.update(0.5, 0, 1) and es3.update(0.6, 1, 2) and not es3.update(0.55, 2, 3)
+    assert not es3.should_stop  # patience None never stops
+
+
+def test_split_is_seeded_disjoint_and_complete():
+    ds = torch.utils.data.TensorDataset(torch.arange(100))
+    a = split(ds, [0.15, 0.15], seed=3)
+    b = split(ds, [0.15, 0.15], seed=3)
+    assert [p.indices for p in a] == [p.indices for p in b]
+    assert [len(p) for p in a] == [70, 15, 15]
+    assert sorted(sum((p.indices for p in a), [])) == list(range(100))
+    assert split(ds, [0.15, 0.15], seed=4)[1].indices != a[1].indices
+
+
+def test_shard_sampler_is_disjoint_and_unpadded():
+    shards = [list(ShardSampler(10, r, 3)) for r in range(3)]
+    assert sorted(sum(shards, [])) == list(range(10)) and [len(s) for s in shards] == [4, 3, 3]
+
+
+@pytest.mark.parametrize("name", ["constant", "step", "cosine", "linear", "onecycle"])
+def test_schedules_warm_up_and_end_where_configured(name):
+    from ddptrain.optim import build_scheduler
+    cfg = C.from_dict({"sched": {"name": name, "warmup_steps": 5, "min_lr": 0.001, "step_size": 10}})
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = build_scheduler(opt, cfg.sched, total_steps=30, lr=0.1)
+    lrs = []
+    for _ in range(30):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    if name != "onecycle":
+        assert lrs[0] == pytest.approx(0.001) and lrs[5] == pytest.approx(0.1)  # linear warmup from lr/100
+    expected_end = {"constant": 0.1, "step": 0.001, "cosine": 0.001, "linear": 0.001, "onecycle": 0.0}[name]
+    assert opt.param_groups[0]["lr"] == pytest.approx(expected_end, abs=1e-3)

@@ -1,0 +1,60 @@
+"""The launch/ scripts start real torchrun agents: one node with 2 processes, and 2 nodes x 1 process."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from multirank import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ["task=tasks_for_tests:classification", "train.epochs=3", "optim.lr=0.01", "dist.timeout_s=30"]
+
+
+def env_with(**extra):
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"  # this venv's torchrun
+    env["PYTHONPATH"] = str(ROOT / "tests")
+    env.update(extra)
+    return env
+
+
+def summary(runs: Path) -> dict:
+    return json.loads((runs / "exp" / "summary.json").read_text())
+
+
+@pytest.fixture
+def config(tmp_path):
+    f = tmp_path / "exp.yaml"
+    f.write_text("seed: 1\n")
+    return f
+
+
+def test_single_node_and_two_node_launches_agree(tmp_path, config):
+    one = subprocess.run([ROOT / "launch" / "single_node.sh", config, *CONFIG, f"runs_dir={tmp_path / 'one'}"],
+                         env=env_with(NPROC="2"), capture_output=True, text=True, timeout=120)
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    port = str(free_port())
+    nodes = [subprocess.Popen([ROOT / "launch" / "multi_node.sh", config, *CONFIG, f"runs_dir={tmp_path / 'two'}"],
+                              env=env_with(NNODES="2", NODE_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                                           NPROC_PER_NODE="1"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    try:
+        outs = [n.communicate(timeout=120) for n in nodes]
+    finally:
+        for n in nodes:
+            n.kill()
+    assert [n.returncode for n in nodes] == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
+
+    a, b = summary(tmp_path / "one"), summary(tmp_path / "two")
+    assert a["world_size"] == b["world_size"] == 2 and a["steps"] == b["steps"]
+    assert a["val"] == pytest.approx(b["val"], rel=1e-6)
+
+
+def test_multi_node_script_says_what_is_missing(config):
+    proc = subprocess.run([ROOT / "launch" / "multi_node.sh", config], env=env_with(NNODES="2"),
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0 and "NODE_RANK" in proc.stderr

@@ -1,0 +1,114 @@
+"""Mixed precision, clipping and non-finite gradients."""
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from ddptrain.config import from_dict
+from ddptrain.dist import detect
+from ddptrain.precision import Precision
+from ddptrain.trainer import optimizer_step, run
+
+from multirank import RankFailed, run_ranks
+
+
+def train_losses(rank, cfg_dict, tmp, hooks=None):
+    cfg = from_dict({"task": "tasks_for_tests:classification", "runs_dir": str(tmp), "name": "t",
+                     "dist": {"timeout_s": 20}, **cfg_dict})
+    summary = run(cfg, detect(os.environ), hooks=hooks)
+    events = [json.loads(l) for l in open(cfg.run_dir / "metrics.jsonl")] if rank == 0 else []
+    return summary, [e["loss"] for e in events if e["split"] == "train"]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_on_cpu(tmp_path, precision):
+    summary, losses = run_ranks(train_losses, 2, {"train": {"precision": precision, "epochs": 4, "log_every": 3},
+                                                  "optim": {"lr": 0.01}}, tmp_path)[0]
+    assert len(losses) == 4 and all(map(lambda v: v == v, losses))
+    assert losses[-1] < 0.5 * losses[0]
+    assert summary["val"]["accuracy"] > 0.9
+
+
+def one_step_update(precision, clip_norm=None, clip_value=None):
+    """Parameter change of one SGD(lr=1) step: it is exactly the (clipped) gradient."""
+    torch.manual_seed(0)
+    model = nn.Linear(8, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    prec = Precision(precision, torch.device("cpu"))
+    if prec.scaler is not None:  # a scale at which these large test gradients fit in fp16
+        prec.scaler = torch.amp.GradScaler("cpu", init_scale=256)
+    cfg = from_dict({"train": {"clip_grad_norm": clip_norm, "clip_grad_value": clip_value}})
+    before = [p.detach().clone() for p in model.parameters()]
+    with prec.autocast():
+        loss = model(10 * torch.randn(16, 8)).pow(2).mean()  # large gradients, but no fp16 overflow
+    prec.backward(loss)
+    norm, stepped = optimizer_step(model, opt, prec, cfg)
+    delta = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, model.parameters())])
+    return float(norm), stepped, delta
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_clipping_by_norm_bounds_the_update_after_unscaling(precision):
+    norm, stepped, delta = one_step_update(precision, clip_norm=0.5)
+    assert stepped and norm > 10  # the logged norm is the true, unscaled, pre-clip norm
+    # clipped to the bound, not below it: under fp16 clipping still-scaled gradients would give 0.5 / 65536
+    assert delta.norm().item() == pytest.approx(0.5, rel=1e-3)
+
+
+def test_clipping_by_value():
+    norm, stepped, delta = one_step_update("fp32", clip_value=0.01)
+    assert delta.abs().max().item() == pytest.approx(0.01, rel=1e-5)
+
+
+def poison_rank1_at_step(step_to_poison):
+    def hook(step, micro_step, x, y):
+        if int(os.environ.get("RANK", 0)) == 1 and step == step_to_poison:
+            x = x.clone()
+            x[0, 0] = float("nan")
+        return x, y
+    return hook
+
+
+def test_nonfinite_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+    def per_rank(rank, tmp):
+        summary, _ = train_losses(rank, {"train": {"epochs": 2, "nonfinite": "skip"}}, tmp,
+                                  hooks={"before_micro_step": poison_rank1_at_step(2)})
+        from tasks_for_tests import MODELS
+        return summary, MODELS[-1].state_dict()
+
+    (s0, w0), (s1, w1) = run_ranks(per_rank, 2, tmp_path)
+    assert s0["skipped_steps"] == s1["skipped_steps"] == 1
+    assert s0["steps"] == s1["steps"] == 6
+    for k in w0:
+        assert torch.isfinite(w0[k]).all() and torch.equal(w0[k], w1[k])
+
+
+def test_nonfinite_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    def per_rank(rank, tmp):
+        return train_losses(rank, {"train": {"epochs": 2, "nonfinite": "stop"}}, tmp,
+                            hooks={"before_micro_step": poison_rank1_at_step(2)})
+
+    with pytest.raises(RankFailed) as info:
+        run_ranks(per_rank, 2, tmp_path)
+    assert sorted(info.value.errors) == [0, 1]
+    for err in info.value.errors.values():
+        assert err.startswith("NonFiniteError: non-finite gradient norm (nan) at step 3")
+
+
+def test_stalled_rank_fails_within_the_timeout_instead_of_hanging(tmp_path):
+    """Rank 1 stalls for 20 s at step 2; with a 3 s collective timeout rank 0 fails fast, naming the timeout."""
+    def per_rank(rank, tmp):
+        def stall(step, micro_step, x, y):
+            if rank == 1 and step == 2:
+                import time
+                time.sleep(20)
+            return x, y
+        cfg = {"train": {"epochs": 3}, "dist": {"timeout_s": 3}}
+        return train_losses(rank, cfg, tmp, hooks={"before_micro_step": stall})
+
+    with pytest.raises(RankFailed) as info:
+        run_ranks(per_rank, 2, tmp_path, timeout=60)
+    assert info.value.exit_after[0] < 15  # start-up + 3 s timeout, long before rank 1 wakes up
+    assert "timed out" in info.value.errors[0].lower() or "timeout" in info.value.errors[0].lower()
