@@ -12,6 +12,7 @@ import sys
 
 EXIT_USER_ERROR = 2
 EXIT_NONFINITE = 3
+EXIT_COLLECTIVE = 4
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -104,9 +105,18 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         from .checkpoint import CheckpointError
         from .task import TaskError
-        from .trainer import NonFiniteError
+        from .trainer import CollectiveError, NonFiniteError
+        if isinstance(e, CollectiveError):  # every rank that saw it says so: which one failed first matters
+            print(f"ddptrain: error: {e}", file=sys.stderr, flush=True)
+            return EXIT_COLLECTIVE
         if isinstance(e, (ConfigError, TaskError, CheckpointError, NonFiniteError)):
             if _is_main():
                 print(f"ddptrain: error: {e}", file=sys.stderr, flush=True)
             return EXIT_NONFINITE if isinstance(e, NonFiniteError) else EXIT_USER_ERROR
+        if not _is_main():
+            import traceback
+            rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID"))
+            for line in traceback.format_exc().splitlines():
+                print(f"[rank {rank}] {line}", file=sys.stderr)
+            return 1
         raise

@@ -122,6 +122,17 @@ class Loggers:
             lg.close()
 
 
+def prefix_warnings(rank: int) -> None:
+    """Ranks other than 0 stay quiet unless they have something to say, and then say who they are."""
+    import warnings
+    show = warnings.showwarning
+
+    def prefixed(message, category, filename, lineno, file=None, line=None):
+        show(f"[rank {rank}] {message}", category, filename, lineno, file, line)
+
+    warnings.showwarning = prefixed
+
+
 class Clock:
     """Wall time since the run started, for the `time` field of every event."""
 

@@ -34,7 +34,7 @@ from .losses import ELEMENTWISE, as_metric, build_loss, metric_values
 from .models import convert_sync_batchnorm
 from .optim import build_optimizer, build_scheduler, l1_penalty
 from .precision import Precision
-from .runlog import Clock, ConsoleLogger, Loggers, NullLogger, RunDirLogger
+from .runlog import Clock, ConsoleLogger, Loggers, NullLogger, RunDirLogger, prefix_warnings
 
 # Under fp16 a few overflowing steps are normal (the scaler is finding its scale); this many in a
 # row means the run has diverged.
@@ -43,6 +43,23 @@ FP16_MAX_CONSECUTIVE_SKIPS = 20
 
 class NonFiniteError(RuntimeError):
     """Training hit NaN/Inf gradients with `train.nonfinite: stop`; raised on every rank at the same step."""
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed or timed out: another rank died, stalled or cannot be reached."""
+
+
+def _explain(error: RuntimeError, env: DistEnv, where: dict, cfg: Config) -> CollectiveError | None:
+    """A collective's failure as one sentence that names the likely cause, or None if it is something else."""
+    text = str(error)
+    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    if isinstance(error, torch.distributed.DistError) or any(
+            s in text for s in ("Timed out", "timed out", "Connection closed by peer", "Connection reset")):
+        return CollectiveError(
+            f"[rank {env.rank}] a collective failed during {where['phase']} (step {where['step']}): another rank "
+            f"died, stalled or is unreachable; the collective timeout is dist.timeout_s={cfg.dist.timeout_s:g} s "
+            f"({first})")
+    return None
 
 
 def seed_everything(seed: int) -> None:
@@ -97,17 +114,27 @@ def run(cfg: Config, env: DistEnv, task_fn: Callable | None = None, hooks: dict 
     task_mod.check(cfg, task, loss_fn, metrics, cfg.loss.name in ELEMENTWISE)
     seed_everything(rank_seed(cfg.seed, env.rank))
 
-    dist = Dist(env, device, backend, cfg.dist.init_timeout_s, cfg.val.rank0_timeout_s)
+    where = {"phase": "start-up", "step": 0}  # updated by _fit, for error messages
+    if not env.is_main:
+        prefix_warnings(env.rank)
     try:
-        return _fit(cfg, dist, task, loss_fn, metrics, hooks or {})
-    except BaseException as e:
+        dist = Dist(env, device, backend, cfg.dist.init_timeout_s, cfg.val.rank0_timeout_s)
+        return _fit(cfg, dist, task, loss_fn, metrics, hooks or {}, where)
+    except RuntimeError as e:
         # The traceback keeps _fit's frame, and with it the DDP model, alive; a DDP object freed
         # after destroy_process_group can deadlock in gloo (pytorch#56297), so free it first.
+        traceback.clear_frames(e.__traceback__)
+        explained = _explain(e, env, where, cfg)
+        if explained is None:
+            raise
+        raise explained from e
+    except BaseException as e:
         traceback.clear_frames(e.__traceback__)
         raise
     finally:
         gc.collect()
-        dist.close()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def _loggers(cfg: Config, dist: Dist, total_steps: int) -> Loggers | NullLogger:
@@ -148,7 +175,7 @@ def optimizer_step(module: nn.Module, optimizer, precision: Precision, cfg: Conf
     return norm, stepped
 
 
-def _fit(cfg: Config, dist: Dist, task: task_mod.Task, loss_fn, metrics: dict, hooks: dict) -> dict:
+def _fit(cfg: Config, dist: Dist, task: task_mod.Task, loss_fn, metrics: dict, hooks: dict, where: dict) -> dict:
     env, device, tc = dist.env, dist.device, cfg.train
     clock = Clock()
     module = task.model.to(device)
@@ -181,6 +208,7 @@ def _fit(cfg: Config, dist: Dist, task: task_mod.Task, loss_fn, metrics: dict, h
                 "config": config_mod.to_dict(cfg), "world_size": env.world_size}
 
     dist.set_timeout(cfg.dist.timeout_s)
+    where["phase"] = "training"
     with warnings.catch_warnings():
         # A step skipped by the gradient scaler makes torch warn that the schedule stepped first.
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
@@ -219,6 +247,7 @@ def _fit(cfg: Config, dist: Dist, task: task_mod.Task, loss_fn, metrics: dict, h
                 if cfg.sched.name != "plateau":
                     scheduler.step()
                 step += 1
+                where["step"] = step
                 first_step_time = first_step_time or clock()
                 skipped_in_a_row = 0 if stepped else skipped_in_a_row + 1
                 skipped_total += not stepped
@@ -244,6 +273,7 @@ def _fit(cfg: Config, dist: Dist, task: task_mod.Task, loss_fn, metrics: dict, h
 
             last_epoch = step >= total_steps or epoch == cfg.train.epochs - 1
             if task.val is not None and ((epoch + 1) % cfg.val.every == 0 or last_epoch):
+                where["phase"] = "validation"
                 val_values = evaluate(cfg, dist, module, task.val, loss_fn, metrics, precision)
                 log.record({"split": "val", "step": step, "epoch": epoch, **val_values, "time": clock()})
                 improved = stopper.update(val_values[cfg.early_stop.monitor[4:]], epoch, step)
@@ -260,7 +290,9 @@ def _fit(cfg: Config, dist: Dist, task: task_mod.Task, loss_fn, metrics: dict, h
             if stopped_early:
                 break
             last_log = (time.perf_counter(), step)  # throughput excludes validation and saving
+            where["phase"] = "training"
 
+    where["phase"] = "the final evaluation"
     restored = False
     if cfg.early_stop.restore_best and cfg.checkpoint.save_best and stopper.best_epoch is not None:
         if env.is_main:

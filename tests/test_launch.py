@@ -36,6 +36,9 @@ def test_single_node_and_two_node_launches_agree(tmp_path, config):
     one = subprocess.run([ROOT / "launch" / "single_node.sh", config, *CONFIG, f"runs_dir={tmp_path / 'one'}"],
                          env=env_with(NPROC="2"), capture_output=True, text=True, timeout=120)
     assert one.returncode == 0, one.stderr[-3000:]
+    # only rank 0 speaks: one line per validation (3 epochs) and one final line
+    lines = one.stdout.splitlines()
+    assert sum(l.startswith("val ") for l in lines) == 3 and sum(l.startswith("done:") for l in lines) == 1
 
     port = str(free_port())
     nodes = [subprocess.Popen([ROOT / "launch" / "multi_node.sh", config, *CONFIG, f"runs_dir={tmp_path / 'two'}"],

@@ -1,0 +1,145 @@
+"""The training basics: losses, optimizers, schedules, the MLP builder, loaders, best-weight restore."""
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from ddptrain import checkpoint, train
+from ddptrain.config import from_dict
+from ddptrain.dist import Dist, DistEnv
+from ddptrain.evaluate import evaluate
+from ddptrain.losses import as_metric, build_loss, squared_error
+from ddptrain.models import mlp
+from ddptrain.optim import build_optimizer, build_scheduler
+from ddptrain.precision import Precision
+
+from multirank import run_ranks
+import tasks_for_tests
+
+F = nn.functional
+
+
+@pytest.mark.parametrize("name, reference", [
+    ("cross_entropy", lambda o, y: F.cross_entropy(o, y.argmax(-1))),
+    ("mse", F.mse_loss), ("l1", F.l1_loss), ("huber", F.huber_loss),
+    ("bce_with_logits", lambda o, y: F.binary_cross_entropy_with_logits(o, y)),
+])
+def test_losses_by_name(name, reference):
+    out, y = torch.randn(6, 3), torch.rand(6, 3)
+    target = y.argmax(-1) if name == "cross_entropy" else y
+    loss = build_loss(from_dict({"loss": {"name": name}}).loss)
+    assert torch.allclose(loss(out, target), reference(out, y))
+
+
+def test_label_smoothing_and_huber_delta_are_used():
+    cfg = from_dict({"loss": {"name": "cross_entropy", "label_smoothing": 0.2}})
+    out, y = torch.randn(6, 3), torch.randint(0, 3, (6,))
+    assert torch.allclose(build_loss(cfg.loss)(out, y), F.cross_entropy(out, y, label_smoothing=0.2))
+    cfg = from_dict({"loss": {"name": "huber", "huber_delta": 0.3}})
+    out, y = torch.randn(6), torch.randn(6)
+    assert torch.allclose(build_loss(cfg.loss)(out, y), F.huber_loss(out, y, delta=0.3))
+
+
+def initial_val_loss():
+    torch.manual_seed(0)  # as ddptrain seeds before it builds the task
+    task = tasks_for_tests.regression(from_dict({}))
+    with torch.no_grad():
+        x, y = task.val.tensors
+        return F.mse_loss(task.model(x), y).item()
+
+
+@pytest.mark.parametrize("optim", [{"name": "sgd", "lr": 0.01}, {"name": "sgd", "lr": 0.01, "nesterov": True},
+                                   {"name": "adam", "lr": 0.01}, {"name": "adamw", "lr": 0.01, "weight_decay": 0.1},
+                                   {"name": "rmsprop", "lr": 0.001}, {"name": "sgd", "lr": 0.01, "l1": 1e-3}])
+def test_every_optimizer_trains(tmp_path, optim):
+    s = train({"task": "tasks_for_tests:regression", "runs_dir": str(tmp_path), "optim": optim,
+               "data": {"batch_size": 16}, "train": {"epochs": 5}, "checkpoint": {"save_best": False}})
+    assert s["val"]["loss"] < 0.5 * initial_val_loss()
+
+
+def test_weight_decay_and_l1_skip_biases():
+    model = mlp(4, 2, from_dict({"model": {"hidden": [3], "batch_norm": True}}).model)
+    opt = build_optimizer(model, from_dict({"optim": {"weight_decay": 0.1}}).optim)
+    decayed, exempt = opt.param_groups
+    assert decayed["weight_decay"] == 0.1 and all(p.dim() == 2 for p in decayed["params"])
+    assert exempt["weight_decay"] == 0.0 and len(exempt["params"]) == 3  # BN weight, BN bias, head bias
+
+
+def test_plateau_schedule_decays_after_patience():
+    cfg = from_dict({"sched": {"name": "plateau", "plateau_patience": 1, "gamma": 0.5}})
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_scheduler(opt, cfg.sched, total_steps=10, lr=1.0)
+    for value in (1.0, 1.0, 1.0):
+        sched.step(value)
+    assert opt.param_groups[0]["lr"] == 0.5
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "tanh", "sigmoid"])
+def test_mlp_builder(activation):
+    cfg = from_dict({"model": {"hidden": [32, 16], "activation": activation, "dropout": 0.5, "batch_norm": True,
+                               "init": "xavier"}}).model
+    model = mlp(10, 3, cfg)
+    kinds = [type(m).__name__ for m in model]
+    assert kinds == ["Linear", "BatchNorm1d", type(model[2]).__name__, "Dropout"] * 2 + ["Linear"]
+    assert type(model[2]).__name__.lower() == activation
+    assert model[0].bias is None  # batch norm follows: the bias would be redundant
+    assert model(torch.randn(5, 10)).shape == (5, 3)
+
+
+def test_kaiming_init_has_he_variance():
+    torch.manual_seed(0)
+    model = mlp(1000, 10, from_dict({"model": {"hidden": [500], "init": "kaiming"}}).model)
+    assert model[0].weight.std().item() == pytest.approx((2 / 1000) ** 0.5, rel=0.05)
+    assert torch.count_nonzero(model[0].bias) == 0
+
+
+def test_data_loader_workers_give_the_same_training(tmp_path):
+    base = {"task": "tasks_for_tests:regression", "runs_dir": str(tmp_path), "data": {"batch_size": 16},
+            "train": {"epochs": 2}, "checkpoint": {"save_best": False, "save_last": False}}
+    a = train(base)
+    b = train({**base, "data": {"batch_size": 16, "num_workers": 2, "persistent_workers": True}})
+    assert a["val"] == b["val"]
+
+
+def test_deterministic_mode_reproduces_bitwise(tmp_path):
+    cfg = {"task": "tasks_for_tests:classification", "runs_dir": str(tmp_path), "deterministic": True,
+           "train": {"epochs": 2}}
+    assert train(cfg)["val"] == train(cfg)["val"]
+
+
+def test_best_weights_are_restored_before_the_test_split(tmp_path):
+    """The test metrics are those of the best checkpoint, whose validation value is the reported best."""
+    s = train({"task": "tasks_for_tests:regression", "task_args": {"n_test": 40}, "runs_dir": str(tmp_path),
+               "optim": {"name": "sgd", "lr": 0.3, "momentum": 0.9}, "data": {"batch_size": 16},
+               "train": {"epochs": 12}})
+    assert s["restored_best"] and s["best_epoch"] is not None
+    state = checkpoint.load(tmp_path / "run" / "checkpoints" / "best.pt")
+    assert state["epoch"] == s["best_epoch"]
+    task = tasks_for_tests.regression(from_dict({"task_args": {"n_test": 40}}))
+    task.model.load_state_dict(state["model"])
+    cfg = from_dict({})
+    dist = Dist(DistEnv(), torch.device("cpu"), "gloo", 10, 10)
+    prec = Precision("fp32", torch.device("cpu"))
+    metrics = {"mse": as_metric(squared_error)}
+    assert evaluate(cfg, dist, task.model, task.val, F.mse_loss, metrics, prec)["loss"] == pytest.approx(s["best_value"], rel=1e-9)
+    assert evaluate(cfg, dist, task.model, task.test, F.mse_loss, metrics, prec) == pytest.approx(s["test"], rel=1e-9)
+
+
+def test_train_loss_is_the_mean_over_all_ranks(tmp_path):
+    """The logged train loss at each step is the same on 1 and 2 ranks: not rank 0's half of the batch."""
+    def losses(rank, ws_dir):
+        from ddptrain.dist import detect
+        from ddptrain.trainer import run
+        cfg = from_dict({"task": "tasks_for_tests:regression", "runs_dir": str(ws_dir), "data": {"batch_size": 16},
+                         "optim": {"name": "sgd", "lr": 0.05}, "train": {"epochs": 2, "log_every": 1}})
+        run(cfg, detect(os.environ))
+        if rank == 0:
+            return [e["loss"] for e in map(json.loads, open(cfg.run_dir / "metrics.jsonl")) if e["split"] == "train"]
+
+    one = run_ranks(losses, 1, tmp_path / "one")[0]
+    two = run_ranks(losses, 2, tmp_path / "two")[0]
+    assert len(one) == len(two) == 12
+    assert two == pytest.approx(one, rel=1e-5)
