@@ -66,7 +66,11 @@ def resolve(spec: str) -> Callable[[Config], Task]:
 
 
 def build(cfg: Config, fn: Callable[[Config], Task]) -> Task:
-    task = fn(cfg)
+    try:
+        task = fn(cfg)
+    except ModuleNotFoundError as e:
+        hint = " (pip install 'ddptrain[examples]')" if e.name == "sklearn" else ""
+        raise TaskError(f"task '{cfg.task}' needs the module '{e.name}', which is not installed{hint}") from None
     if isinstance(task, dict):
         try:
             task = Task(**task)

@@ -72,3 +72,7 @@ def flat_targets(cfg) -> Task:
     """Targets of shape (N,) against model outputs of shape (N, 1): MSE would silently broadcast."""
     x, y = torch.randn(32, 8), torch.randn(32)
     return Task(model=nn.Linear(8, 1), train=TensorDataset(x, y), val=TensorDataset(x, y))
+
+
+def needs_missing_module(cfg) -> Task:
+    import no_such_package  # noqa: F401

@@ -27,6 +27,8 @@ def write(tmp_path, text, name="exp.yaml"):
     ("", ["early_stop.patience=-2"], "config key 'early_stop.patience': expected >= 0 or null, got -2"),
     ("task: no_such_module:build\n", [], "config key 'task': cannot import 'no_such_module'"),
     ("task: tasks_for_tests:nope\n", [], "config key 'task': 'tasks_for_tests' has no function 'nope'"),
+    ("task: tasks_for_tests:needs_missing_module\n", [], "task 'tasks_for_tests:needs_missing_module' needs the "
+     "module 'no_such_package', which is not installed"),
     ("task: tasks_for_tests:wrong_shapes\n", [], "task 'tasks_for_tests:wrong_shapes': the model fails on a training "
      "batch of input shape (2, 7): mat1 and mat2 shapes cannot be multiplied"),
     ("task: tasks_for_tests:flat_targets\nloss:\n  name: mse\n", [], "loss 'mse' expects the model output (2, 1) "

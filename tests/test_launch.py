@@ -61,3 +61,13 @@ def test_multi_node_script_says_what_is_missing(config):
     proc = subprocess.run([ROOT / "launch" / "multi_node.sh", config], env=env_with(NNODES="2"),
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode != 0 and "NODE_RANK" in proc.stderr
+
+
+def test_accelerate_launch_starts_two_ranks(tmp_path, config):
+    accelerate = Path(sys.executable).parent / "accelerate"
+    proc = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ddptrain", "train", config,
+                           *CONFIG, f"runs_dir={tmp_path / 'acc'}"],
+                          env=env_with(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert summary(tmp_path / "acc")["world_size"] == 2
