@@ -1,22 +1,43 @@
-"""Checkpoint files: written atomically by one writer, read back as untrusted input.
+"""Checkpoint files: written atomically by one writer, found again only when whole, read as untrusted input.
 
-A write goes to a temporary file in the same directory, is fsynced, then renamed over the target,
-so a reader sees the old file or the new one, never half of one. Loading uses
-`torch.load(weights_only=True)`: a file that needs arbitrary pickled objects is refused.
+`checkpoints/step-000000120.pt` is written to a temporary file, fsynced and renamed; then a marker
+`step-000000120.pt.done` with its size and SHA-256 is written the same way. A checkpoint without its
+marker, or whose size or hash differs, is incomplete or corrupt and is skipped when resuming. Loading
+uses `torch.load(weights_only=True)`: a file that needs arbitrary pickled objects is refused.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import pickle
+import re
+import warnings
 from pathlib import Path
 
 import torch
 
 FORMAT_VERSION = 1
+STEP_FILE = re.compile(r"^step-(\d{9})\.pt$")
 
 
 class CheckpointError(ValueError):
     """A checkpoint file that is missing, truncated, corrupt, unsafe or does not fit the model."""
+
+
+class _HashingWriter:
+    """A file object that hashes what passes through it, so the file is not read back to hash it."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data):
+        self.sha.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+    def flush(self):
+        self.f.flush()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -27,20 +48,79 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save(path: Path, state: dict) -> None:
-    """Write `state` to `path` atomically. Call on one rank only."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _write_atomic(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:
-        torch.save({"format_version": FORMAT_VERSION, **state}, f)
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def save(path: Path, state: dict) -> None:
+    """Write `state` to `path` atomically, then its completeness marker. Call on one rank only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {}
+
+    def write(f):
+        w = _HashingWriter(f)
+        torch.save({"format_version": FORMAT_VERSION, **state}, w)
+        meta.update(size=w.size, sha256=w.sha.hexdigest())
+
+    _write_atomic(path, write)
+    _write_atomic(marker(path), lambda f: f.write(json.dumps({**meta, "step": state.get("step")}).encode()))
     _fsync_dir(path.parent)
 
 
+def marker(path: Path) -> Path:
+    return path.with_name(path.name + ".done")
+
+
+def verify(path: Path) -> str | None:
+    """None if the file is whole (its marker exists and size and hash match), else what is wrong."""
+    if not path.is_file():
+        return "missing"
+    try:
+        meta = json.loads(marker(path).read_text())
+    except (OSError, ValueError):
+        return "no completeness marker (the write did not finish)"
+    if path.stat().st_size != meta.get("size"):
+        return f"size {path.stat().st_size} differs from the {meta.get('size')} bytes written (truncated?)"
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    if sha.hexdigest() != meta.get("sha256"):
+        return "content differs from what was written (corrupt)"
+    return None
+
+
+def step_files(directory: Path) -> list[Path]:
+    """The step checkpoints in `directory`, oldest first."""
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if STEP_FILE.match(p.name))
+
+
+def latest_valid(directory: Path) -> Path | None:
+    """The newest whole step checkpoint; each newer one that is not whole is skipped with a warning."""
+    for path in reversed(step_files(directory)):
+        problem = verify(path)
+        if problem is None:
+            return path
+        warnings.warn(f"skipping checkpoint '{path}': {problem}", stacklevel=2)
+    return None
+
+
+def prune(directory: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` step checkpoints (and their markers)."""
+    for path in step_files(directory)[:-keep_last]:
+        marker(path).unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
+
+
 def load(path: Path) -> dict:
-    """Read a checkpoint onto the CPU with weights_only=True; raise CheckpointError with the file's name."""
+    """Read a checkpoint onto the CPU with weights_only=True; raise CheckpointError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}': not found")
@@ -48,12 +128,15 @@ def load(path: Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint '{path}': refused, it needs objects that weights_only loading does "
-                              f"not allow ({first})") from None
+        raise CheckpointError(f"checkpoint '{path}': refused, it holds objects that safe (weights-only) loading "
+                              f"does not allow; only load checkpoints you trust ({first})") from None
     except Exception as e:
         raise CheckpointError(f"checkpoint '{path}': unreadable ({type(e).__name__}: {e})") from None
     if not isinstance(state, dict) or "format_version" not in state:
         raise CheckpointError(f"checkpoint '{path}': not a ddptrain checkpoint")
+    if state["format_version"] > FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint '{path}': format {state['format_version']} is newer than this "
+                              f"ddptrain understands ({FORMAT_VERSION}); upgrade ddptrain")
     return state
 
 
@@ -62,5 +145,12 @@ def load_model_state(module: torch.nn.Module, state: dict, path: Path) -> None:
     try:
         module.load_state_dict(state["model"])
     except RuntimeError as e:
-        detail = str(e).splitlines()[0] if str(e) else ""
+        lines = [l.strip() for l in str(e).splitlines()[1:] if l.strip()]
+        detail = "; ".join(lines)[:400] or str(e)[:400]
         raise CheckpointError(f"checkpoint '{path}': its weights do not fit the configured model ({detail})") from None
+
+
+def finite(module: torch.nn.Module) -> bool:
+    """True if every parameter and floating buffer is finite: only such weights may replace a checkpoint."""
+    tensors = list(module.parameters()) + [b for b in module.buffers() if b.is_floating_point()]
+    return all(bool(torch.isfinite(t).all()) for t in tensors)

@@ -62,8 +62,11 @@ def _train(args) -> int:
     if _is_main():
         test = summary.get("test") or {}
         shown = ", ".join(f"{k} {v:.4g}" for k, v in test.items())
-        print(f"done: {summary['steps']} steps, {summary['samples_per_s']:.0f} samples/s"
-              + (f"; test {shown}" if shown else "") + f"; run directory {cfg.run_dir}", flush=True)
+        if summary["samples_per_s"] is None:  # resumed from the final checkpoint: nothing left to train
+            trained = f"already trained ({summary['steps']} steps; checkpoint.resume=none starts over)"
+        else:
+            trained = f"{summary['steps']} steps, {summary['samples_per_s']:.0f} samples/s"
+        print(f"done: {trained}" + (f"; test {shown}" if shown else "") + f"; run directory {cfg.run_dir}", flush=True)
     return 0
 
 
@@ -105,7 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         from .checkpoint import CheckpointError
         from .task import TaskError
+        from .preempt import EXIT_PREEMPTED, Preempted
         from .trainer import CollectiveError, NonFiniteError
+        if isinstance(e, Preempted):
+            if _is_main():
+                print(f"ddptrain: preempted by {e}; run the same command again to resume", file=sys.stderr, flush=True)
+            return EXIT_PREEMPTED
         if isinstance(e, CollectiveError):  # every rank that saw it says so: which one failed first matters
             print(f"ddptrain: error: {e}", file=sys.stderr, flush=True)
             return EXIT_COLLECTIVE

@@ -139,8 +139,19 @@ class DistConfig:
 
 @dataclass
 class CheckpointConfig:
-    save_last: bool = _f(True, "save checkpoints/last.pt after every validation")
+    every_epochs: int = _f(1, "save a checkpoint at the end of every N epochs (0: never)", _non_negative, ">= 0")
+    every_steps: int | None = _f(None, "also save every N optimizer steps, mid-epoch included (None: never)", _positive_or_none, "> 0 or null")
+    keep_last: int = _f(2, "how many of the newest checkpoints to keep (best.pt is kept apart)", _positive, "> 0")
     save_best: bool = _f(True, "save checkpoints/best.pt when the monitored metric improves")
+    resume: str = _f("auto", "auto: continue from the newest valid checkpoint of the run, if any; none: start over "
+                     "(earlier files are archived); or a checkpoint file's path")
+
+
+@dataclass
+class PreemptConfig:
+    signals: list[str] = _f(["SIGTERM", "SIGUSR1", "SIGUSR2"], "signals that make every rank checkpoint at the next "
+                            "step and exit with status 75", lambda v: all(x in ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", "SIGCONT") for x in v),
+                            "names among SIGTERM, SIGUSR1, SIGUSR2, SIGINT, SIGHUP, SIGCONT")
 
 
 @dataclass
@@ -161,6 +172,7 @@ class Config:
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    preempt: PreemptConfig = field(default_factory=PreemptConfig)
 
     @property
     def run_dir(self) -> Path:

@@ -7,6 +7,7 @@ Evaluation uses ShardSampler: disjoint and unpadded, so no sample is counted twi
 """
 from __future__ import annotations
 
+import itertools
 from typing import Iterator, Sequence
 
 import torch
@@ -42,6 +43,21 @@ class ShardSampler(Sampler[int]):
         return len(range(self.rank, self.length, self.world_size))
 
 
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler that can start an epoch part-way: `start` of this rank's indices are skipped.
+
+    Resuming mid-epoch then costs nothing: the skipped samples are never loaded.
+    """
+
+    start = 0
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(super().__iter__(), self.start, None)
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
 def micro_batch_size(cfg: DataConfig, world_size: int, grad_accum_steps: int) -> int:
     parts = world_size * grad_accum_steps
     if cfg.batch_size % parts:
@@ -59,15 +75,17 @@ def _loader_kwargs(cfg: DataConfig, device: torch.device) -> dict:
 
 
 def train_loader(dataset: Dataset, cfg: DataConfig, env: DistEnv, grad_accum_steps: int, seed: int,
-                 device: torch.device) -> tuple[DataLoader, DistributedSampler]:
+                 device: torch.device) -> tuple[DataLoader, ResumableSampler]:
     per_rank = micro_batch_size(cfg, env.world_size, grad_accum_steps)
     if len(dataset) < cfg.batch_size:
         raise ConfigError(f"config key 'data.batch_size': {cfg.batch_size} is larger than the training set "
                           f"({len(dataset)} samples)")
-    sampler = DistributedSampler(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True,
-                                 seed=seed, drop_last=True)
+    sampler = ResumableSampler(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True,
+                               seed=seed, drop_last=True)
+    # The loader draws its workers' base seed from its own generator (re-seeded every epoch by the
+    # loop), not from the global RNG, whose state a checkpoint restores exactly.
     loader = DataLoader(dataset, batch_size=per_rank, sampler=sampler, drop_last=True,
-                        **_loader_kwargs(cfg, device))
+                        generator=torch.Generator(), **_loader_kwargs(cfg, device))
     return loader, sampler
 
 

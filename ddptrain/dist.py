@@ -138,6 +138,14 @@ class Dist:
         dist.broadcast_object_list(box, src=0, group=self.control)
         return box[0]
 
+    def gather_object(self, obj) -> list | None:
+        """Every rank's `obj`, as a list on rank 0 (None elsewhere). Call on all ranks."""
+        if not self.active:
+            return [obj]
+        out = [None] * self.env.world_size if self.env.is_main else None
+        dist.gather_object(obj, out, dst=0, group=self.control)
+        return out
+
     def broadcast_module(self, module: torch.nn.Module) -> None:
         """Copy rank 0's parameters and buffers into every rank's module. Call on all ranks."""
         if not self.active:

@@ -22,6 +22,8 @@ class Logger(Protocol):
 
 
 class NullLogger:
+    records = 0
+
     def record(self, event): pass
     def progress(self, step, total): pass
     def summary(self, summary): pass
@@ -42,15 +44,29 @@ def _clean(value):
 
 
 class RunDirLogger:
-    """metrics.jsonl (one JSON object per event, flushed at once) and summary.json in the run directory."""
+    """metrics.jsonl (one JSON object per event, flushed at once) and summary.json in the run directory.
 
-    def __init__(self, run_dir: Path, append: bool = False):
+    `keep_records=n` continues a resumed run: the first n lines stay, later ones (written after the
+    checkpoint by the attempt that died) go, so no step appears twice or is missing.
+    """
+
+    def __init__(self, run_dir: Path, keep_records: int | None = None):
         run_dir.mkdir(parents=True, exist_ok=True)
         self.run_dir = run_dir
-        self._metrics = open(run_dir / "metrics.jsonl", "a" if append else "w", buffering=1)
+        path = run_dir / "metrics.jsonl"
+        self.records = 0
+        if keep_records is not None and path.exists():
+            with open(path) as f:
+                kept = [line for _, line in zip(range(keep_records), f)]
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, path)
+            self.records = len(kept)
+        self._metrics = open(path, "a" if keep_records is not None else "w", buffering=1)
 
     def record(self, event):
         self._metrics.write(json.dumps({k: _clean(v) for k, v in event.items()}) + "\n")
+        self.records += 1
 
     def progress(self, step, total):
         pass
@@ -105,6 +121,10 @@ class Loggers:
     def __init__(self, *loggers):
         self.loggers = loggers
 
+    @property
+    def records(self) -> int:
+        return self.loggers[0].records
+
     def record(self, event):
         for lg in self.loggers:
             lg.record(event)
@@ -120,6 +140,18 @@ class Loggers:
     def close(self):
         for lg in self.loggers:
             lg.close()
+
+
+def archive(run_dir: Path) -> Path | None:
+    """Move an earlier run's files into run_dir/archive/<time>/ before starting over: nothing is lost."""
+    old = [p for p in run_dir.iterdir() if p.name != "archive"] if run_dir.is_dir() else []
+    if not old:
+        return None
+    dest = run_dir / "archive" / time.strftime("%Y%m%d-%H%M%S")
+    dest.mkdir(parents=True, exist_ok=True)
+    for p in old:
+        os.replace(p, dest / p.name)
+    return dest
 
 
 def prefix_warnings(rank: int) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import itertools
-import math
 import os
 import random
 import time
@@ -34,7 +33,9 @@ from .losses import ELEMENTWISE, as_metric, build_loss, metric_values
 from .models import convert_sync_batchnorm
 from .optim import build_optimizer, build_scheduler, l1_penalty
 from .precision import Precision
-from .runlog import Clock, ConsoleLogger, Loggers, NullLogger, RunDirLogger, prefix_warnings
+from .preempt import Preempted, Preemption
+from .runlog import Clock, ConsoleLogger, Loggers, NullLogger, RunDirLogger, archive, prefix_warnings
+from .state import Progress, check_compatible, rng_state, set_rng_state
 
 # Under fp16 a few overflowing steps are normal (the scaler is finding its scale); this many in a
 # row means the run has diverged.
@@ -137,12 +138,13 @@ def run(cfg: Config, env: DistEnv, task_fn: Callable | None = None, hooks: dict 
             torch.distributed.destroy_process_group()
 
 
-def _loggers(cfg: Config, dist: Dist, total_steps: int) -> Loggers | NullLogger:
+def _loggers(cfg: Config, dist: Dist, total_steps: int, progress: Progress, resumed: bool):
     if not dist.env.is_main:
         return NullLogger()
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     (cfg.run_dir / "config.yaml").write_text(config_mod.dump_yaml(cfg))
-    return Loggers(RunDirLogger(cfg.run_dir), ConsoleLogger(total_steps))
+    return Loggers(RunDirLogger(cfg.run_dir, progress.records if resumed else None),
+                   ConsoleLogger(total_steps, progress.step))
 
 
 def _wrap(model: nn.Module, cfg: Config, dist: Dist) -> nn.Module:
@@ -175,6 +177,29 @@ def optimizer_step(module: nn.Module, optimizer, precision: Precision, cfg: Conf
     return norm, stepped
 
 
+def resume_path(cfg: Config, dist: Dist) -> Path | None:
+    """The checkpoint to continue from (rank 0 looks, everyone learns), or None to start over. Call on all ranks."""
+    found, error = None, None
+    if cfg.checkpoint.resume not in ("auto", "none"):
+        found = cfg.checkpoint.resume
+    elif dist.env.is_main and cfg.checkpoint.resume == "auto":
+        with warnings.catch_warnings(record=True) as skipped:
+            warnings.simplefilter("always")
+            latest = ckpt.latest_valid(cfg.run_dir / "checkpoints")
+        for w in skipped:
+            print(f"ddptrain: warning: {w.message}", flush=True)
+        found = str(latest) if latest else None
+    found = dist.broadcast_object(found)
+    if found is not None and not Path(found).is_file():
+        error = f"checkpoint '{found}': not found (on rank {dist.env.rank}: the run directory must be on a " \
+                f"filesystem that every node sees)"
+    errors = dist.gather_object(error)
+    first = dist.broadcast_object(next((e for e in errors if e), None) if errors else None)
+    if first:
+        raise ckpt.CheckpointError(first)
+    return Path(found) if found else None
+
+
 def _fit(cfg: Config, dist: Dist, task: task_mod.Task, loss_fn, metrics: dict, hooks: dict, where: dict) -> dict:
     env, device, tc = dist.env, dist.device, cfg.train
     clock = Clock()
@@ -185,112 +210,165 @@ def _fit(cfg: Config, dist: Dist, task: task_mod.Task, loss_fn, metrics: dict, h
     step_model = torch.compile(model, backend=tc.compile_backend) if tc.compile else model
     optimizer = build_optimizer(module, cfg.optim)
     loader, sampler = train_loader(task.train, cfg.data, env, tc.grad_accum_steps, cfg.seed, device)
-    steps_per_epoch = len(loader) // tc.grad_accum_steps
-    total_steps = cfg.train.epochs * steps_per_epoch
-    if tc.max_steps is not None:
-        total_steps = min(total_steps, tc.max_steps)
+    steps_per_epoch = sampler.num_samples // loader.batch_size // tc.grad_accum_steps
+    total_steps = min(tc.epochs * steps_per_epoch, tc.max_steps or tc.epochs * steps_per_epoch)
     scheduler = build_scheduler(optimizer, cfg.sched, total_steps, cfg.optim.lr)
     precision = Precision(tc.precision, device)
     stopper = EarlyStopping(cfg.early_stop.mode, cfg.early_stop.patience, cfg.early_stop.min_delta)
-    log = _loggers(cfg, dist, total_steps)
+    progress = Progress()
+    running = torch.zeros(2 + sum(m.width for m in metrics.values()), dtype=torch.float64, device=device)
     ckpt_dir = cfg.run_dir / "checkpoints"
 
-    step, epoch, skipped_in_a_row, skipped_total = 0, 0, 0, 0
-    n_metrics = 2 + sum(m.width for m in metrics.values())
-    running = torch.zeros(n_metrics, dtype=torch.float64, device=device)
-    train_time, first_step_time, last_log = 0.0, None, (time.perf_counter(), 0)
-    stopped_early, val_values = False, None
+    resumed_from = resume_path(cfg, dist)
+    if resumed_from is not None:
+        state = ckpt.load(resumed_from)
+        check_compatible(state["config"], config_mod.to_dict(cfg), resumed_from)
+        ckpt.load_model_state(module, state, resumed_from)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        precision.load_state_dict(state["precision"])
+        stopper.load_state_dict(state["early_stop"])
+        progress.load_state_dict(state["progress"])
+        per_rank = state["ranks"]
+        if len(per_rank) == env.world_size:
+            set_rng_state(per_rank[env.rank]["rng"], device)
+            running.copy_(per_rank[env.rank]["running"])
+        else:  # another world size: same data order, new random streams (see state.py)
+            seed_everything(rank_seed(cfg.seed, env.rank) + progress.step)
+            if env.is_main:
+                running.copy_(sum(r["running"] for r in per_rank))
+        del state
+    elif env.is_main:
+        archive(cfg.run_dir)
+    log = _loggers(cfg, dist, total_steps, progress, resumed_from is not None)
+    preemption = Preemption(cfg.preempt.signals, dist)
 
-    def checkpoint_state() -> dict:
-        return {"model": module.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "precision": precision.state_dict(),
-                "early_stop": stopper.state_dict(), "epoch": epoch, "step": step,
-                "config": config_mod.to_dict(cfg), "world_size": env.world_size}
+    def save_checkpoint() -> None:
+        """Write the whole run state as the newest step checkpoint. Call on all ranks."""
+        per_rank = dist.gather_object({"rng": rng_state(device), "running": running.cpu()})
+        if not env.is_main:
+            return
+        if not ckpt.finite(module):
+            print(f"ddptrain: warning: step {progress.step}: the weights are not finite; keeping the previous "
+                  f"checkpoint", flush=True)
+            return
+        progress.records = log.records
+        ckpt.save(ckpt_dir / f"step-{progress.step:09d}.pt", {
+            "model": module.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "precision": precision.state_dict(),
+            "early_stop": stopper.state_dict(), "progress": progress.state_dict(), "ranks": per_rank,
+            "config": config_mod.to_dict(cfg), "world_size": env.world_size, "tracking": {}})
+        ckpt.prune(ckpt_dir, cfg.checkpoint.keep_last)
 
+    start_step, train_time, first_step_time = progress.step, 0.0, None
+    last_log = (time.perf_counter(), progress.step)
+    norm = torch.zeros(())
     dist.set_timeout(cfg.dist.timeout_s)
     where["phase"] = "training"
-    with warnings.catch_warnings():
-        # A step skipped by the gradient scaler makes torch warn that the schedule stepped first.
-        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
-        for epoch in range(cfg.train.epochs):
-            if step >= total_steps:
-                break
-            sampler.set_epoch(epoch)
-            model.train()
-            t0 = time.perf_counter()
-            micro_batches = itertools.islice(loader, steps_per_epoch * tc.grad_accum_steps)
-            for micro_step, (x, y) in enumerate(micro_batches):
-                if "before_micro_step" in hooks:
-                    x, y = hooks["before_micro_step"](step, micro_step, x, y)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                sync = (micro_step + 1) % tc.grad_accum_steps == 0
-                with contextlib.nullcontext() if sync or not dist.active else model.no_sync():
-                    with precision.autocast():
-                        out = step_model(x)
-                        loss = loss_fn(out, y)
-                        objective = loss + l1_penalty(module, cfg.optim.l1)
-                    # Each micro-batch loss is a mean over its samples; dividing by their number makes
-                    # the accumulated gradient the mean over the whole step's batch.
-                    precision.backward(objective / tc.grad_accum_steps)
-                with torch.no_grad():
-                    n = len(y)
-                    running[0] += loss.detach().double() * n
-                    running[1] += n
-                    offset = 2
-                    for m in metrics.values():
-                        running[offset:offset + m.width] += m.batch_stats(out.detach(), y).to(running)
-                        offset += m.width
-                if not sync:
-                    continue
-
-                norm, stepped = optimizer_step(module, optimizer, precision, cfg)
-                if cfg.sched.name != "plateau":
-                    scheduler.step()
-                step += 1
-                where["step"] = step
-                first_step_time = first_step_time or clock()
-                skipped_in_a_row = 0 if stepped else skipped_in_a_row + 1
-                skipped_total += not stepped
-                limit = FP16_MAX_CONSECUTIVE_SKIPS if precision.scaler is not None else 0
-                if skipped_in_a_row > limit and tc.nonfinite == "stop":
-                    raise NonFiniteError(f"non-finite gradient norm ({float(norm)}) at step {step}, epoch {epoch}; "
-                                         f"set train.nonfinite=skip to skip such steps, or lower optim.lr")
-                if step % tc.log_every == 0 or step == total_steps:
-                    dist.all_reduce_sum(running)  # the only collective of the loop, every log_every steps
-                    values = metric_values(running, metrics)
-                    now = time.perf_counter()
-                    event = {"split": "train", "step": step, "epoch": epoch, **values,
-                             "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(norm),
-                             "samples_per_s": (step - last_log[1]) * cfg.data.batch_size / (now - last_log[0]),
-                             "skipped_steps": skipped_total, "time": clock()}
-                    log.record(event)
-                    log.progress(step, total_steps)
-                    running.zero_()
-                    last_log = (now, step)
-                if step >= total_steps:
+    try:
+        with warnings.catch_warnings():
+            # A step skipped by the gradient scaler makes torch warn that the schedule stepped first.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+            first_epoch = progress.epoch + 1 if progress.epoch_complete else progress.epoch
+            for epoch in range(first_epoch, tc.epochs):
+                if progress.stopped_early or progress.step >= total_steps:
                     break
-            train_time += time.perf_counter() - t0
+                if epoch != progress.epoch:
+                    progress.epoch, progress.step_in_epoch, progress.epoch_complete = epoch, 0, False
+                sampler.set_epoch(epoch)
+                sampler.start = progress.step_in_epoch * tc.grad_accum_steps * loader.batch_size
+                loader.generator.manual_seed(rank_seed(cfg.seed, env.rank) + epoch)
+                model.train()
+                t0 = time.perf_counter()
+                micro_batches = itertools.islice(loader, (steps_per_epoch - progress.step_in_epoch) * tc.grad_accum_steps)
+                for micro_step, (x, y) in enumerate(micro_batches):
+                    if "before_micro_step" in hooks:
+                        x, y = hooks["before_micro_step"](progress.step, micro_step, x, y)
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    sync = (micro_step + 1) % tc.grad_accum_steps == 0
+                    with contextlib.nullcontext() if sync or not dist.active else model.no_sync():
+                        with precision.autocast():
+                            out = step_model(x)
+                            loss = loss_fn(out, y)
+                            objective = loss + l1_penalty(module, cfg.optim.l1)
+                        # Each micro-batch loss is a mean over its samples; dividing by their number makes
+                        # the accumulated gradient the mean over the whole step's batch.
+                        precision.backward(objective / tc.grad_accum_steps)
+                    with torch.no_grad():
+                        running[0] += loss.detach().double() * len(y)
+                        running[1] += len(y)
+                        offset = 2
+                        for m in metrics.values():
+                            running[offset:offset + m.width] += m.batch_stats(out.detach(), y).to(running)
+                            offset += m.width
+                    if not sync:
+                        continue
 
-            last_epoch = step >= total_steps or epoch == cfg.train.epochs - 1
-            if task.val is not None and ((epoch + 1) % cfg.val.every == 0 or last_epoch):
-                where["phase"] = "validation"
-                val_values = evaluate(cfg, dist, module, task.val, loss_fn, metrics, precision)
-                log.record({"split": "val", "step": step, "epoch": epoch, **val_values, "time": clock()})
-                improved = stopper.update(val_values[cfg.early_stop.monitor[4:]], epoch, step)
-                # Rank 0 decides; its early-stopping state is copied to every rank, so all stop together.
-                improved, stopped_early, state = dist.broadcast_object(
-                    (improved, stopper.should_stop, stopper.state_dict()))
-                stopper.load_state_dict(state)
-                if cfg.sched.name == "plateau":
-                    scheduler.step(val_values[cfg.early_stop.monitor[4:]])
-                if env.is_main and cfg.checkpoint.save_best and improved:
-                    ckpt.save(ckpt_dir / "best.pt", checkpoint_state())
-            if env.is_main and cfg.checkpoint.save_last:
-                ckpt.save(ckpt_dir / "last.pt", checkpoint_state())
-            if stopped_early:
-                break
-            last_log = (time.perf_counter(), step)  # throughput excludes validation and saving
-            where["phase"] = "training"
+                    norm, stepped = optimizer_step(module, optimizer, precision, cfg)
+                    if cfg.sched.name != "plateau":
+                        scheduler.step()
+                    progress.step += 1
+                    progress.step_in_epoch += 1
+                    where["step"] = progress.step
+                    first_step_time = first_step_time or clock()
+                    progress.skipped_in_a_row = 0 if stepped else progress.skipped_in_a_row + 1
+                    progress.skipped_total += not stepped
+                    limit = FP16_MAX_CONSECUTIVE_SKIPS if precision.scaler is not None else 0
+                    if progress.skipped_in_a_row > limit and tc.nonfinite == "stop":
+                        _nonfinite_stop(cfg, dist, progress, norm, loss, optimizer)
+                    if progress.step % tc.log_every == 0 or progress.step == total_steps:
+                        dist.all_reduce_sum(running)  # the loop's own collective, every log_every steps
+                        now = time.perf_counter()
+                        log.record({"split": "train", "step": progress.step, "epoch": epoch,
+                                    **metric_values(running, metrics), "lr": optimizer.param_groups[0]["lr"],
+                                    "grad_norm": float(norm), "skipped_steps": progress.skipped_total,
+                                    "samples_per_s": (progress.step - last_log[1]) * cfg.data.batch_size / (now - last_log[0]),
+                                    "time": clock()})
+                        log.progress(progress.step, total_steps)
+                        running.zero_()
+                        last_log = (now, progress.step)
+                    preempted = preemption.poll()
+                    every = cfg.checkpoint.every_steps
+                    if preempted or (every and progress.step % every == 0):
+                        save_checkpoint()
+                    if preempted:
+                        raise Preempted(f"{preemption.signal_name}: checkpoint written at step {progress.step}")
+                    if progress.step >= total_steps:
+                        break
+                train_time += time.perf_counter() - t0
+
+                last_epoch = progress.step >= total_steps or epoch == tc.epochs - 1
+                if task.val is not None and ((epoch + 1) % cfg.val.every == 0 or last_epoch):
+                    where["phase"] = "validation"
+                    progress.last_val = val_values = evaluate(cfg, dist, module, task.val, loss_fn, metrics, precision)
+                    log.record({"split": "val", "step": progress.step, "epoch": epoch, **val_values, "time": clock()})
+                    improved = stopper.update(val_values[cfg.early_stop.monitor[4:]], epoch, progress.step)
+                    # Rank 0 decides; its early-stopping state is copied to every rank, so all stop together.
+                    improved, progress.stopped_early, es_state = dist.broadcast_object(
+                        (improved, stopper.should_stop, stopper.state_dict()))
+                    stopper.load_state_dict(es_state)
+                    if cfg.sched.name == "plateau":
+                        scheduler.step(val_values[cfg.early_stop.monitor[4:]])
+                    if env.is_main and cfg.checkpoint.save_best and improved and ckpt.finite(module):
+                        ckpt.save(ckpt_dir / "best.pt", {"model": module.state_dict(), "epoch": epoch,
+                                                         "step": progress.step, "value": stopper.best})
+                progress.epoch_complete = True
+                every = cfg.checkpoint.every_epochs
+                if every and ((epoch + 1) % every == 0 or last_epoch or progress.stopped_early):
+                    where["phase"] = "checkpointing"
+                    save_checkpoint()
+                last_log = (time.perf_counter(), progress.step)  # throughput excludes validation and saving
+                where["phase"] = "training"
+        preemption.close()
+    except Preempted:
+        preemption.close()
+        log.summary(_summary(cfg, env, progress, stopper, steps_per_epoch, start_step, train_time,
+                             first_step_time, clock, resumed_from, status="preempted"))
+        log.close()
+        raise
+    except BaseException:
+        preemption.close(wait=False)
+        raise
 
     where["phase"] = "the final evaluation"
     restored = False
@@ -301,16 +379,37 @@ def _fit(cfg: Config, dist: Dist, task: task_mod.Task, loss_fn, metrics: dict, h
         restored = True
     test_values = evaluate(cfg, dist, module, task.test, loss_fn, metrics, precision) if task.test is not None else None
     if test_values is not None:
-        log.record({"split": "test", "step": step, "epoch": epoch, **test_values, "time": clock()})
-    summary = {
-        "world_size": env.world_size, "epochs_completed": step // steps_per_epoch, "steps": step,
-        "stopped_early": stopped_early, "monitor": cfg.early_stop.monitor, "best_value": stopper.best,
-        "best_epoch": stopper.best_epoch, "best_step": stopper.best_step, "restored_best": restored,
-        "val": val_values, "test": test_values, "skipped_steps": skipped_total,
-        "samples_per_s": step * cfg.data.batch_size / train_time if train_time else None,
-        "time_to_first_step_s": first_step_time, "wall_time_s": clock(),
-    }
+        log.record({"split": "test", "step": progress.step, "epoch": progress.epoch, **test_values, "time": clock()})
+    summary = _summary(cfg, env, progress, stopper, steps_per_epoch, start_step, train_time, first_step_time,
+                       clock, resumed_from, status="completed", test=test_values, restored=restored)
     log.summary(summary)
     log.close()
     return summary
 
+
+def _summary(cfg, env, progress, stopper, steps_per_epoch, start_step, train_time, first_step_time, clock,
+             resumed_from, status, test=None, restored=False) -> dict:
+    return {
+        "status": status, "world_size": env.world_size, "epochs_completed": progress.step // steps_per_epoch,
+        "steps": progress.step, "stopped_early": progress.stopped_early, "monitor": cfg.early_stop.monitor,
+        "best_value": stopper.best, "best_epoch": stopper.best_epoch, "best_step": stopper.best_step,
+        "restored_best": restored, "val": progress.last_val, "test": test, "skipped_steps": progress.skipped_total,
+        "resumed_from": str(resumed_from) if resumed_from else None, "resumed_at_step": start_step,
+        "samples_per_s": (progress.step - start_step) * cfg.data.batch_size / train_time if train_time else None,
+        "time_to_first_step_s": first_step_time, "wall_time_s": clock(),
+    }
+
+
+def _nonfinite_stop(cfg, dist, progress, norm, loss, optimizer):
+    """Write a diagnostic (rank 0) and raise NonFiniteError on every rank. Call on all ranks."""
+    losses = dist.gather_object(float(loss))
+    message = (f"non-finite gradient norm ({float(norm)}) at step {progress.step}, epoch {progress.epoch}; "
+               f"set train.nonfinite=skip to skip such steps, or lower optim.lr")
+    if dist.env.is_main:
+        from .runlog import write_json_atomic
+        last = ckpt.step_files(cfg.run_dir / "checkpoints")
+        write_json_atomic(cfg.run_dir / "nonfinite.json", {
+            "step": progress.step, "epoch": progress.epoch, "grad_norm": str(float(norm)),
+            "lr": optimizer.param_groups[0]["lr"], "last_loss_per_rank": [str(v) for v in losses],
+            "last_good_checkpoint": str(last[-1]) if last else None})
+    raise NonFiniteError(message)

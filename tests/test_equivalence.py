@@ -18,7 +18,7 @@ def train_and_get_weights(rank, cfg_dict, tmp):
 
 
 BASE = {"data": {"batch_size": 16}, "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
-        "train": {"epochs": 3, "log_every": 2}, "checkpoint": {"save_last": False, "save_best": False}}
+        "train": {"epochs": 3, "log_every": 2}, "checkpoint": {"every_epochs": 0, "save_best": False}}
 
 
 def assert_same_weights(a, b, **tol):

@@ -93,7 +93,9 @@ def test_only_rank0_writes_the_run_directory(tmp_path):
     run_ranks(train_on_ranks, 2, {"train": {"epochs": 2}}, tmp_path)
     run_dir = tmp_path / "rank0" / "runs" / "t"
     assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "config.yaml", "metrics.jsonl", "summary.json"]
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "best.pt", "best.pt.done", "step-000000003.pt", "step-000000003.pt.done", "step-000000006.pt",
+        "step-000000006.pt.done"]
     assert list((tmp_path / "rank1").iterdir()) == []
 
 

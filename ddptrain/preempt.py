@@ -1,0 +1,64 @@
+"""Preemption: a signal only sets a flag; at a step boundary all ranks agree and checkpoint together.
+
+Work inside a signal handler can land in the middle of a backward pass or a collective (Lightning
+#21406), so the handler records the signal and nothing else. `poll()`, called at every step by every
+rank, all-reduces the flags asynchronously over the gloo control group and reads the result one step
+later: no rank waits on it, and all ranks see the same answer at the same step.
+"""
+from __future__ import annotations
+
+import signal
+
+import torch
+import torch.distributed as dist
+
+from .dist import Dist
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"; the SLURM scripts requeue on it
+
+
+class Preempted(Exception):
+    """Raised on every rank after the preemption checkpoint is written."""
+
+
+class Preemption:
+    def __init__(self, signal_names: list[str], dist_: Dist):
+        self.dist = dist_
+        self.received: int | None = None
+        self._work = None
+        self._flag = torch.zeros(1, dtype=torch.int32)
+        self._previous = {}
+        for name in signal_names:
+            sig = getattr(signal, name)
+            try:
+                self._previous[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread (e.g. a notebook runner): no handlers, no preemption
+                break
+
+    def _handler(self, signum, frame):
+        self.received = signum
+
+    def poll(self) -> bool:
+        """True on every rank, at the same step, once any rank has received a signal. Call on all ranks."""
+        if not self.dist.active:
+            return self.received is not None
+        agreed = False
+        if self._work is not None:
+            self._work.wait()
+            agreed = bool(self._flag.item())
+        self._flag = torch.tensor([0 if self.received is None else 1], dtype=torch.int32)
+        self._work = dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, group=self.dist.control, async_op=True)
+        return agreed
+
+    def close(self, wait: bool = True) -> None:
+        """Restore the previous handlers; with wait, finish the pending reduction first (call on all ranks)."""
+        if wait and self._work is not None:
+            self._work.wait()
+        self._work = None
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.received).name if self.received else "a signal on another rank"

@@ -1,0 +1,87 @@
+"""The run's resumable state besides the model and optimizer: loop position and every rank's RNG.
+
+A checkpoint holds one `Progress` and, for each rank, its RNG states and its not-yet-logged train
+sums. Resumed on the same world size, every rank gets its own back, so the run continues bitwise as
+if it had never stopped. On another world size the data order is still exact (the batch is global and
+the sampler's permutation does not depend on the world size); dropout and other random streams are
+re-seeded per rank, so the result matches only statistically.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .config import ConfigError
+
+
+@dataclass
+class Progress:
+    epoch: int = 0             # the epoch in progress (or the last one, when epoch_complete)
+    step: int = 0              # optimizer steps taken in the whole run
+    step_in_epoch: int = 0     # optimizer steps taken in `epoch`
+    epoch_complete: bool = False  # `epoch` is finished, its validation included
+    stopped_early: bool = False
+    skipped_total: int = 0     # steps skipped for non-finite gradients
+    skipped_in_a_row: int = 0
+    records: int = 0           # lines of metrics.jsonl written up to this point
+    last_val: dict | None = None  # the latest validation metrics
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+def rng_state(device: torch.device) -> dict:
+    """This process's RNG states, in types that weights_only loading accepts (no numpy arrays)."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    try:
+        import numpy as np
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = (name, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(cached))
+    except ImportError:
+        pass
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_tuples(state["python"]))
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+    if "numpy" in state:
+        import numpy as np
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+def _tuples(x):
+    """random.setstate wants tuples; a round trip through torch.save may give lists."""
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+# Keys that shape the training itself: a checkpoint made under other values cannot be continued exactly.
+# Everything else (epochs, max_steps, logging, timeouts, validation mode, world size...) may change.
+PINNED = ["task", "task_args", "seed", "data.batch_size", "data.val_fraction", "data.test_fraction",
+          "data.split_seed", "model", "loss", "optim", "sched", "train.grad_accum_steps", "train.precision"]
+
+
+def _get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
+def check_compatible(saved: dict, current: dict, path) -> None:
+    """Refuse to continue a checkpoint under a config that would train differently."""
+    diffs = [f"{k}: {_get(saved, k)!r} -> {_get(current, k)!r}" for k in PINNED if _get(saved, k) != _get(current, k)]
+    if diffs:
+        raise ConfigError(f"checkpoint '{path}' was made with a different config ({'; '.join(diffs)}); use another "
+                          f"`name`, `checkpoint.resume=none` to start over, or the original values")
+
