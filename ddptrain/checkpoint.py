@@ -146,6 +146,7 @@ def load_model_state(module: torch.nn.Module, state: dict, path: Path) -> None:
         module.load_state_dict(state["model"])
     except RuntimeError as e:
         lines = [l.strip() for l in str(e).splitlines()[1:] if l.strip()]
+        lines.sort(key=lambda l: not l.startswith("size mismatch"))  # the most telling first
         detail = "; ".join(lines)[:400] or str(e)[:400]
         raise CheckpointError(f"checkpoint '{path}': its weights do not fit the configured model ({detail})") from None
 

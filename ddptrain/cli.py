@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 EXIT_USER_ERROR = 2
 EXIT_NONFINITE = 3
@@ -70,9 +71,22 @@ def _train(args) -> int:
     return 0
 
 
+# torchrun forwards only TERM, INT, HUP and QUIT to its workers unless told otherwise (pytorch#154849).
+TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2"
+
+
+def torchrun_env() -> dict:
+    """The environment for a torchrun agent. A fresh rendezvous store per attempt makes elastic restarts
+    reliable: the shared one keeps the dead attempt's peer addresses (pytorch#135712)."""
+    return {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+
 def _launch(args) -> int:
+    import signal
+    import subprocess
     from . import config as config_mod
     from .data import micro_batch_size
+    from .preempt import EXIT_PREEMPTED
     from .task import resolve
 
     if args.nproc_per_node < 1:
@@ -81,9 +95,32 @@ def _launch(args) -> int:
     micro_batch_size(cfg.data, args.nproc_per_node, cfg.train.grad_accum_steps)
     resolve(cfg.task)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc_per_node}",
-           f"--max-restarts={args.max_restarts}", "-m", "ddptrain", "train", args.config, *args.overrides]
+           f"--max-restarts={args.max_restarts}", f"--signals-to-handle={TORCHRUN_SIGNALS}",
+           "-m", "ddptrain", "train", args.config, *args.overrides]
     sys.stdout.flush()
-    os.execv(sys.executable, cmd)
+    started = time.time()
+    agent = subprocess.Popen(cmd, env=torchrun_env())
+
+    def forward(signum, frame):
+        agent.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, forward)
+    rc = agent.wait()
+    # torchrun exits 1 after forwarding a signal, whatever its workers did; the summary says what they did.
+    if rc != 0 and _status(cfg.run_dir, since=started) == "preempted":
+        return EXIT_PREEMPTED
+    return rc
+
+
+def _status(run_dir, since: float) -> str | None:
+    """The status in the run's summary.json, if this launch wrote it."""
+    import json
+    path = run_dir / "summary.json"
+    try:
+        return json.loads(path.read_text()).get("status") if path.stat().st_mtime >= since else None
+    except (OSError, ValueError):
+        return None
 
 
 def _keys() -> int:

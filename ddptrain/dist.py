@@ -96,10 +96,19 @@ class Dist:
         if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
             # torchrun shares its rendezvous store with the workers and reuses it across elastic
             # restarts; without a per-attempt prefix gloo reads the peer addresses of the previous,
-            # dead attempt and fails or hangs (pytorch#135712).
-            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                                  env.world_size, is_master=False, timeout=timeout)
-            kwargs["store"] = dist.PrefixStore(f"ddptrain/attempt_{env.restart_count}", store)
+            # dead attempt and fails or hangs (pytorch#135712). On one node the restart count names
+            # the attempt; across nodes it can differ between agents (a healthy node restarts without
+            # counting), so there only a fresh store per attempt helps: the launch scripts set
+            # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for the agents, and then this branch is not taken.
+            if env.world_size == env.local_world_size:
+                store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                      env.world_size, is_master=False, timeout=timeout)
+                kwargs["store"] = dist.PrefixStore(f"ddptrain/attempt_{env.restart_count}", store)
+            elif env.is_main and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
+                import warnings
+                warnings.warn("multi-node elastic restarts are unreliable with torchrun's shared rendezvous "
+                              "store; set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for every torchrun agent "
+                              "(launch/ and slurm/ scripts do)", stacklevel=2)
         dist.init_process_group(**kwargs)
         self.control = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=control_timeout_s))
 

@@ -67,7 +67,8 @@ def _tuples(x):
 
 
 # Keys that shape the training itself: a checkpoint made under other values cannot be continued exactly.
-# Everything else (epochs, max_steps, logging, timeouts, validation mode, world size...) may change.
+# Everything else (logging, timeouts, validation mode, world size...) may change, and so may epochs and
+# max_steps, which extends a run, unless the schedule is laid out over the run's length.
 PINNED = ["task", "task_args", "seed", "data.batch_size", "data.val_fraction", "data.test_fraction",
           "data.split_seed", "model", "loss", "optim", "sched", "train.grad_accum_steps", "train.precision"]
 
@@ -80,7 +81,10 @@ def _get(d: dict, dotted: str):
 
 def check_compatible(saved: dict, current: dict, path) -> None:
     """Refuse to continue a checkpoint under a config that would train differently."""
-    diffs = [f"{k}: {_get(saved, k)!r} -> {_get(current, k)!r}" for k in PINNED if _get(saved, k) != _get(current, k)]
+    pinned = list(PINNED)
+    if _get(current, "sched.name") in ("cosine", "linear", "onecycle"):
+        pinned += ["train.epochs", "train.max_steps"]  # these schedules are laid out over the whole run
+    diffs = [f"{k}: {_get(saved, k)!r} -> {_get(current, k)!r}" for k in pinned if _get(saved, k) != _get(current, k)]
     if diffs:
         raise ConfigError(f"checkpoint '{path}' was made with a different config ({'; '.join(diffs)}); use another "
                           f"`name`, `checkpoint.resume=none` to start over, or the original values")

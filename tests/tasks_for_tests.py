@@ -22,7 +22,10 @@ def regression(cfg) -> Task:
     layers = [nn.Linear(8, width)]
     if a.get("batch_norm"):
         layers.append(nn.BatchNorm1d(width))
-    model = nn.Sequential(*layers, nn.Tanh(), nn.Linear(width, 1))
+    layers.append(nn.Tanh())
+    if a.get("dropout"):
+        layers.append(nn.Dropout(a["dropout"]))
+    model = nn.Sequential(*layers, nn.Linear(width, 1))
     MODELS.append(model)
 
     def part(lo, hi):

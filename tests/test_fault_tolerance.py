@@ -1,0 +1,181 @@
+"""Nothing lost: resumed == uninterrupted, bad checkpoints skipped or refused, signals checkpoint cleanly."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddptrain import checkpoint
+from ddptrain.config import ConfigError, from_dict
+from ddptrain.dist import detect
+from ddptrain.trainer import run
+
+from multirank import RankFailed, run_ranks
+import tasks_for_tests
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# 96 samples, global batch 16 -> 6 steps per epoch, 24 in all; dropout makes every rank's RNG matter.
+BASE = {"task": "tasks_for_tests:regression", "task_args": {"dropout": 0.2}, "data": {"batch_size": 16},
+        "optim": {"name": "adamw", "lr": 0.01}, "sched": {"name": "cosine", "warmup_steps": 3},
+        "train": {"epochs": 4, "log_every": 1, "grad_accum_steps": 2},
+        "checkpoint": {"every_steps": 4, "keep_last": 3}, "dist": {"timeout_s": 10}}
+
+
+def with_(section, **values):
+    return {**BASE, section: {**BASE[section], **values}}
+
+
+def train_rank(rank, runs_dir, cfg_dict, kill_at=None):
+    """Train; with kill_at, rank 1 kills itself with SIGKILL when it reaches that step."""
+    def hook(step, micro_step, x, y):
+        if kill_at is not None and rank == 1 and step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return x, y
+    cfg = from_dict({**cfg_dict, "runs_dir": str(runs_dir), "name": "r"})
+    summary = run(cfg, detect(os.environ), hooks={"before_micro_step": hook})
+    return {"summary": summary, "weights": {k: v.clone() for k, v in tasks_for_tests.MODELS[-1].state_dict().items()}}
+
+
+def records(runs_dir):
+    out = []
+    for line in open(Path(runs_dir) / "r" / "metrics.jsonl"):
+        event = json.loads(line)
+        out.append({k: v for k, v in event.items() if k not in ("time", "samples_per_s")})
+    return out
+
+
+def assert_bitwise(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    d = tmp_path_factory.mktemp("straight")
+    return run_ranks(train_rank, 2, d, BASE), records(d)
+
+
+def test_resume_after_a_kill_mid_epoch_is_bitwise_identical(tmp_path, uninterrupted):
+    (straight, _), straight_records = uninterrupted
+    kill_at = random.choice([s for s in range(5, 23) if s % 6 and s % 4])  # mid-epoch, between checkpoints
+    with pytest.raises(RankFailed):
+        run_ranks(train_rank, 2, tmp_path, BASE, kill_at)
+    last = checkpoint.step_files(tmp_path / "r" / "checkpoints")[-1]
+    assert 0 < int(last.stem.split("-")[1]) < kill_at
+
+    resumed = run_ranks(train_rank, 2, tmp_path, BASE)
+    assert resumed[0]["summary"]["resumed_from"] == str(last), kill_at
+    assert_bitwise(resumed[0]["weights"], straight["weights"])
+    assert_bitwise(resumed[1]["weights"], straight["weights"])
+    # metrics.jsonl: no step twice, none missing, and the same numbers as the uninterrupted run
+    got = records(tmp_path)
+    assert [e["step"] for e in got if e["split"] == "train"] == list(range(1, 25))
+    assert got == straight_records
+
+
+def test_a_truncated_newest_checkpoint_is_skipped(tmp_path, uninterrupted):
+    (straight, _), _ = uninterrupted
+    with pytest.raises(RankFailed):
+        run_ranks(train_rank, 2, tmp_path, BASE, 19)
+    files = checkpoint.step_files(tmp_path / "r" / "checkpoints")
+    newest = files[-1]
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # as if the disk filled up
+    resumed = run_ranks(train_rank, 2, tmp_path, BASE)
+    assert resumed[0]["summary"]["resumed_from"] == str(files[-2])
+    assert_bitwise(resumed[0]["weights"], straight["weights"])
+
+
+def test_a_checkpoint_without_its_completeness_marker_is_skipped(tmp_path):
+    ckpts = tmp_path / "checkpoints"
+    checkpoint.save(ckpts / "step-000000004.pt", {"step": 4})
+    checkpoint.save(ckpts / "step-000000008.pt", {"step": 8})
+    checkpoint.marker(ckpts / "step-000000008.pt").unlink()  # the writer died before the marker
+    with pytest.warns(UserWarning, match="step-000000008.pt': no completeness marker"):
+        assert checkpoint.latest_valid(ckpts) == ckpts / "step-000000004.pt"
+    checkpoint.save(ckpts / "step-000000012.pt", {"step": 12})
+    data = bytearray((ckpts / "step-000000012.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (ckpts / "step-000000012.pt").write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="content differs"):
+        assert checkpoint.latest_valid(ckpts) == ckpts / "step-000000004.pt"
+
+
+def test_resume_on_another_world_size_continues_the_same_data_order(tmp_path):
+    cfg = {**BASE, "task_args": {}}  # no dropout: the random streams are the part that cannot carry over
+    straight = run_ranks(train_rank, 2, tmp_path / "straight", cfg)[0]
+    with pytest.raises(RankFailed):
+        run_ranks(train_rank, 2, tmp_path / "r2", cfg, 14)
+    resumed = run_ranks(train_rank, 1, tmp_path / "r2", cfg)[0]
+    assert resumed["summary"]["resumed_at_step"] == 12 and resumed["summary"]["steps"] == 24
+    for k in straight["weights"]:
+        torch.testing.assert_close(resumed["weights"][k], straight["weights"][k], rtol=0, atol=1e-5)
+
+
+def test_resume_under_a_different_training_config_is_refused(tmp_path):
+    constant = {**with_("train", epochs=1), "sched": {"name": "constant"}}
+    run_ranks(train_rank, 1, tmp_path, constant)
+    changed = {**constant, "optim": {"name": "adamw", "lr": 0.5}}
+    with pytest.raises(RankFailed, match=r"was made with a different config \(optim: .*'lr': 0.01.*-> .*'lr': 0.5"):
+        run_ranks(train_rank, 1, tmp_path, changed)
+    # a cosine schedule is laid out over the run: its length is pinned
+    with pytest.raises(RankFailed, match=r"different config \(sched: .*; train.epochs: 1 -> 2"):
+        run_ranks(train_rank, 1, tmp_path, {**with_("train", epochs=2), "sched": {"name": "cosine"}})
+    # with a constant schedule more epochs is fine: that is how a run is extended
+    longer = run_ranks(train_rank, 1, tmp_path, {**constant, "train": {**constant["train"], "epochs": 2}})[0]
+    assert longer["summary"]["resumed_at_step"] == 6 and longer["summary"]["steps"] == 12
+
+
+def test_resume_none_archives_the_previous_run(tmp_path):
+    run_ranks(train_rank, 1, tmp_path, with_("train", epochs=1))
+    again = run_ranks(train_rank, 1, tmp_path, {**with_("train", epochs=1), "checkpoint": {"resume": "none"}})[0]
+    assert again["summary"]["resumed_from"] is None and again["summary"]["steps"] == 6
+    (archived,) = (tmp_path / "r" / "archive").iterdir()
+    assert (archived / "metrics.jsonl").exists() and (archived / "checkpoints").is_dir()
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['EVIL_MARKER']}",))
+
+
+def test_a_checkpoint_with_a_malicious_pickle_is_refused_and_runs_nothing(tmp_path):
+    evil = tmp_path / "evil.pt"
+    marker = tmp_path / "pwned"
+    os.environ["EVIL_MARKER"] = str(marker)
+    torch.save({"format_version": 1, "model": Evil()}, evil)
+    f = tmp_path / "exp.yaml"
+    f.write_text(f"task: tasks_for_tests:regression\nruns_dir: {tmp_path / 'runs'}\ncheckpoint:\n  resume: {evil}\n")
+    proc = subprocess.run([sys.executable, "-m", "ddptrain", "train", str(f)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "tests")}, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"ddptrain: error: checkpoint '{evil}': refused, it holds objects that safe")
+    assert "Traceback" not in proc.stderr and not marker.exists()
+    assert not (tmp_path / "runs" / "exp" / "metrics.jsonl").exists()
+
+
+def test_a_checkpoint_of_another_model_shape_is_a_clear_error(tmp_path):
+    run_ranks(train_rank, 1, tmp_path, with_("train", epochs=1))
+    ckpt = checkpoint.step_files(tmp_path / "r" / "checkpoints")[-1]
+    wide = {**with_("train", epochs=1), "task_args": {"width": 32, "dropout": 0.2}, "checkpoint": {"resume": str(ckpt)}}
+    with pytest.raises(RankFailed, match=r"does not fit|different config"):
+        run_ranks(train_rank, 1, tmp_path / "other", wide)
+    state = checkpoint.load(ckpt)
+    model = tasks_for_tests.regression(from_dict({"task_args": {"width": 32, "dropout": 0.2}})).model
+    with pytest.raises(checkpoint.CheckpointError, match=r"its weights do not fit the configured model \(size mismatch"):
+        checkpoint.load_model_state(model, state, ckpt)
+
+
+def test_nonfinite_weights_never_replace_a_good_checkpoint(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    assert checkpoint.finite(model)
+    with torch.no_grad():
+        model.weight[0, 0] = float("inf")
+    assert not checkpoint.finite(model)
