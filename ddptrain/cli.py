@@ -157,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, (ConfigError, TaskError, CheckpointError, NonFiniteError)):
             if _is_main():
                 print(f"ddptrain: error: {e}", file=sys.stderr, flush=True)
+            else:
+                print(f"[rank {os.environ.get('RANK', os.environ.get('SLURM_PROCID'))}] ddptrain: error: {e}", file=sys.stderr, flush=True)
             return EXIT_NONFINITE if isinstance(e, NonFiniteError) else EXIT_USER_ERROR
         if not _is_main():
             import traceback

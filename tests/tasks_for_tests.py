@@ -79,3 +79,32 @@ def flat_targets(cfg) -> Task:
 
 def needs_missing_module(cfg) -> Task:
     import no_such_package  # noqa: F401
+
+
+class KillOnce(Dataset):
+    """On rank 1 of the first attempt only, SIGKILL the process after `after` items: a crash mid-run."""
+
+    def __init__(self, inner, after):
+        self.inner, self.after, self.fetched = inner, after, 0
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        import os
+        import signal
+        self.fetched += 1
+        if (self.fetched > self.after and os.environ.get("RANK") == "1"
+                and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.inner[i]
+
+
+def regression_for_launch(cfg) -> Task:
+    """regression(), with training items slowed by task_args.delay and, with task_args.kill_after, a crash."""
+    task = regression(cfg)
+    if cfg.task_args.get("delay"):
+        task.train = Slow(task.train, cfg.task_args["delay"])
+    if cfg.task_args.get("kill_after"):
+        task.train = KillOnce(task.train, cfg.task_args["kill_after"])
+    return task
