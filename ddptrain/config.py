@@ -152,6 +152,7 @@ class PreemptConfig:
     signals: list[str] = _f(["SIGTERM", "SIGUSR1", "SIGUSR2"], "signals that make every rank checkpoint at the next "
                             "step and exit with status 75", lambda v: all(x in ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", "SIGCONT") for x in v),
                             "names among SIGTERM, SIGUSR1, SIGUSR2, SIGINT, SIGHUP, SIGCONT")
+    requeue: bool = _f(True, "under SLURM, rank 0 requeues the job (or its array task) after the preemption checkpoint")
 
 
 @dataclass

@@ -133,3 +133,11 @@ def test_schedules_warm_up_and_end_where_configured(name):
         assert lrs[0] == pytest.approx(0.001) and lrs[5] == pytest.approx(0.1)  # linear warmup from lr/100
     expected_end = {"constant": 0.1, "step": 0.001, "cosine": 0.001, "linear": 0.001, "onecycle": 0.0}[name]
     assert opt.param_groups[0]["lr"] == pytest.approx(expected_end, abs=1e-3)
+
+
+def test_requeue_targets_only_this_job_or_array_task():
+    from ddptrain.slurm import job_to_requeue
+    assert job_to_requeue({}) is None
+    assert job_to_requeue({"SLURM_JOB_ID": "42"}) == "42"
+    # an array task is requeued alone, not the whole array
+    assert job_to_requeue({"SLURM_JOB_ID": "57", "SLURM_ARRAY_JOB_ID": "50", "SLURM_ARRAY_TASK_ID": "7"}) == "50_7"
