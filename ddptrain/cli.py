@@ -31,6 +31,10 @@ def _parser() -> argparse.ArgumentParser:
     la.add_argument("config", help="config file")
     la.add_argument("overrides", nargs="*", help="section.key=value overrides")
 
+    pl = sub.add_parser("plot", help="draw loss, monitored metric and learning rate curves of runs into a PNG")
+    pl.add_argument("run_dirs", nargs="+", help="run directories (several are overlaid)")
+    pl.add_argument("-o", "--output", default="curves.png", help="PNG file to write (default curves.png)")
+
     sub.add_parser("keys", help="print every config key with its default and description (Markdown)")
     return p
 
@@ -137,6 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "keys":
             return _keys()
+        if args.command == "plot":
+            from pathlib import Path
+            from .plot import plot
+            plot([Path(d) for d in args.run_dirs], Path(args.output))
+            print(f"wrote {args.output}")
+            return 0
         if args.command == "launch":
             return _launch(args)
         return _train(args)

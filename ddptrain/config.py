@@ -156,6 +156,20 @@ class PreemptConfig:
 
 
 @dataclass
+class WandbConfig:
+    enabled: bool = _f(False, "log to Weights & Biases from rank 0 (pip install 'ddptrain[wandb]')")
+    project: str | None = _f(None, "wandb project (None: WANDB_PROJECT, else 'ddptrain')")
+    entity: str | None = _f(None, "wandb entity, user or team (None: WANDB_ENTITY or your default)")
+    name: str | None = _f(None, "wandb run name (None: the run's `name`)")
+    group: str | None = _f(None, "wandb group (None: WANDB_RUN_GROUP)")
+    tags: list[str] = _f([], "wandb tags")
+    notes: str | None = _f(None, "wandb notes")
+    mode: Literal["auto", "online", "offline", "disabled"] = _f(
+        "auto", "auto: WANDB_MODE if set, else online when an API key exists, else offline")
+    log_best_checkpoint: bool = _f(False, "upload checkpoints/best.pt as a model artifact at the end")
+
+
+@dataclass
 class Config:
     task: str = _f("digits", "built-in task name (digits, diabetes) or `module:function` or `file.py:function`")
     task_args: dict = _f({}, "free-form arguments for the task function (not validated by ddptrain)")
@@ -174,6 +188,7 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     preempt: PreemptConfig = field(default_factory=PreemptConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
     @property
     def run_dir(self) -> Path:

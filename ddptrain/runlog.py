@@ -18,16 +18,17 @@ class Logger(Protocol):
     def record(self, event: dict) -> None: ...     # one metrics event (split, step, epoch, values)
     def progress(self, step: int, total: int) -> None: ...
     def summary(self, summary: dict) -> None: ...
-    def close(self) -> None: ...
+    def close(self, failed: bool = False) -> None: ...
 
 
 class NullLogger:
     records = 0
+    tracking: dict = {}
 
     def record(self, event): pass
     def progress(self, step, total): pass
     def summary(self, summary): pass
-    def close(self): pass
+    def close(self, failed=False): pass
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -54,10 +55,12 @@ class RunDirLogger:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.run_dir = run_dir
         path = run_dir / "metrics.jsonl"
-        self.records = 0
+        self.records = self.replayed = 0
         if keep_records is not None and path.exists():
             with open(path) as f:
-                kept = [line for _, line in zip(range(keep_records), f)]
+                lines = f.readlines()
+            kept = lines[:keep_records]
+            self.replayed = len(lines) - len(kept)  # events the resumed run will write again
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text("".join(kept))
             os.replace(tmp, path)
@@ -74,7 +77,7 @@ class RunDirLogger:
     def summary(self, summary):
         write_json_atomic(self.run_dir / "summary.json", {k: _clean(v) for k, v in summary.items()})
 
-    def close(self):
+    def close(self, failed=False):
         self._metrics.close()
 
 
@@ -110,7 +113,7 @@ class ConsoleLogger:
     def summary(self, summary):
         pass
 
-    def close(self):
+    def close(self, failed=False):
         if self.bar is not None:
             self.bar.close()
 
@@ -125,6 +128,14 @@ class Loggers:
     def records(self) -> int:
         return self.loggers[0].records
 
+    @property
+    def tracking(self) -> dict:
+        """Ids of external tracking runs (wandb), saved in checkpoints so that a restart continues them."""
+        out = {}
+        for lg in self.loggers:
+            out.update(getattr(lg, "tracking", {}))
+        return out
+
     def record(self, event):
         for lg in self.loggers:
             lg.record(event)
@@ -137,9 +148,9 @@ class Loggers:
         for lg in self.loggers:
             lg.summary(summary)
 
-    def close(self):
+    def close(self, failed: bool = False):
         for lg in self.loggers:
-            lg.close()
+            lg.close(failed)
 
 
 def archive(run_dir: Path) -> Path | None:

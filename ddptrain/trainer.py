@@ -138,13 +138,19 @@ def run(cfg: Config, env: DistEnv, task_fn: Callable | None = None, hooks: dict 
             torch.distributed.destroy_process_group()
 
 
-def _loggers(cfg: Config, dist: Dist, total_steps: int, progress: Progress, resumed: bool):
+def _loggers(cfg: Config, dist: Dist, total_steps: int, progress: Progress, resumed: dict | None):
+    """Rank 0: the run directory, the console and, if enabled, wandb (continuing the resumed run's)."""
     if not dist.env.is_main:
         return NullLogger()
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     (cfg.run_dir / "config.yaml").write_text(config_mod.dump_yaml(cfg))
-    return Loggers(RunDirLogger(cfg.run_dir, progress.records if resumed else None),
-                   ConsoleLogger(total_steps, progress.step))
+    run_dir = RunDirLogger(cfg.run_dir, progress.records if resumed is not None else None)
+    loggers = [run_dir, ConsoleLogger(total_steps, progress.step)]
+    if cfg.wandb.enabled:
+        from .tracking import WandbLogger
+        run_id = (resumed or {}).get("wandb_run_id")
+        loggers.append(WandbLogger(cfg, run_id, skip_records=run_dir.replayed))
+    return Loggers(*loggers)
 
 
 def _wrap(model: nn.Module, cfg: Config, dist: Dist) -> nn.Module:
@@ -175,6 +181,19 @@ def optimizer_step(module: nn.Module, optimizer, precision: Precision, cfg: Conf
     stepped = precision.step(optimizer)
     optimizer.zero_grad(set_to_none=True)
     return norm, stepped
+
+
+def _timed(iterable, waited: list[float]):
+    """Yield from iterable, adding the time spent waiting for each item to waited[0]."""
+    it = iter(iterable)
+    while True:
+        t = time.perf_counter()
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        waited[0] += time.perf_counter() - t
+        yield item
 
 
 def resume_path(cfg: Config, dist: Dist) -> Path | None:
@@ -219,7 +238,7 @@ def _fit(cfg: Config, dist: Dist, task: task_mod.Task, loss_fn, metrics: dict, h
     running = torch.zeros(2 + sum(m.width for m in metrics.values()), dtype=torch.float64, device=device)
     ckpt_dir = cfg.run_dir / "checkpoints"
 
-    resumed_from = resume_path(cfg, dist)
+    resumed_from, tracking = resume_path(cfg, dist), None
     if resumed_from is not None:
         state = ckpt.load(resumed_from)
         check_compatible(state["config"], config_mod.to_dict(cfg), resumed_from)
@@ -229,6 +248,7 @@ def _fit(cfg: Config, dist: Dist, task: task_mod.Task, loss_fn, metrics: dict, h
         precision.load_state_dict(state["precision"])
         stopper.load_state_dict(state["early_stop"])
         progress.load_state_dict(state["progress"])
+        tracking = state.get("tracking", {})
         per_rank = state["ranks"]
         if len(per_rank) == env.world_size:
             set_rng_state(per_rank[env.rank]["rng"], device)
@@ -240,7 +260,7 @@ def _fit(cfg: Config, dist: Dist, task: task_mod.Task, loss_fn, metrics: dict, h
         del state
     elif env.is_main:
         archive(cfg.run_dir)
-    log = _loggers(cfg, dist, total_steps, progress, resumed_from is not None)
+    log = _loggers(cfg, dist, total_steps, progress, tracking)
     preemption = Preemption(cfg.preempt.signals, dist)
 
     def save_checkpoint() -> None:
@@ -257,11 +277,11 @@ def _fit(cfg: Config, dist: Dist, task: task_mod.Task, loss_fn, metrics: dict, h
             "model": module.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "precision": precision.state_dict(),
             "early_stop": stopper.state_dict(), "progress": progress.state_dict(), "ranks": per_rank,
-            "config": config_mod.to_dict(cfg), "world_size": env.world_size, "tracking": {}})
+            "config": config_mod.to_dict(cfg), "world_size": env.world_size, "tracking": log.tracking})
         ckpt.prune(ckpt_dir, cfg.checkpoint.keep_last)
 
     start_step, train_time, first_step_time = progress.step, 0.0, None
-    last_log = (time.perf_counter(), progress.step)
+    last_log, data_wait = (time.perf_counter(), progress.step), [0.0]
     norm = torch.zeros(())
     dist.set_timeout(cfg.dist.timeout_s)
     where["phase"] = "training"
@@ -280,7 +300,8 @@ def _fit(cfg: Config, dist: Dist, task: task_mod.Task, loss_fn, metrics: dict, h
                 loader.generator.manual_seed(rank_seed(cfg.seed, env.rank) + epoch)
                 model.train()
                 t0 = time.perf_counter()
-                micro_batches = itertools.islice(loader, (steps_per_epoch - progress.step_in_epoch) * tc.grad_accum_steps)
+                micro_batches = _timed(itertools.islice(
+                    loader, (steps_per_epoch - progress.step_in_epoch) * tc.grad_accum_steps), data_wait)
                 for micro_step, (x, y) in enumerate(micro_batches):
                     if "before_micro_step" in hooks:
                         x, y = hooks["before_micro_step"](progress.step, micro_step, x, y)
@@ -319,14 +340,17 @@ def _fit(cfg: Config, dist: Dist, task: task_mod.Task, loss_fn, metrics: dict, h
                     if progress.step % tc.log_every == 0 or progress.step == total_steps:
                         dist.all_reduce_sum(running)  # the loop's own collective, every log_every steps
                         now = time.perf_counter()
-                        log.record({"split": "train", "step": progress.step, "epoch": epoch,
-                                    **metric_values(running, metrics), "lr": optimizer.param_groups[0]["lr"],
-                                    "grad_norm": float(norm), "skipped_steps": progress.skipped_total,
-                                    "samples_per_s": (progress.step - last_log[1]) * cfg.data.batch_size / (now - last_log[0]),
-                                    "time": clock()})
+                        event = {"split": "train", "step": progress.step, "epoch": epoch,
+                                 **metric_values(running, metrics), "lr": optimizer.param_groups[0]["lr"],
+                                 "grad_norm": float(norm), "skipped_steps": progress.skipped_total,
+                                 "samples_per_s": (progress.step - last_log[1]) * cfg.data.batch_size / (now - last_log[0]),
+                                 "data_wait_share": data_wait[0] / (now - last_log[0]), "time": clock()}
+                        if device.type == "cuda":
+                            event["gpu_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+                        log.record(event)
                         log.progress(progress.step, total_steps)
                         running.zero_()
-                        last_log = (now, progress.step)
+                        last_log, data_wait[0] = (now, progress.step), 0.0
                     preempted = preemption.poll()
                     every = cfg.checkpoint.every_steps
                     if preempted or (every and progress.step % every == 0):
@@ -357,7 +381,7 @@ def _fit(cfg: Config, dist: Dist, task: task_mod.Task, loss_fn, metrics: dict, h
                 if every and ((epoch + 1) % every == 0 or last_epoch or progress.stopped_early):
                     where["phase"] = "checkpointing"
                     save_checkpoint()
-                last_log = (time.perf_counter(), progress.step)  # throughput excludes validation and saving
+                last_log, data_wait[0] = (time.perf_counter(), progress.step), 0.0  # excludes validation, saving
                 where["phase"] = "training"
         preemption.close()
     except Preempted:
@@ -371,6 +395,7 @@ def _fit(cfg: Config, dist: Dist, task: task_mod.Task, loss_fn, metrics: dict, h
         raise
     except BaseException:
         preemption.close(wait=False)
+        log.close(failed=True)  # flush what the trackers hold: a crash must not lose the logged history
         raise
 
     where["phase"] = "the final evaluation"

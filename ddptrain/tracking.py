@@ -1,0 +1,109 @@
+"""Weights & Biases from rank 0: one run per training run, the same run across restarts, never fatal.
+
+Only rank 0 builds this logger (the others hold a NullLogger), whatever the launcher. The run id is
+saved in every checkpoint, so a resumed, requeued or elastically restarted run continues the same
+wandb run. Events that the dead attempt had already sent (between its last checkpoint and its end)
+are not sent again: resumption is exact, so they are the same events, and wandb's steps only increase.
+Any wandb error is reported once; training and the local logs go on without it.
+"""
+from __future__ import annotations
+
+import netrc
+import os
+import sys
+from pathlib import Path
+
+from .config import Config, to_dict
+
+
+def has_credentials() -> bool:
+    """An API key in WANDB_API_KEY or in ~/.netrc (where `wandb login` puts it). The key is never read out."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators(os.environ.get("WANDB_BASE_URL", "api.wandb.ai")
+                                            .removeprefix("https://").removeprefix("http://")) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def resolve_mode(mode: str) -> str:
+    """auto: WANDB_MODE if set, else online with credentials, else offline (sync later with `wandb sync`)."""
+    if mode != "auto":
+        return mode
+    return os.environ.get("WANDB_MODE") or ("online" if has_credentials() else "offline")
+
+
+class WandbLogger:
+    def __init__(self, cfg: Config, run_id: str | None = None, skip_records: int = 0):
+        self.cfg, self.run, self._skip = cfg, None, skip_records
+        w = cfg.wandb
+        try:
+            import wandb
+            self.run = wandb.init(
+                project=w.project or os.environ.get("WANDB_PROJECT") or "ddptrain", entity=w.entity,
+                name=w.name or cfg.name, group=w.group, tags=w.tags or None, notes=w.notes,
+                config=to_dict(cfg), id=run_id, resume="allow" if run_id else None,
+                mode=resolve_mode(w.mode), dir=str(cfg.run_dir))
+        except Exception as e:
+            self._fail(e)
+
+    @property
+    def tracking(self) -> dict:
+        return {"wandb_run_id": self.run.id} if self.run is not None else {}
+
+    def _fail(self, error: Exception) -> None:
+        print(f"ddptrain: warning: wandb disabled for this run after an error ({type(error).__name__}: "
+              f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}); the local logs go on",
+              file=sys.stderr, flush=True)
+        self.run = None
+
+    def record(self, event: dict) -> None:
+        if self._skip > 0:  # already sent by the attempt that died after the checkpoint we resumed from
+            self._skip -= 1
+            return
+        if self.run is None:
+            return
+        split = event["split"]
+        data = {f"{split}/{k}": v for k, v in event.items() if k not in ("split", "step", "epoch", "time")}
+        try:
+            self.run.log({**data, "epoch": event["epoch"]}, step=event["step"])
+        except Exception as e:
+            self._fail(e)
+
+    def progress(self, step: int, total: int) -> None:
+        pass
+
+    def summary(self, summary: dict) -> None:
+        if self.run is None:
+            return
+        flat = {k: v for k, v in summary.items() if not isinstance(v, dict)}
+        for split in ("val", "test"):
+            for k, v in (summary.get(split) or {}).items():
+                flat[f"{split}/{k}"] = v
+        flat[f"best/{summary['monitor']}"] = summary["best_value"]
+        try:
+            self.run.summary.update(flat)
+            best = self.cfg.run_dir / "checkpoints" / "best.pt"
+            if self.cfg.wandb.log_best_checkpoint and summary.get("status") == "completed" and best.exists():
+                import wandb
+                artifact = wandb.Artifact(f"{self.cfg.name}-best", type="model",
+                                          metadata={"monitor": summary["monitor"], "value": summary["best_value"]})
+                artifact.add_file(str(best))
+                self.run.log_artifact(artifact)
+        except Exception as e:
+            self._fail(e)
+
+    def close(self, failed: bool = False) -> None:
+        if self.run is None:
+            return
+        try:
+            self.run.finish(exit_code=1 if failed else 0)
+        except Exception as e:
+            self._fail(e)
+        self.run = None
+
+
+def run_dirs(run_dir: Path) -> list[Path]:
+    """The offline run folders wandb wrote for this run directory (one per attempt)."""
+    return sorted((run_dir / "wandb").glob("offline-run-*"))
