@@ -8,9 +8,11 @@ writes one JSON result to --out.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
+import statistics
 import time
 
 import torch
@@ -47,12 +49,27 @@ def make_data(steps: int, world_size: int) -> TensorDataset:
     return TensorDataset(torch.randn(n, IN_FEATURES, generator=g), torch.randint(0, CLASSES, (n,), generator=g))
 
 
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def busy_cpu_s() -> float:
+    """CPU seconds the whole machine has spent busy since boot (steal counts as busy: it is lost to us)."""
+    with open("/proc/stat") as f:
+        user, nice, system, idle, iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
 class Timer:
     """The timing points shared by every runner (rank 0 keeps the numbers).
 
     step == 1: the first optimizer step is finished (time to first step, wall clock from BENCH_T0).
     step == warmup: barrier (outside the window), then the window starts.
     step == warmup + steps: the window ends; `at_step` returns True and the runner stops.
+
+    Inside the window every step's start time is kept too (one perf_counter and a list store per step,
+    the same for every runner), for a per-step median that a short burst of interference cannot move.
+    Just outside the window each rank reads its own CPU time and rank 0 the machine's busy time, so
+    `finish` can tell how much CPU other processes took during the window (the machine is shared).
     """
 
     def __init__(self, warmup: int, steps: int):
@@ -60,28 +77,42 @@ class Timer:
         self.warmup, self.steps = warmup, steps
         self.first_step_wall = self.t_start = self.t_end = None
         self.threads = None
+        self.ticks = [0.0] * (steps + 1)
 
     def at_step(self, step: int) -> bool:
-        if step == 1 and self.first_step_wall is None:
+        if self.warmup < step < self.warmup + self.steps:
+            self.ticks[step - self.warmup] = time.perf_counter()
+        elif step == 1 and self.first_step_wall is None:
             self.first_step_wall = time.time()
         elif step == self.warmup and self.t_start is None:
             self.threads = torch.get_num_threads()
+            self.cpu = [time.process_time(), busy_cpu_s()]
             dist.barrier()
-            self.t_start = time.perf_counter()
+            self.t_start = self.ticks[0] = time.perf_counter()
         elif step == self.warmup + self.steps and self.t_end is None:
-            self.t_end = time.perf_counter()
+            self.t_end = self.ticks[-1] = time.perf_counter()
+            self.cpu = [time.process_time() - self.cpu[0], busy_cpu_s() - self.cpu[1]]
             return True
         return False
 
+    def step_ms(self) -> list[float]:
+        return [1e3 * (b - a) for a, b in zip(self.ticks, self.ticks[1:])]
 
-def params_in_sync(module: nn.Module) -> bool:
-    """True when every rank holds bitwise the same parameters (DDP really ran). Call on all ranks."""
+
+def finish(module: nn.Module, timer: Timer) -> dict:
+    """After the window: check that every rank holds bitwise the same parameters (DDP really ran), and
+    add up the CPU the ranks used in the window; the rest of the machine's busy time is foreign. Call on all ranks."""
     with torch.no_grad():
         flat = torch.cat([p.detach().reshape(-1) for p in module.parameters()])
         mine = torch.stack([flat.sum(), flat.abs().sum(), flat[::7].sum()]).double()
         every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
         dist.all_gather(every, mine)
-    return all(torch.equal(every[0], t) for t in every)
+        cpu = torch.tensor([timer.cpu[0]], dtype=torch.float64)
+        dist.all_reduce(cpu)
+    window = timer.t_end - timer.t_start
+    foreign = timer.cpu[1] - float(cpu)
+    return {"in_sync": all(torch.equal(every[0], t) for t in every), "ranks_cpu_s": float(cpu),
+            "foreign_cpu_s": foreign, "foreign_cpu_frac": foreign / (window * os.cpu_count())}
 
 
 def run_minimal(args, ds, timer: Timer) -> dict:
@@ -99,29 +130,57 @@ def run_minimal(args, ds, timer: Timer) -> dict:
         loss = F.cross_entropy(model(x), y)
         loss.backward()
         optimizer.step()
-    info = {"ddp_wrapped": isinstance(model, DDP), "in_sync": params_in_sync(module)}
+    info = {"ddp_wrapped": isinstance(model, DDP), **finish(module, timer)}
     del model, optimizer  # free DDP before destroy_process_group (gloo deadlock, pytorch#56297)
     gc.collect()
     dist.destroy_process_group()
     return info
 
 
+def patch_ddptrain(patches: list[str]) -> None:
+    """Diagnostic switches: remove one piece of ddptrain's per-step work to see what it costs.
+
+    nopoll: the preemption poll keeps its local flag but runs no all-reduce (single-rank semantics).
+    nonorm: trainer.optimizer_step steps without the global grad norm and its finite check.
+    """
+    from ddptrain import trainer
+    for name in patches:
+        if name == "nopoll":
+            from ddptrain.preempt import Preemption
+            Preemption.poll = lambda self: self.received is not None
+        elif name == "nonorm":
+            def optimizer_step(module, optimizer, precision, cfg):
+                precision.unscale(optimizer)
+                stepped = precision.step(optimizer)
+                optimizer.zero_grad(set_to_none=True)
+                return torch.zeros(()), stepped
+            trainer.optimizer_step = optimizer_step
+        else:
+            raise SystemExit(f"unknown patch {name!r}")
+
+
 def run_ddptrain(args, ds, timer: Timer) -> dict:
     from ddptrain import config, task, trainer
     from ddptrain.dist import detect
 
+    patch_ddptrain(args.patch)
+
     module = make_model(args.size)
     info = {}
     world = int(os.environ["WORLD_SIZE"])
+    # ddptrain's checkpoint keys are changing; switch off whichever of them this version has.
+    known = {f.name for f in dataclasses.fields(config.CheckpointConfig)}
+    no_checkpoints = {k: v for k, v in {"save_last": False, "save_best": False, "every_epochs": 0,
+                                        "every_steps": None}.items() if k in known}
     cfg = config.from_dict({
-        "task": "benchmark", "name": f"bench-{args.size}-rank{os.environ['RANK']}", "runs_dir": args.tmp, "seed": 0,
+        "task": "benchmark", "name": "bench", "runs_dir": args.tmp, "seed": 0,
         "data": {"batch_size": PER_RANK_BATCH * world},  # ddptrain's batch_size is the global batch
         "optim": {"name": "sgd", "lr": LR, "momentum": MOMENTUM, "weight_decay": 0.0},
         "sched": {"name": "constant"},
         # max_steps = warmup + steps + 1 so that the hook sees step == warmup + steps; one epoch covers it.
         "train": {"epochs": 1, "max_steps": args.warmup + args.steps + 1, "log_every": 10**9, "precision": "fp32"},
         "dist": {"backend": "gloo", "device": "cpu"},
-        "checkpoint": {"save_last": False, "save_best": False},
+        "checkpoint": no_checkpoints,
     })
 
     def task_fn(_cfg):
@@ -129,11 +188,12 @@ def run_ddptrain(args, ds, timer: Timer) -> dict:
 
     def before_micro_step(step, micro_step, x, y):
         if timer.at_step(step):
-            info["in_sync"] = params_in_sync(module)
+            info.update(finish(module, timer))
         return x, y
 
     summary = trainer.run(cfg, detect(os.environ), task_fn, hooks={"before_micro_step": before_micro_step})
     info["ddp_wrapped"] = True  # ddptrain wraps whenever world_size > 1; in_sync checks it did
+    info["ddptrain_file"] = trainer.__file__
     info["ddptrain_steps"] = summary["steps"]
     return info
 
@@ -156,7 +216,7 @@ def run_accelerate(args, ds, timer: Timer) -> dict:
         loss = F.cross_entropy(model(x), y)
         accelerator.backward(loss)
         optimizer.step()
-    info = {"ddp_wrapped": True, "in_sync": params_in_sync(module)}
+    info = {"ddp_wrapped": True, **finish(module, timer)}
     del model, optimizer, loader
     gc.collect()
     dist.destroy_process_group()
@@ -179,7 +239,7 @@ def run_fabric(args, ds, timer: Timer) -> dict:
         loss = F.cross_entropy(model(x), y)
         fabric.backward(loss)
         optimizer.step()
-    info = {"ddp_wrapped": True, "in_sync": params_in_sync(module)}
+    info = {"ddp_wrapped": True, **finish(module, timer)}
     del model, optimizer, loader
     gc.collect()
     dist.destroy_process_group()
@@ -197,6 +257,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--out", required=True)
     p.add_argument("--tmp", required=True)
+    p.add_argument("--patch", action="append", default=[], help="ddptrain only, for diagnosis: nopoll, nonorm")
     args = p.parse_args()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 
@@ -208,14 +269,20 @@ def main() -> None:
     assert timer.t_end is not None, "the run ended before the timing window closed"
     assert info["ddp_wrapped"] and info["in_sync"], info
     window = timer.t_end - timer.t_start
+    per_step = sorted(timer.step_ms())
     t0 = float(os.environ["BENCH_T0"])
     result = {
         "runner": args.runner, "size": args.size, "world_size": world, "threads": timer.threads,
         "warmup": args.warmup, "steps": args.steps, "global_batch": PER_RANK_BATCH * world,
         "window_s": window, "step_ms": 1e3 * window / args.steps,
+        "step_ms_median": statistics.median(per_step), "step_ms_p10": per_step[len(per_step) // 10],
+        "step_ms_p90": per_step[len(per_step) * 9 // 10], "samples_per_s_from_median_step":
+            PER_RANK_BATCH * world / (statistics.median(per_step) / 1e3),
         "samples_per_s": args.steps * PER_RANK_BATCH * world / window,
         "time_to_first_step_s": timer.first_step_wall - t0, **info,
     }
+    if os.environ.get("BENCH_DUMP_STEPS") == "1":
+        result["step_ms_all"] = timer.step_ms()
     with open(args.out, "w") as f:
         json.dump(result, f)
 

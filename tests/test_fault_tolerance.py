@@ -5,14 +5,13 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from ddptrain import checkpoint
-from ddptrain.config import ConfigError, from_dict
+from ddptrain.config import from_dict
 from ddptrain.dist import detect
 from ddptrain.trainer import run
 

@@ -17,7 +17,6 @@ from ddptrain.preempt import EXIT_PREEMPTED
 from ddptrain.trainer import run
 
 from multirank import RankFailed, run_ranks
-import tasks_for_tests
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = """task: tasks_for_tests:regression_for_launch

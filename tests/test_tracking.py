@@ -1,7 +1,6 @@
 """wandb from rank 0 only, one run continued across restarts, never fatal; curves as pictures."""
 import json
 import os
-import signal
 from pathlib import Path
 
 import pytest
