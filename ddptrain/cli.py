@@ -31,6 +31,18 @@ def _parser() -> argparse.ArgumentParser:
     la.add_argument("config", help="config file")
     la.add_argument("overrides", nargs="*", help="section.key=value overrides")
 
+    sw = sub.add_parser("sweep", help="hyperparameter search with Optuna; every trial is a full run")
+    sw.add_argument("config", help="base config file")
+    sw.add_argument("space", help="search-space file (.yaml or .toml)")
+    sw.add_argument("overrides", nargs="*", help="section.key=value overrides of the base config")
+    sw.add_argument("--sampler", choices=["grid", "random", "tpe", "gp"], default="tpe", help="default tpe")
+    sw.add_argument("--trials", type=int, default=20, help="finished trials the study should reach (default 20)")
+    sw.add_argument("--workers", type=int, default=1, help="trials run at once by this process (default 1)")
+    sw.add_argument("--nproc-per-node", type=int, default=1, help="processes per trial, via torchrun (default 1)")
+    sw.add_argument("--storage", default=None, help="Optuna storage URL (default: SQLite in the sweep directory)")
+    sw.add_argument("--study", default=None, help="study name (default: <config name>-sweep)")
+    sw.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
+
     pl = sub.add_parser("plot", help="draw loss, monitored metric and learning rate curves of runs into a PNG")
     pl.add_argument("run_dirs", nargs="+", help="run directories (several are overlaid)")
     pl.add_argument("-o", "--output", default="curves.png", help="PNG file to write (default curves.png)")
@@ -127,6 +139,24 @@ def _status(run_dir, since: float) -> str | None:
         return None
 
 
+def _sweep(args) -> int:
+    from pathlib import Path
+    from .config import ConfigError
+    for name in ("trials", "workers", "nproc_per_node"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
+    try:
+        from .sweep import run_sweep
+        result = run_sweep(Path(args.config), Path(args.space), args.overrides, args.sampler, args.trials,
+                           args.workers, args.nproc_per_node, args.storage, args.study, args.seed)
+    except ModuleNotFoundError as e:
+        raise ConfigError(f"ddptrain sweep needs '{e.name}': pip install 'ddptrain[sweep]'") from None
+    if result["stopped"]:
+        print("sweep stopped; run the same command again to continue the study", file=sys.stderr)
+        return 130
+    return 0
+
+
 def _keys() -> int:
     from .config import describe
     print("| key | default | description |\n|---|---|---|")
@@ -141,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "keys":
             return _keys()
+        if args.command == "sweep":
+            return _sweep(args)
         if args.command == "plot":
             from pathlib import Path
             from .plot import plot
