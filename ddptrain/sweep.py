@@ -271,12 +271,21 @@ def run_sweep(config_path: Path, space_path: Path, overrides: list[str], sampler
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = storage or f"sqlite:///{(sweep_dir / 'study.db').resolve()}"
     # A worker that dies leaves its trial RUNNING; the heartbeat marks it failed and a worker retries it.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        rdb = RDBStorage(url, heartbeat_interval=2, grace_period=10,
-                         heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
-    study = optuna.create_study(study_name=study_name, storage=rdb, load_if_exists=True,
-                                direction=space.direction, pruner=_pruner(space.pruner))
+    # SQLite serialises writers: wait for the lock instead of failing when several workers share the file.
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
+    for attempt in range(5):  # workers that start together race to create the tables and the study
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                rdb = RDBStorage(url, engine_kwargs=engine, heartbeat_interval=2, grace_period=10,
+                                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
+            study = optuna.create_study(study_name=study_name, storage=rdb, load_if_exists=True,
+                                        direction=space.direction, pruner=_pruner(space.pruner))
+            break
+        except Exception:
+            if attempt == 4:
+                raise
+            time.sleep(0.5 + attempt)
     # A continued study must not replay the random draws of its first session: offset the seed.
     study.sampler = _sampler(sampler, space, seed + len(study.trials))
     # The budget counts trials that ran to a verdict; failed ones (crashed, interrupted) are recorded
