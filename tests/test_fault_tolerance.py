@@ -46,7 +46,7 @@ def records(runs_dir):
     out = []
     for line in open(Path(runs_dir) / "r" / "metrics.jsonl"):
         event = json.loads(line)
-        out.append({k: v for k, v in event.items() if k not in ("time", "samples_per_s")})
+        out.append({k: v for k, v in event.items() if k not in ("time", "samples_per_s", "data_wait_share")})  # timings
     return out
 
 
