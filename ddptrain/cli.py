@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("-o", "--output", default="curves.png", help="PNG file to write (default curves.png)")
 
     sub.add_parser("keys", help="print every config key with its default and description (Markdown)")
+    # Parsed by ddptrain/submit.py (unknown --options go to sbatch); listed here for `ddptrain --help`.
+    sub.add_parser("submit", add_help=False, help="write the SLURM batch script for a run and sbatch it (submit -h)")
     return p
 
 
@@ -166,6 +168,9 @@ def _keys() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if (sys.argv[1:] if argv is None else argv)[:1] == ["submit"]:
+        from .submit import main as submit
+        return submit(_split_wandb_style((sys.argv[1:] if argv is None else argv)[1:]))
     args = _parser().parse_args(_split_wandb_style(sys.argv[1:] if argv is None else argv))
     from .config import ConfigError
     try:

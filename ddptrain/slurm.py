@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from typing import Mapping
@@ -27,6 +28,11 @@ def requeue_self(env: Mapping[str, str] = os.environ) -> str:
     scontrol = shutil.which("scontrol")
     if scontrol is None:
         return f"cannot requeue job {job}: scontrol is not on PATH (inside a container?)"
+    # `scancel` sends SIGTERM too, and a cancelled job can still be requeued while it ends: don't undo it.
+    shown = subprocess.run([scontrol, "show", "job", "-o", job], capture_output=True, text=True, timeout=60).stdout
+    state = re.search(r"\bJobState=(\w+)", shown)
+    if state and state.group(1) in ("CANCELLED", "COMPLETING"):
+        return f"job {job} is being cancelled (JobState={state.group(1)}): not requeued"
     proc = subprocess.run([scontrol, "requeue", job], capture_output=True, text=True, timeout=60)
     if proc.returncode != 0:
         return f"scontrol requeue {job} failed: {(proc.stderr or proc.stdout).strip()}"

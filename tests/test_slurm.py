@@ -1,0 +1,379 @@
+"""The slurm/ batch scripts and `ddptrain submit` on a real SLURM cluster, on CPU with gloo.
+
+tests/slurm_cluster.sh starts the cluster (Debian's slurm-wlm: one slurmctld, two slurmd nodes n1 and n2
+on this machine); it needs root. Every job is a real sbatch of a real script from slurm/; results are
+compared with a plain torchrun run of the same config and global batch. Most jobs are submitted together
+(the `batch` fixture) so that they overlap; the cluster preemption test runs alone, last.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from rundirs import assert_same_run, summary, train_steps
+
+ROOT = Path(__file__).resolve().parent.parent
+SLURM = ROOT / "slurm"
+CLUSTER = Path(__file__).resolve().parent / "slurm_cluster.sh"
+FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+# Small and deterministic: 3 epochs x 3 steps; the global batch of 64 splits over 1, 2 or 4 ranks.
+PLAIN = """task: tasks_for_tests:classification
+seed: 1
+optim: {lr: 0.01}
+train: {epochs: 3, log_every: 1}
+dist: {timeout_s: 60}
+"""
+# For preemption: dropout (so an exact resume needs every RNG state back) and slow training items
+# (0.24 s per step), 24 steps, a checkpoint every 5 steps and at every epoch's end.
+SLOW = """task: tasks_for_tests:regression_for_launch
+task_args: {{dropout: 0.2, delay: {delay}}}
+data: {{batch_size: 16}}
+optim: {{name: adamw, lr: 0.01}}
+train: {{epochs: 4, log_every: 1}}
+checkpoint: {{every_steps: 5}}
+dist: {{timeout_s: 60}}
+"""
+
+
+def job_env(**extra) -> dict:
+    """What sbatch passes on to the job (its default is --export=ALL): this venv and the test tasks."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    env["PYTHONPATH"] = str(ROOT / "tests")
+    env["PYTHON"] = sys.executable
+    env.update(extra)
+    return env
+
+
+def scontrol_job(job: str) -> dict:
+    """`scontrol show job` as a dict of its Key=Value fields."""
+    out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=30).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", out))
+
+
+def wait_for(job: str, timeout: float) -> dict:
+    """Wait until the job has finished for good (a requeued job goes back to PENDING) and return its state."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = scontrol_job(job)
+        if info.get("JobState") in FINISHED:
+            return info
+        time.sleep(0.5)
+    raise AssertionError(f"job {job} not finished after {timeout} s: {scontrol_job(job)}")
+
+
+def wait_for_step(run_dir: Path, step: int, job: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (run_dir / "metrics.jsonl").exists() and any(s >= step for s in train_steps(run_dir)):
+            return
+        assert scontrol_job(job).get("JobState") not in FINISHED, scontrol_job(job)
+        time.sleep(0.2)
+    raise AssertionError(f"job {job}: step {step} not reached in {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """A running local SLURM cluster; started here (packages installed if missing) unless already up."""
+    if os.geteuid() != 0:
+        pytest.fail("the SLURM tests need root: tests/slurm_cluster.sh installs slurm-wlm and starts its daemons")
+    was_up = shutil.which("scontrol") is not None and subprocess.run(
+        ["scontrol", "ping"], capture_output=True, text=True, timeout=30).stdout.count("is UP") > 0
+    proc = subprocess.run([CLUSTER, "start"], capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        pytest.fail(f"could not start the local SLURM cluster with {CLUSTER}:\n{proc.stdout}{proc.stderr}")
+    yield
+    if not was_up:
+        subprocess.run([CLUSTER, "stop"], capture_output=True, timeout=120)
+
+
+@pytest.fixture
+def jobs(cluster):
+    """Submit jobs; whatever is still queued or running when the test ends is cancelled."""
+    submitted = []
+
+    def sbatch(*args, cwd: Path, env: dict | None = None) -> str:
+        (cwd / "logs").mkdir(exist_ok=True)
+        proc = subprocess.run(["sbatch", "--parsable", *map(str, args)], cwd=cwd, env=env or job_env(),
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        submitted.append(proc.stdout.strip())
+        return submitted[-1]
+
+    yield sbatch
+    if submitted:
+        subprocess.run(["scancel", *submitted], capture_output=True, timeout=60)
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def torchrun_reference(tmp: Path, config_text: str, nproc: int = 2) -> Path:
+    """The same config trained by a plain `ddptrain launch` (torchrun --standalone) on this machine."""
+    config = write(tmp / "exp.yaml", config_text)
+    proc = subprocess.run([sys.executable, "-m", "ddptrain", "launch", "--nproc-per-node", str(nproc), config,
+                           "runs_dir=runs"], cwd=tmp, env=job_env(), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp / "runs" / "exp"
+
+
+@pytest.fixture(scope="module")
+def plain_reference(tmp_path_factory):
+    return torchrun_reference(tmp_path_factory.mktemp("plain-reference"), PLAIN)
+
+
+@pytest.fixture(scope="module")
+def slow_reference(tmp_path_factory):
+    """The uninterrupted run that every preempted job must reproduce exactly (world size 2)."""
+    return torchrun_reference(tmp_path_factory.mktemp("slow-reference"), SLOW.format(delay=0.0))
+
+
+def log_of(cwd: Path, name: str, job: str) -> str:
+    return (cwd / "logs" / f"{name}-{job}.out").read_text()
+
+
+def attempts(log: str) -> list[int]:
+    return [int(n) for n in re.findall(r"^=== ddptrain job \S+ \(.*\) attempt (\d+) started", log, re.M)]
+
+
+# --- ddptrain submit ---------------------------------------------------------------------------------
+
+def submit(*args, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ddptrain", "submit", *map(str, args)], cwd=cwd,
+                          env=env or job_env(), capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.timeout(120)
+def test_submit_dry_run_renders_a_script_that_sbatch_accepts(tmp_path, cluster):
+    write(tmp_path / "exp.yaml", PLAIN)
+    proc = submit("exp.yaml", "--nodes", 2, "--nproc-per-node", 2, "--time=00:10:00", "--account=ml",
+                  "--exclusive", "optim.lr=0.02", "--dry-run", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    script = proc.stdout
+    header = re.findall(r"^#SBATCH --(\S+)$", script, re.M)
+    assert header == ["job-name=exp", "nodes=2", "ntasks-per-node=1", "output=logs/%x-%j.out", "open-mode=append",
+                      "requeue", "signal=B:USR1@120", "cpus-per-task=2", "time=00:10:00", "account=ml", "exclusive"]
+    assert f"set -- {tmp_path / 'exp.yaml'} optim.lr=0.02\n" in script and "export NPROC_PER_NODE=2\n" in script
+    assert "--rdzv-backend=c10d" in script and "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in script
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+    # SLURM checks it without queueing it (the account is unknown to this cluster: no accounting)
+    test_only = subprocess.run(["sbatch", "--test-only"], input=script.replace("#SBATCH --account=ml\n", ""),
+                               cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert test_only.returncode == 0 and "to start at" in test_only.stderr, test_only.stderr
+
+    srun = submit("exp.yaml", "--launcher", "srun", "--nodes", 2, "--gpus-per-node", 8, "--dry-run", cwd=tmp_path)
+    assert srun.returncode == 0, srun.stderr
+    assert re.findall(r"^#SBATCH --(ntasks-per-node|gpus-per-node)=(\d+)$", srun.stdout, re.M) == \
+        [("ntasks-per-node", "8"), ("gpus-per-node", "8")]
+    assert "srun --kill-on-bad-exit=0 \"$PYTHON\" -m ddptrain train" in srun.stdout
+
+
+@pytest.mark.timeout(120)
+def test_submit_names_what_is_wrong(tmp_path, cluster):
+    write(tmp_path / "exp.yaml", PLAIN)
+    no_sbatch = submit("exp.yaml", "--nproc-per-node", 2, cwd=tmp_path, env=job_env(PATH=str(Path(sys.executable).parent)))
+    assert no_sbatch.returncode == 2
+    assert no_sbatch.stderr.startswith("ddptrain: error: sbatch not found on PATH") and no_sbatch.stderr.count("\n") == 1
+    rejected = submit("exp.yaml", "--nproc-per-node", 2, "--partition=nope", cwd=tmp_path)
+    assert rejected.returncode == 1
+    assert rejected.stderr == ("ddptrain: error: sbatch rejected the job (exit status 1): invalid partition specified: "
+                               "nope; Batch job submission failed: Invalid partition name specified\n")
+    odd = submit("exp.yaml", "--nproc-per-node", 3, cwd=tmp_path)  # before anything reaches SLURM
+    assert odd.returncode == 2 and "64 must be divisible by world_size * train.grad_accum_steps = 3 * 1" in odd.stderr
+    array = submit("exp.yaml", "--nproc-per-node", 2, "--array=0-3", cwd=tmp_path)
+    assert array.returncode == 2 and "slurm/ddptrain_array.sbatch" in array.stderr
+
+
+# --- jobs that overlap -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def batch(cluster, tmp_path_factory):
+    """Submit every job of the tests below at once: name -> (job id, its directory). Once they have trained
+    3 steps, a thread sends USR1 to the batch shell of the jobs that test preemption, as `--signal=B:USR1@120`
+    does before the time limit (`scancel --batch --signal=USR1`), and cancels one job (`scancel`)."""
+    submitted, out = [], {}
+
+    def sbatch(name, *args, config=PLAIN, env=None, runs=None):
+        cwd = tmp_path_factory.mktemp(name)
+        write(cwd / "exp.yaml", config)
+        if runs:
+            write(cwd / "runs.txt", runs)
+        (cwd / "logs").mkdir()
+        proc = subprocess.run(["sbatch", "--parsable", *map(str, args)], cwd=cwd, env=env or job_env(),
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        submitted.append(proc.stdout.strip())
+        out[name] = (submitted[-1], cwd)
+        return cwd
+
+    try:
+        cwd = tmp_path_factory.mktemp("submit")
+        write(cwd / "exp.yaml", PLAIN)
+        proc = submit("exp.yaml", "--nodes", 1, "--nproc-per-node", 2, "--time=00:10:00", cwd=cwd)
+        assert proc.returncode == 0, proc.stderr
+        submitted.append(proc.stdout.strip())
+        out["submit"] = (submitted[-1], cwd, proc.stderr)
+        sbatch("two_nodes", "--job-name=exp", "--nodes=2", "--cpus-per-task=1", SLURM / "ddptrain.sbatch", "exp.yaml",
+               "runs_dir=runs", env=job_env(NPROC_PER_NODE="1"))
+        sbatch("srun", "--job-name=exp", "--nodes=2", "--ntasks-per-node=2", SLURM / "ddptrain_srun.sbatch",
+               "exp.yaml", "runs_dir=runs")
+        sbatch("fails", "--job-name=exp", "--nodes=2", SLURM / "ddptrain_srun.sbatch", "exp.yaml", "optim.lr=-1")
+        sbatch("usr1", "--job-name=exp", "--nodes=2", "--cpus-per-task=1", SLURM / "ddptrain.sbatch", "exp.yaml",
+               "runs_dir=runs", config=SLOW.format(delay=0.03), env=job_env(NPROC_PER_NODE="1"))
+        sbatch("array", "--job-name=arr", "--array=0-1", "--cpus-per-task=2", SLURM / "ddptrain_array.sbatch",
+               "runs.txt", config=SLOW.format(delay=0.03), env=job_env(NPROC_PER_NODE="2"),
+               runs="# two runs of the same config\nexp.yaml name=a runs_dir=runs\n\nexp.yaml name=b runs_dir=runs\n")
+        sbatch("cancel", "--job-name=exp", "--ntasks-per-node=2", SLURM / "ddptrain_srun.sbatch", "exp.yaml",
+               "runs_dir=runs", config=SLOW.format(delay=0.03))
+
+        signal_errors = []
+
+        def signal_at_step_3():
+            try:
+                for job, run_dir, how in [(out["usr1"][0], out["usr1"][1] / "runs" / "exp", ["--batch", "--signal=USR1"]),
+                                          (f"{out['array'][0]}_1", out["array"][1] / "runs" / "b", ["--batch", "--signal=USR1"]),
+                                          (out["cancel"][0], out["cancel"][1] / "runs" / "exp", [])]:
+                    wait_for_step(run_dir, 3, job, timeout=180)
+                    subprocess.run(["scancel", *how, job], check=True, timeout=30)
+            except BaseException as e:  # reported by the tests that need the signal
+                signal_errors.append(repr(e))
+
+        signaller = threading.Thread(target=signal_at_step_3, daemon=True)
+        signaller.start()
+
+        def signals_sent():
+            signaller.join(200)
+            assert not signaller.is_alive() and not signal_errors, signal_errors or "signals not sent in 200 s"
+        out["signals_sent"] = signals_sent
+        yield out
+    finally:
+        if submitted:
+            subprocess.run(["scancel", *submitted], capture_output=True, timeout=60)
+
+
+@pytest.mark.timeout(240)
+def test_one_node_job_from_ddptrain_submit_matches_torchrun(batch, plain_reference):
+    job, cwd, said = batch["submit"]
+    assert re.fullmatch(r"\d+", job) and f"log logs/exp-{job}.out" in said
+    info = wait_for(job, 180)
+    log = log_of(cwd, "exp", job)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", log
+    assert "nodes: n1 (1 x 2 processes)" in log and re.search(r"^torch 2\.\S+, CUDA None, NCCL none", log, re.M)
+    assert_same_run(cwd / "runs" / "exp", plain_reference)
+
+
+@pytest.mark.timeout(240)
+def test_two_node_torchrun_job_matches_torchrun(batch, plain_reference):
+    job, cwd = batch["two_nodes"]
+    info = wait_for(job, 180)
+    log = log_of(cwd, "exp", job)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", log
+    assert "nodes: n1 n2 (2 x 1 processes)" in log
+    assert_same_run(cwd / "runs" / "exp", plain_reference)  # 2 nodes x 1 = 1 node x 2, bitwise
+
+
+@pytest.mark.timeout(240)
+def test_srun_per_task_job_matches_torchrun(batch, plain_reference):
+    job, cwd = batch["srun"]
+    info = wait_for(job, 180)
+    log = log_of(cwd, "exp", job)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", log
+    assert "(4 tasks: 2(x2) per node)" in log
+    run = cwd / "runs" / "exp"
+    assert summary(run)["world_size"] == 4
+    assert_same_run(run, plain_reference, exact=False)  # 4 ranks vs 2, same global batch
+
+
+@pytest.mark.timeout(240)
+def test_a_job_that_fails_is_not_requeued(batch):
+    job, cwd = batch["fails"]
+    info = wait_for(job, 180)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0" and info["Restarts"] == "0"
+    assert "ddptrain: error: config key 'optim.lr': expected > 0, got -1" in log_of(cwd, "exp", job)
+
+
+# --- preemption: checkpoint, requeue, resume, the uninterrupted result -----------------------------------
+
+@pytest.mark.timeout(300)
+def test_signal_before_the_time_limit_checkpoints_requeues_and_resumes(batch, slow_reference):
+    batch["signals_sent"]()
+    job, cwd = batch["usr1"]
+    info = wait_for(job, 240)
+    log = log_of(cwd, "exp", job)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
+    assert attempts(log) == [1, 2]
+    first, second = log.split(" attempt 2 started")
+    assert "SIGUSR1" in first and "passing it to the training processes" in first
+    assert f"ddptrain: requeued job {job}\n" in first and "requeuing it" not in log
+    assert "command: ddptrain train exp.yaml runs_dir=runs checkpoint.resume=auto" in second
+    run = cwd / "runs" / "exp"
+    assert 3 <= summary(run)["resumed_at_step"] < 24
+    assert train_steps(run) == list(range(1, 25))  # nothing lost, nothing repeated
+    assert_same_run(run, slow_reference, ignore_config=("task_args.delay",))
+
+
+@pytest.mark.timeout(300)
+def test_job_array_runs_one_line_per_task_and_requeues_only_the_signalled_task(batch, slow_reference):
+    batch["signals_sent"]()
+    array, cwd = batch["array"]
+    first, second = wait_for(f"{array}_0", 240), wait_for(f"{array}_1", 240)
+    logs = [(cwd / "logs" / f"arr-{array}_{i}.out").read_text() for i in (0, 1)]
+    assert first["JobState"] == second["JobState"] == "COMPLETED", logs
+    assert (first["Restarts"], second["Restarts"]) == ("0", "1")
+    assert attempts(logs[0]) == [1] and attempts(logs[1]) == [1, 2]
+    assert f"ddptrain: requeued job {array}_1\n" in logs[1]
+    assert summary(cwd / "runs" / "b")["resumed_at_step"] > 0
+    for name in "ab":
+        assert_same_run(cwd / "runs" / name, slow_reference, ignore_config=("name", "task_args.delay"))
+
+
+@pytest.mark.timeout(300)
+def test_scancel_stops_a_job_for_good(batch):
+    """scancel sends SIGTERM like a preemption, and SLURM would still accept a requeue: ddptrain must not."""
+    batch["signals_sent"]()
+    job, cwd = batch["cancel"]
+    info = wait_for(job, 120)  # a requeued job would run again and complete
+    log = log_of(cwd, "exp", job)
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", log
+    assert f"ddptrain: job {job} is being cancelled (JobState=" in log and attempts(log) == [1]
+    assert summary(cwd / "runs" / "exp")["status"] == "preempted"  # it did save a checkpoint
+
+
+# --- alone: the cluster itself preempts the job ------------------------------------------------------------
+
+@pytest.mark.timeout(300)
+def test_a_job_preempted_by_the_cluster_resumes_after_the_preemptor(tmp_path, jobs, slow_reference):
+    """The "urgent" partition preempts "debug" (tests/slurm_cluster.sh): SLURM sends SIGTERM to every task and
+    gives it GraceTime; ddptrain checkpoints and requeues the job, which runs again once the nodes are free."""
+    deadline = time.monotonic() + 120  # the preemptor would preempt any other job still running
+    while subprocess.run(["squeue", "-h"], capture_output=True, text=True, timeout=30).stdout.strip():
+        assert time.monotonic() < deadline, "jobs of earlier tests are still queued"
+        time.sleep(0.5)
+    write(tmp_path / "exp.yaml", SLOW.format(delay=0.03))
+    job = jobs("--job-name=exp", "--nodes=2", "--ntasks-per-node=1", SLURM / "ddptrain_srun.sbatch", "exp.yaml",
+               "runs_dir=runs", cwd=tmp_path)
+    run = tmp_path / "runs" / "exp"
+    wait_for_step(run, 3, job)
+    urgent = jobs("--partition=urgent", "--nodes=2", "--exclusive", "--output=/dev/null", "--wrap=sleep 1",
+                  cwd=tmp_path)
+    info, preemptor = wait_for(job, 240), wait_for(urgent, 60)
+    log = log_of(tmp_path, "exp", job)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
+    assert preemptor["JobState"] == "COMPLETED"
+    assert attempts(log) == [1, 2]
+    assert f"ddptrain: requeued job {job}\n" in log
+    assert info["StartTime"] >= preemptor["EndTime"]  # the second attempt ran after the preemptor
+    assert train_steps(run) == list(range(1, 25))
+    assert_same_run(run, slow_reference, ignore_config=("task_args.delay",))
