@@ -1,4 +1,4 @@
-"""Optimizers, learning-rate schedules and the L1 penalty, built from their config sections.
+"""Optimizers, learning-rate schedules, the L1 penalty, and the optimizer step (unscale, clip, step).
 
 Weight decay and L1 apply to weights with two or more dimensions; biases and norm parameters are
 exempt, as in most modern recipes. Every schedule except plateau steps once per optimizer step.
@@ -9,7 +9,8 @@ import torch
 from torch import nn
 from torch.optim import lr_scheduler as sch
 
-from .config import OptimConfig, SchedConfig
+from .config import Config, OptimConfig, SchedConfig
+from .precision import Precision
 
 
 def _decayed(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -56,3 +57,23 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedConfig, total_st
         return main
     ramp = sch.LinearLR(optimizer, start_factor=0.01, end_factor=1.0, total_iters=warmup)
     return sch.SequentialLR(optimizer, [ramp, main], milestones=[warmup])
+
+
+def optimizer_step(module: nn.Module, optimizer, precision: Precision, cfg: Config) -> tuple[torch.Tensor, bool]:
+    """Unscale, measure, clip and step. Return (pre-clip global grad norm, whether the step was taken)."""
+    precision.unscale(optimizer)
+    grads = [p for p in module.parameters() if p.grad is not None]
+    if cfg.train.clip_grad_norm is not None:
+        norm = nn.utils.clip_grad_norm_(grads, cfg.train.clip_grad_norm)
+    else:
+        norm = nn.utils.get_total_norm([p.grad for p in grads])
+    if cfg.train.clip_grad_value is not None:
+        nn.utils.clip_grad_value_(grads, cfg.train.clip_grad_value)
+    # One host sync per step. The gradients were all-reduced, so the norm (and the decision) is the
+    # same on every rank without another collective.
+    if precision.scaler is None and not bool(torch.isfinite(norm)):
+        optimizer.zero_grad(set_to_none=True)
+        return norm, False
+    stepped = precision.step(optimizer)
+    optimizer.zero_grad(set_to_none=True)
+    return norm, stepped

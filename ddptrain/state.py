@@ -1,4 +1,5 @@
-"""The run's resumable state besides the model and optimizer: loop position and every rank's RNG.
+"""The run's resumable state besides the model and optimizer: loop position, seeds and every rank's RNG,
+and which checkpoint a run continues from.
 
 A checkpoint holds one `Progress` and, for each rank, its RNG states and its not-yet-logged train
 sums. Resumed on the same world size, every rank gets its own back, so the run continues bitwise as
@@ -9,11 +10,15 @@ re-seeded per rank, so the result matches only statistically.
 from __future__ import annotations
 
 import random
+import warnings
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
-from .config import ConfigError
+from . import checkpoint as ckpt
+from .config import Config, ConfigError
+from .dist import Dist
 
 
 @dataclass
@@ -34,6 +39,21 @@ class Progress:
     def load_state_dict(self, state: dict) -> None:
         for key, value in state.items():
             setattr(self, key, value)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+        np.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """A distinct, reproducible seed per rank (for dropout and augmentation)."""
+    return (seed * 1_000_003 + rank + 1) % 2**63
 
 
 def rng_state(device: torch.device) -> dict:
@@ -89,3 +109,26 @@ def check_compatible(saved: dict, current: dict, path) -> None:
         raise ConfigError(f"checkpoint '{path}' was made with a different config ({'; '.join(diffs)}); use another "
                           f"`name`, `checkpoint.resume=none` to start over, or the original values")
 
+
+
+def resume_path(cfg: Config, dist: Dist) -> Path | None:
+    """The checkpoint to continue from (rank 0 looks, everyone learns), or None to start over. Call on all ranks."""
+    found, error = None, None
+    if cfg.checkpoint.resume not in ("auto", "none"):
+        found = cfg.checkpoint.resume
+    elif dist.env.is_main and cfg.checkpoint.resume == "auto":
+        with warnings.catch_warnings(record=True) as skipped:
+            warnings.simplefilter("always")
+            latest = ckpt.latest_valid(cfg.run_dir / "checkpoints")
+        for w in skipped:
+            print(f"ddptrain: warning: {w.message}", flush=True)
+        found = str(latest) if latest else None
+    found = dist.broadcast_object(found)
+    if found is not None and not Path(found).is_file():
+        error = f"checkpoint '{found}': not found (on rank {dist.env.rank}: the run directory must be on a " \
+                f"filesystem that every node sees)"
+    errors = dist.gather_object(error)
+    first = dist.broadcast_object(next((e for e in errors if e), None) if errors else None)
+    if first:
+        raise ckpt.CheckpointError(first)
+    return Path(found) if found else None

@@ -11,11 +11,9 @@ import contextlib
 import gc
 import itertools
 import os
-import random
 import time
 import traceback
 import warnings
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -26,16 +24,16 @@ from . import config as config_mod
 from . import task as task_mod
 from .config import Config
 from .data import train_loader, micro_batch_size
-from .dist import Dist, DistEnv, detect, pick_device
+from .dist import Dist, DistEnv, detect, explain_failure, pick_device
 from .early_stop import EarlyStopping
 from .evaluate import evaluate
 from .losses import ELEMENTWISE, as_metric, build_loss, metric_values
 from .models import convert_sync_batchnorm
-from .optim import build_optimizer, build_scheduler, l1_penalty
+from .optim import build_optimizer, build_scheduler, l1_penalty, optimizer_step
 from .precision import Precision
 from .preempt import Preempted, Preemption
 from .runlog import Clock, ConsoleLogger, Loggers, NullLogger, RunDirLogger, archive, prefix_warnings
-from .state import Progress, check_compatible, rng_state, set_rng_state
+from .state import Progress, check_compatible, rank_seed, resume_path, rng_state, seed_everything, set_rng_state
 
 # Under fp16 a few overflowing steps are normal (the scaler is finding its scale); this many in a
 # row means the run has diverged.
@@ -44,38 +42,6 @@ FP16_MAX_CONSECUTIVE_SKIPS = 20
 
 class NonFiniteError(RuntimeError):
     """Training hit NaN/Inf gradients with `train.nonfinite: stop`; raised on every rank at the same step."""
-
-
-class CollectiveError(RuntimeError):
-    """A collective failed or timed out: another rank died, stalled or cannot be reached."""
-
-
-def _explain(error: RuntimeError, env: DistEnv, where: dict, cfg: Config) -> CollectiveError | None:
-    """A collective's failure as one sentence that names the likely cause, or None if it is something else."""
-    text = str(error)
-    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
-    if isinstance(error, torch.distributed.DistError) or any(
-            s in text for s in ("Timed out", "timed out", "Connection closed by peer", "Connection reset")):
-        return CollectiveError(
-            f"[rank {env.rank}] a collective failed during {where['phase']} (step {where['step']}): another rank "
-            f"died, stalled or is unreachable; the collective timeout is dist.timeout_s={cfg.dist.timeout_s:g} s "
-            f"({first})")
-    return None
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy as np
-        np.random.seed(seed % 2**32)
-    except ImportError:
-        pass
-
-
-def rank_seed(seed: int, rank: int) -> int:
-    """A distinct, reproducible seed per rank (for dropout and augmentation)."""
-    return (seed * 1_000_003 + rank + 1) % 2**63
 
 
 def train(config: Config | dict | str | os.PathLike, task: Callable | None = None,
@@ -125,7 +91,7 @@ def run(cfg: Config, env: DistEnv, task_fn: Callable | None = None, hooks: dict 
         # The traceback keeps _fit's frame, and with it the DDP model, alive; a DDP object freed
         # after destroy_process_group can deadlock in gloo (pytorch#56297), so free it first.
         traceback.clear_frames(e.__traceback__)
-        explained = _explain(e, env, where, cfg)
+        explained = explain_failure(e, env, where, cfg.dist.timeout_s)
         if explained is None:
             raise
         raise explained from e
@@ -163,26 +129,6 @@ def _wrap(model: nn.Module, cfg: Config, dist: Dist) -> nn.Module:
                gradient_as_bucket_view=d.gradient_as_bucket_view, bucket_cap_mb=d.bucket_cap_mb)
 
 
-def optimizer_step(module: nn.Module, optimizer, precision: Precision, cfg: Config) -> tuple[torch.Tensor, bool]:
-    """Unscale, measure, clip and step. Return (pre-clip global grad norm, whether the step was taken)."""
-    precision.unscale(optimizer)
-    grads = [p for p in module.parameters() if p.grad is not None]
-    if cfg.train.clip_grad_norm is not None:
-        norm = nn.utils.clip_grad_norm_(grads, cfg.train.clip_grad_norm)
-    else:
-        norm = nn.utils.get_total_norm([p.grad for p in grads])
-    if cfg.train.clip_grad_value is not None:
-        nn.utils.clip_grad_value_(grads, cfg.train.clip_grad_value)
-    # One host sync per step. The gradients were all-reduced, so the norm (and the decision) is the
-    # same on every rank without another collective.
-    if precision.scaler is None and not bool(torch.isfinite(norm)):
-        optimizer.zero_grad(set_to_none=True)
-        return norm, False
-    stepped = precision.step(optimizer)
-    optimizer.zero_grad(set_to_none=True)
-    return norm, stepped
-
-
 def _timed(iterable, waited: list[float]):
     """Yield from iterable, adding the time spent waiting for each item to waited[0]."""
     it = iter(iterable)
@@ -194,29 +140,6 @@ def _timed(iterable, waited: list[float]):
             return
         waited[0] += time.perf_counter() - t
         yield item
-
-
-def resume_path(cfg: Config, dist: Dist) -> Path | None:
-    """The checkpoint to continue from (rank 0 looks, everyone learns), or None to start over. Call on all ranks."""
-    found, error = None, None
-    if cfg.checkpoint.resume not in ("auto", "none"):
-        found = cfg.checkpoint.resume
-    elif dist.env.is_main and cfg.checkpoint.resume == "auto":
-        with warnings.catch_warnings(record=True) as skipped:
-            warnings.simplefilter("always")
-            latest = ckpt.latest_valid(cfg.run_dir / "checkpoints")
-        for w in skipped:
-            print(f"ddptrain: warning: {w.message}", flush=True)
-        found = str(latest) if latest else None
-    found = dist.broadcast_object(found)
-    if found is not None and not Path(found).is_file():
-        error = f"checkpoint '{found}': not found (on rank {dist.env.rank}: the run directory must be on a " \
-                f"filesystem that every node sees)"
-    errors = dist.gather_object(error)
-    first = dist.broadcast_object(next((e for e in errors if e), None) if errors else None)
-    if first:
-        raise ckpt.CheckpointError(first)
-    return Path(found) if found else None
 
 
 def _fit(cfg: Config, dist: Dist, task: task_mod.Task, loss_fn, metrics: dict, hooks: dict, where: dict) -> dict:
