@@ -193,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         from .checkpoint import CheckpointError
         from .task import TaskError
         from .preempt import EXIT_PREEMPTED, Preempted
-        from .trainer import CollectiveError, NonFiniteError
+        from .dist import CollectiveError
+        from .trainer import NonFiniteError
         if isinstance(e, Preempted):
             if _is_main():
                 print(f"ddptrain: preempted by {e}; run the same command again to resume", file=sys.stderr, flush=True)
