@@ -110,7 +110,9 @@ def render(template: str, options: list[tuple[str, str | None]], command: list[s
            note: str) -> str:
     """The template with its #SBATCH block replaced by `options`, then `set -- command` and `env` exports."""
     lines = template.splitlines()
-    last_sbatch = max(i for i, line in enumerate(lines) if line.startswith("#SBATCH"))
+    # SLURM reads #SBATCH lines up to the first command: they go after the leading comments
+    leading = next((i for i, line in enumerate(lines) if i and not line.startswith("#")), len(lines))
+    last_sbatch = max([i for i, line in enumerate(lines) if line.startswith("#SBATCH")], default=leading - 1)
     head = [lines[0], f"# {note}"]
     sbatch = [f"#SBATCH --{name}" + (f"={value}" if value is not None else "") for name, value in options]
     this_run = ["", "# This run (written by ddptrain submit):", "set -- " + " ".join(map(shlex.quote, command))]

@@ -155,6 +155,67 @@ def submit(*args, cwd: Path, env: dict | None = None) -> subprocess.CompletedPro
                           env=env or job_env(), capture_output=True, text=True, timeout=120)
 
 
+def test_submit_tells_sbatch_options_from_overrides_and_renders_any_template():
+    from ddptrain.config import ConfigError
+    from ddptrain.submit import merge, render, split_extra, template_options
+
+    assert split_extra(["--qos=high", "optim.lr=0.1", "--exclusive", "seed=3"]) == \
+        ([("qos", "high"), ("exclusive", None)], ["optim.lr=0.1", "seed=3"])
+    for bad, message in [(["-A", "ml"], "long form"), (["ml"], "neither a config override"),
+                         (["--array=0-3"], "ddptrain_array.sbatch")]:
+        with pytest.raises(ConfigError, match=message):
+            split_extra(bad)
+    template = "#!/bin/bash\n# how to use\n#SBATCH --nodes=1\n#SBATCH --requeue\n\necho \"$@\"\n"
+    options = merge(template_options(template), [("nodes", "4")], [("time", "1:00:00")])
+    assert options == [("nodes", "4"), ("requeue", None), ("time", "1:00:00")]
+    assert render(template, options, ["a b.yaml", "x=1"], {"V": "2"}, note="n") == (
+        "#!/bin/bash\n# n\n#SBATCH --nodes=4\n#SBATCH --requeue\n#SBATCH --time=1:00:00\n\n"
+        "# This run (written by ddptrain submit):\nset -- 'a b.yaml' x=1\nexport V=2\n\necho \"$@\"\n")
+    # a template without #SBATCH lines gets them after its leading comments
+    assert render("#!/bin/bash\n# mine\nmodule load x\n", [("nodes", "2")], ["c.yaml"], {}, note="n") == \
+        "#!/bin/bash\n# n\n#SBATCH --nodes=2\n\n# This run (written by ddptrain submit):\nset -- c.yaml\nmodule load x\n"
+
+
+STUBS = {  # stand-ins for SLURM's commands and the Python interpreter: they say how they were called
+    "scontrol": 'if [ "$1 $2" = "show hostnames" ]; then echo n1; echo n2; else echo "JobState=RUNNING Restarts=0"; fi',
+    "scancel": "true",
+    "srun": 'while [ "${1#--}" != "$1" ]; do shift; done; echo "srun: MASTER=${MASTER_ADDR:-}:${MASTER_PORT:-} '
+            'SRUN_CPUS_PER_TASK=${SRUN_CPUS_PER_TASK:-}"; SLURM_NODEID=0 exec "$@"',
+    "python": 'echo "python OMP_NUM_THREADS=${OMP_NUM_THREADS:-} $*"',
+}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("allocation, nproc, threads", [
+    ({"SLURM_GPUS_ON_NODE": "8", "SLURM_CPUS_PER_TASK": "64"}, 8, "8"),
+    ({"SLURM_GPUS_PER_NODE": "a100:4"}, 4, ""),
+    ({"CUDA_VISIBLE_DEVICES": "0,1,2"}, 3, ""),
+    ({"NPROC_PER_NODE": "2", "SLURM_CPUS_PER_TASK": "2"}, 2, "1"),
+    ({}, 1, ""),
+])
+def test_torchrun_script_takes_processes_per_node_from_the_allocation(tmp_path, allocation, nproc, threads):
+    """slurm/ddptrain.sbatch run by bash with SLURM's variables for a 2-node job and stub commands."""
+    for name, body in STUBS.items():
+        write(tmp_path / name, f"#!/bin/bash\n{body}\n").chmod(0o755)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "PYTHON": str(tmp_path / "python"), "SLURM_JOB_ID": "123",
+           "SLURM_JOB_NAME": "exp", "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_JOB_NUM_NODES": "2", **allocation}
+    proc = subprocess.run(["bash", SLURM / "ddptrain.sbatch", "exp.yaml", "optim.lr=0.1"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"nodes: n1 n2 (2 x {nproc} processes); rendezvous n1:20123" in proc.stdout
+    assert f"srun: MASTER=: SRUN_CPUS_PER_TASK={allocation.get('SLURM_CPUS_PER_TASK', '')}\n" in proc.stdout
+    assert (f"python OMP_NUM_THREADS={threads} -m torch.distributed.run --nnodes=2 --nproc-per-node={nproc} "
+            f"--rdzv-backend=c10d --rdzv-endpoint=n1:20123 --rdzv-id=123 --rdzv-conf=is_host=1 --max-restarts=0 "
+            f"--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2 -m ddptrain train exp.yaml "
+            f"optim.lr=0.1\n") in proc.stdout
+
+    srun = subprocess.run(["bash", SLURM / "ddptrain_srun.sbatch", "exp.yaml"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=30, env={**env, "SLURM_NTASKS": "16", "SLURM_TASKS_PER_NODE": "8(x2)"})
+    assert srun.returncode == 0, srun.stdout + srun.stderr
+    assert "srun: MASTER=n1:20123 " in srun.stdout and "python OMP_NUM_THREADS=" in srun.stdout
+    assert srun.stdout.rstrip().splitlines()[-2].endswith(" -m ddptrain train exp.yaml")
+
+
 @pytest.mark.timeout(120)
 def test_submit_dry_run_renders_a_script_that_sbatch_accepts(tmp_path, cluster):
     write(tmp_path / "exp.yaml", PLAIN)
