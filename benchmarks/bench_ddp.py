@@ -208,6 +208,8 @@ def analyse(launches: list[dict], size: str, runners: list[str], max_foreign: fl
             "ratio_vs_minimal": summarize([r["samples_per_s"] / b["samples_per_s"] for r, b in pairs]),
             "ratio_vs_minimal_clean_pairs": summarize([r["samples_per_s"] / b["samples_per_s"] for r, b in clean]),
             "ratio_vs_minimal_from_median_step": summarize([b["step_ms_median"] / r["step_ms_median"] for r, b in pairs]),
+            "cpu_ms_per_step": summarize([r["cpu_ms_per_step"] for r in mine]),
+            "cpu_ratio_vs_minimal": summarize([r["cpu_ms_per_step"] / b["cpu_ms_per_step"] for r, b in pairs]),
             "extra_ms_per_step_vs_minimal": summarize([r["step_ms"] - b["step_ms"] for r, b in pairs]),
             "ttfs_ratio_vs_minimal": summarize([r["time_to_first_step_s"] / b["time_to_first_step_s"] for r, b in pairs]),
             "failed_launches": sum(1 for r in launches if r["size"] == size and r["label"] == runner
@@ -231,8 +233,8 @@ def report(results: dict) -> str:
         lines += [f"{size}: MLP {spec['model']}, batch {spec['per_rank_batch']}/rank x 2 ranks, "
                   f"warm-up {spec['warmup']} steps, {spec['steps']} timed steps", "",
                   "| runner | samples/s | ms/step | ratio vs minimal, median [min-max] | IQR of ratio | "
-                  "ratio of per-step medians | time to first step, s | TTFS ratio |",
-                  "|---|---:|---:|---|---|---|---:|---|"]
+                  "ratio of per-step medians | CPU ms/step, 2 ranks | CPU cost vs minimal | time to first step, s | TTFS ratio |",
+                  "|---|---:|---:|---|---|---|---:|---|---:|---|"]
         for runner, r in spec["runners"].items():
             base = runner == BASELINE
             ratio = r["ratio_vs_minimal"]
@@ -242,6 +244,7 @@ def report(results: dict) -> str:
                 f"{r['step_ms']['median']:.2f} | {'1 (baseline)' if base else fmt(ratio)} | "
                 f"{'' if base else iqr} | "
                 f"{'' if base else fmt(r['ratio_vs_minimal_from_median_step'])} | "
+                f"{r['cpu_ms_per_step']['median']:.2f} | {'' if base else fmt(r['cpu_ratio_vs_minimal'])} | "
                 f"{r['time_to_first_step_s']['median']:.2f} | {'' if base else fmt(r['ttfs_ratio_vs_minimal'])} |")
         lines.append("")
     lines.append(f"Launches re-run because other processes took > {results['max_foreign']:.0%} of the CPU in the "
@@ -289,6 +292,8 @@ def main() -> None:
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<date>_<time>.json)")
     args = p.parse_args()
 
+    out = Path(args.out) if args.out else HERE / "results" / f"{datetime.datetime.now():%Y-%m-%d_%H%M%S}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     runners = args.runners.split(",")
     assert BASELINE in runners, "the minimal loop is the baseline of every ratio"
     sizes = args.sizes.split(",")
@@ -333,6 +338,7 @@ def main() -> None:
                     chosen = min(good, key=lambda a: a["foreign_cpu_frac"]) if good else attempts[-1]
                     chosen["counted"] = True
                     results["launches"] += attempts
+                    out.write_text(json.dumps(results, indent=1) + "\n")  # partial results survive an interruption
 
         results["sizes"] = {size: {"model": MODELS[size], "per_rank_batch": 128, "warmup": plan[size][0],
                                    "steps": plan[size][1],
@@ -352,8 +358,6 @@ def main() -> None:
 
     results["machine"]["loadavg_end"] = os.getloadavg()
     results["wall_s"] = round((datetime.datetime.now() - started).total_seconds())
-    out = Path(args.out) if args.out else HERE / "results" / f"{started:%Y-%m-%d_%H%M%S}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
     print()
     print(report(results))

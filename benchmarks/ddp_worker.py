@@ -142,6 +142,7 @@ def patch_ddptrain(patches: list[str]) -> None:
 
     nopoll: the preemption poll keeps its local flag but runs no all-reduce (single-rank semantics).
     nonorm: trainer.optimizer_step steps without the global grad norm and its finite check.
+    noview: DDP without gradient_as_bucket_view (applied in run_ddptrain's config).
     """
     from ddptrain import trainer
     for name in patches:
@@ -155,7 +156,7 @@ def patch_ddptrain(patches: list[str]) -> None:
                 optimizer.zero_grad(set_to_none=True)
                 return torch.zeros(()), stepped
             trainer.optimizer_step = optimizer_step
-        else:
+        elif name != "noview":
             raise SystemExit(f"unknown patch {name!r}")
 
 
@@ -179,7 +180,7 @@ def run_ddptrain(args, ds, timer: Timer) -> dict:
         "sched": {"name": "constant"},
         # max_steps = warmup + steps + 1 so that the hook sees step == warmup + steps; one epoch covers it.
         "train": {"epochs": 1, "max_steps": args.warmup + args.steps + 1, "log_every": 10**9, "precision": "fp32"},
-        "dist": {"backend": "gloo", "device": "cpu"},
+        "dist": {"backend": "gloo", "device": "cpu", "gradient_as_bucket_view": "noview" not in args.patch},
         "checkpoint": no_checkpoints,
     })
 
@@ -257,7 +258,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--out", required=True)
     p.add_argument("--tmp", required=True)
-    p.add_argument("--patch", action="append", default=[], help="ddptrain only, for diagnosis: nopoll, nonorm")
+    p.add_argument("--patch", action="append", default=[], help="ddptrain only, for diagnosis: nopoll, nonorm, noview")
     args = p.parse_args()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 
@@ -279,7 +280,8 @@ def main() -> None:
         "step_ms_p90": per_step[len(per_step) * 9 // 10], "samples_per_s_from_median_step":
             PER_RANK_BATCH * world / (statistics.median(per_step) / 1e3),
         "samples_per_s": args.steps * PER_RANK_BATCH * world / window,
-        "time_to_first_step_s": timer.first_step_wall - t0, **info,
+        "time_to_first_step_s": timer.first_step_wall - t0,
+        "cpu_ms_per_step": 1e3 * info["ranks_cpu_s"] / args.steps, **info,
     }
     if os.environ.get("BENCH_DUMP_STEPS") == "1":
         result["step_ms_all"] = timer.step_ms()

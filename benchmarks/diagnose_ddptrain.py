@@ -34,9 +34,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ddptrain import config
-from ddptrain.optim import build_optimizer, build_scheduler, l1_penalty
+from ddptrain.optim import build_optimizer, build_scheduler, l1_penalty, optimizer_step
 from ddptrain.precision import Precision
-from ddptrain.trainer import optimizer_step
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ddp_worker import LR, MOMENTUM, PER_RANK_BATCH, make_data, make_model, make_optimizer  # noqa: E402
@@ -45,6 +44,18 @@ torch.set_num_threads(1)
 CFG = config.from_dict({"optim": {"name": "sgd", "lr": LR, "momentum": MOMENTUM, "weight_decay": 0.0},
                         "sched": {"name": "constant"}, "train": {"precision": "fp32"}})
 PRECISION = Precision("fp32", torch.device("cpu"))
+
+
+def ddptrain_forward_backward(model, module, x, y, running) -> None:
+    """ddptrain's micro-step in fp32 without accumulation, as trainer._fit writes it (loss sums included)."""
+    with PRECISION.autocast():
+        loss = F.cross_entropy(model(x), y)
+        objective = loss + l1_penalty(module, CFG.optim.l1) if CFG.optim.l1 else loss
+    accum = CFG.train.grad_accum_steps
+    PRECISION.backward(objective / accum if accum > 1 else objective)
+    with torch.no_grad():
+        running[0].add_(loss.detach(), alpha=len(y))
+        running[1] += len(y)
 
 
 def micro(size: str, number: int, repeat: int) -> dict:
@@ -60,6 +71,7 @@ def micro(size: str, number: int, repeat: int) -> dict:
     scheduler = build_scheduler(sched_opt, CFG.sched, 10**6, LR)
     running = torch.zeros(2, dtype=torch.float64)
     loss = F.cross_entropy(module(x), y).detach()
+    module_params = list(module.parameters())  # made once, as the trainer does
 
     def restore_grads():
         for p, g in grads.items():
@@ -72,16 +84,16 @@ def micro(size: str, number: int, repeat: int) -> dict:
 
     def ddptrain_optimizer_step():
         restore_grads()
-        optimizer_step(module, one_group, PRECISION, CFG)  # its own zero_grad included
+        optimizer_step(module_params, one_group, PRECISION, CFG)  # its own zero_grad included
 
     def grad_norm_and_check():
-        grads_ = [p for p in module.parameters() if p.grad is not None]
+        grads_ = [p for p in module_params if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in grads_])
         bool(torch.isfinite(norm))
 
     def running_sums():
         with torch.no_grad():
-            running[0] += loss.double() * len(y)
+            running[0].add_(loss, alpha=len(y))
             running[1] += len(y)
 
     def fwd_bwd_plain():
@@ -90,12 +102,7 @@ def micro(size: str, number: int, repeat: int) -> dict:
 
     def fwd_bwd_ddptrain():
         other_opt.zero_grad(set_to_none=True)
-        with contextlib.nullcontext():
-            with PRECISION.autocast():
-                out = other(x)
-                loss_ = F.cross_entropy(out, y)
-                objective = loss_ + l1_penalty(other, CFG.optim.l1)
-            PRECISION.backward(objective / CFG.train.grad_accum_steps)
+        ddptrain_forward_backward(other, other, x, y, torch.zeros(2, dtype=torch.float64))
 
     warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
     restore_grads()
@@ -109,7 +116,7 @@ def micro(size: str, number: int, repeat: int) -> dict:
         "scheduler.step() (constant)": scheduler.step,
         "running loss sums (2 in-place ops)": running_sums,
         "forward+backward, minimal": fwd_bwd_plain,
-        "forward+backward, ddptrain's (+ l1 0.0, / grad_accum)": fwd_bwd_ddptrain,
+        "forward+backward+loss sums, ddptrain's": fwd_bwd_ddptrain,
     }
     rows = {}
     order = list(cases)
@@ -129,7 +136,7 @@ def micro(size: str, number: int, repeat: int) -> dict:
     extra = {
         "optimizer_step - (step + zero_grad)": "trainer.optimizer_step (ddptrain)",
         "2 groups - 1 group": "SGD step, 2 param groups (build_optimizer)",
-        "ddptrain fwd/bwd - minimal fwd/bwd": "forward+backward, ddptrain's (+ l1 0.0, / grad_accum)",
+        "ddptrain fwd/bwd - minimal fwd/bwd": "forward+backward+loss sums, ddptrain's",
     }
     base = {"optimizer_step - (step + zero_grad)": "optimizer.step + zero_grad (minimal)",
             "2 groups - 1 group": "SGD step, 1 param group",
@@ -172,34 +179,23 @@ def loop(size: str, block: int, rounds: int) -> dict | None:
     def bookkeeping(model, module, opt):
         def step(x, y):
             opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y)
-            objective = loss + l1_penalty(module, CFG.optim.l1)
-            PRECISION.backward(objective / CFG.train.grad_accum_steps)
-            with torch.no_grad():
-                running[0] += loss.detach().double() * len(y)
-                running[1] += len(y)
+            ddptrain_forward_backward(model, module, x, y, running)
             opt.step()
         return step
 
     def with_optimizer_step(model, module, opt):
+        params = list(module.parameters())
         def step(x, y):
             F.cross_entropy(model(x), y).backward()
-            optimizer_step(module, opt, PRECISION, CFG)
+            optimizer_step(params, opt, PRECISION, CFG)
         return step
 
     def ddptrain_like(model, module, opt, sched):
         """The body of ddptrain's loop for one fp32 step without accumulation, as written there."""
+        params = list(module.parameters())
         def step(x, y):
-            with contextlib.nullcontext():
-                with PRECISION.autocast():
-                    out = model(x)
-                    loss = F.cross_entropy(out, y)
-                    objective = loss + l1_penalty(module, CFG.optim.l1)
-                PRECISION.backward(objective / CFG.train.grad_accum_steps)
-            with torch.no_grad():
-                running[0] += loss.detach().double() * len(y)
-                running[1] += len(y)
-            optimizer_step(module, opt, PRECISION, CFG)
+            ddptrain_forward_backward(model, module, x, y, running)
+            optimizer_step(params, opt, PRECISION, CFG)
             sched.step()
             if preemption is not None:
                 preemption.poll()

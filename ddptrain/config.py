@@ -132,7 +132,7 @@ class DistConfig:
     timeout_s: float = _f(300.0, "timeout of each collective once training runs", _positive, "> 0")
     find_unused_parameters: bool = _f(False, "DDP find_unused_parameters")
     static_graph: bool = _f(False, "DDP static_graph")
-    gradient_as_bucket_view: bool = _f(True, "DDP gradient_as_bucket_view (saves a copy of the gradients)")
+    gradient_as_bucket_view: bool = _f(False, "DDP gradient_as_bucket_view (true saves one gradient-sized buffer of memory)")
     bucket_cap_mb: float = _f(25.0, "DDP all-reduce bucket size in MiB", _positive, "> 0")
     sync_batchnorm: bool = _f(False, "convert every BatchNorm of the model to SyncBatchNorm")
 
@@ -149,8 +149,8 @@ class CheckpointConfig:
 
 @dataclass
 class PreemptConfig:
-    signals: list[str] = _f(["SIGTERM", "SIGUSR1", "SIGUSR2"], "signals that make every rank checkpoint at the next "
-                            "step and exit with status 75", lambda v: all(x in ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", "SIGCONT") for x in v),
+    signals: list[str] = _f(["SIGTERM", "SIGUSR1", "SIGUSR2"], "signals that make every rank checkpoint at the same "
+                            "step (within about 0.5 s or two steps) and exit with status 75", lambda v: all(x in ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", "SIGCONT") for x in v),
                             "names among SIGTERM, SIGUSR1, SIGUSR2, SIGINT, SIGHUP, SIGCONT")
     requeue: bool = _f(True, "under SLURM, rank 0 requeues the job (or its array task) after the preemption checkpoint")
 

@@ -21,6 +21,8 @@ def _decayed(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     decay, no_decay = _decayed(model)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.weight_decay == 0:  # one group: each group is a separate foreach update per step
+        groups = [{"params": decay + no_decay, "weight_decay": 0.0}]
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
     if cfg.name == "adam":
@@ -59,16 +61,20 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedConfig, total_st
     return sch.SequentialLR(optimizer, [ramp, main], milestones=[warmup])
 
 
-def optimizer_step(module: nn.Module, optimizer, precision: Precision, cfg: Config) -> tuple[torch.Tensor, bool]:
-    """Unscale, measure, clip and step. Return (pre-clip global grad norm, whether the step was taken)."""
+def optimizer_step(params: list[nn.Parameter], optimizer, precision: Precision, cfg: Config) -> tuple[torch.Tensor, bool]:
+    """Unscale, measure, clip and step. Return (pre-clip global grad norm, whether the step was taken).
+
+    `params` is the model's parameter list, made once: walking the module tree at every step costs
+    as much as the norm on a small model.
+    """
     precision.unscale(optimizer)
-    grads = [p for p in module.parameters() if p.grad is not None]
+    with_grad = [p for p in params if p.grad is not None]
     if cfg.train.clip_grad_norm is not None:
-        norm = nn.utils.clip_grad_norm_(grads, cfg.train.clip_grad_norm)
+        norm = nn.utils.clip_grad_norm_(with_grad, cfg.train.clip_grad_norm)
     else:
-        norm = nn.utils.get_total_norm([p.grad for p in grads])
+        norm = nn.utils.get_total_norm([p.grad for p in with_grad])
     if cfg.train.clip_grad_value is not None:
-        nn.utils.clip_grad_value_(grads, cfg.train.clip_grad_value)
+        nn.utils.clip_grad_value_(with_grad, cfg.train.clip_grad_value)
     # One host sync per step. The gradients were all-reduced, so the norm (and the decision) is the
     # same on every rank without another collective.
     if precision.scaler is None and not bool(torch.isfinite(norm)):

@@ -151,6 +151,7 @@ def _fit(cfg: Config, dist: Dist, task: task_mod.Task, loss_fn, metrics: dict, h
     model = _wrap(module, cfg, dist)
     step_model = torch.compile(model, backend=tc.compile_backend) if tc.compile else model
     optimizer = build_optimizer(module, cfg.optim)
+    params = list(module.parameters())
     loader, sampler = train_loader(task.train, cfg.data, env, tc.grad_accum_steps, cfg.seed, device)
     steps_per_epoch = sampler.num_samples // loader.batch_size // tc.grad_accum_steps
     total_steps = min(tc.epochs * steps_per_epoch, tc.max_steps or tc.epochs * steps_per_epoch)
@@ -234,12 +235,12 @@ def _fit(cfg: Config, dist: Dist, task: task_mod.Task, loss_fn, metrics: dict, h
                         with precision.autocast():
                             out = step_model(x)
                             loss = loss_fn(out, y)
-                            objective = loss + l1_penalty(module, cfg.optim.l1)
+                            objective = loss + l1_penalty(module, cfg.optim.l1) if cfg.optim.l1 else loss
                         # Each micro-batch loss is a mean over its samples; dividing by their number makes
                         # the accumulated gradient the mean over the whole step's batch.
-                        precision.backward(objective / tc.grad_accum_steps)
+                        precision.backward(objective / tc.grad_accum_steps if tc.grad_accum_steps > 1 else objective)
                     with torch.no_grad():
-                        running[0] += loss.detach().double() * len(y)
+                        running[0].add_(loss.detach(), alpha=len(y))
                         running[1] += len(y)
                         offset = 2
                         for m in metrics.values():
@@ -248,7 +249,7 @@ def _fit(cfg: Config, dist: Dist, task: task_mod.Task, loss_fn, metrics: dict, h
                     if not sync:
                         continue
 
-                    norm, stepped = optimizer_step(module, optimizer, precision, cfg)
+                    norm, stepped = optimizer_step(params, optimizer, precision, cfg)
                     if cfg.sched.name != "plateau":
                         scheduler.step()
                     progress.step += 1

@@ -44,7 +44,7 @@ def one_step_update(precision, clip_norm=None, clip_value=None):
     with prec.autocast():
         loss = model(10 * torch.randn(16, 8)).pow(2).mean()  # large gradients, but no fp16 overflow
     prec.backward(loss)
-    norm, stepped = optimizer_step(model, opt, prec, cfg)
+    norm, stepped = optimizer_step(list(model.parameters()), opt, prec, cfg)
     delta = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, model.parameters())])
     return float(norm), stepped, delta
 
