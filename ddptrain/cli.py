@@ -31,7 +31,11 @@ def _parser() -> argparse.ArgumentParser:
     la.add_argument("config", help="config file")
     la.add_argument("overrides", nargs="*", help="section.key=value overrides")
 
-    sw = sub.add_parser("sweep", help="hyperparameter search with Optuna; every trial is a full run")
+    sw = sub.add_parser("sweep", help="hyperparameter search with Optuna; every trial is a full run",
+                        description="Hyperparameter search with Optuna; every trial is a full run. Ctrl-C stops it "
+                                    "(exit 130), SIGTERM, SIGUSR1 or SIGUSR2 preempt it (exit 75; under SLURM it "
+                                    "requeues its job first); the same command continues the study, and interrupted "
+                                    "trials continue from their checkpoints.")
     sw.add_argument("config", help="base config file")
     sw.add_argument("space", help="search-space file (.yaml or .toml)")
     sw.add_argument("overrides", nargs="*", help="section.key=value overrides of the base config")
@@ -41,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--nproc-per-node", type=int, default=1, help="processes per trial, via torchrun (default 1)")
     sw.add_argument("--storage", default=None, help="Optuna storage URL (default: SQLite in the sweep directory)")
     sw.add_argument("--study", default=None, help="study name (default: <config name>-sweep)")
-    sw.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
+    sw.add_argument("--seed", type=int, default=0, help="sampler seed (default 0; give each worker its own)")
 
     pl = sub.add_parser("plot", help="draw loss, monitored metric and learning rate curves of runs into a PNG")
     pl.add_argument("run_dirs", nargs="+", help="run directories (several are overlaid)")
@@ -153,10 +157,19 @@ def _sweep(args) -> int:
                            args.workers, args.nproc_per_node, args.storage, args.study, args.seed)
     except ModuleNotFoundError as e:
         raise ConfigError(f"ddptrain sweep needs '{e.name}': pip install 'ddptrain[sweep]'") from None
-    if result["stopped"]:
-        print("sweep stopped; run the same command again to continue the study", file=sys.stderr)
+    stopped = result["stopped_by"]
+    if stopped is None:
+        return 0
+    print(f"ddptrain: sweep stopped by {stopped}; run the same command again to continue the study (its "
+          f"interrupted trials continue from their checkpoints)", file=sys.stderr, flush=True)
+    if stopped == "SIGINT":
         return 130
-    return 0
+    # Preempted (SLURM's time limit or a preemption): under SLURM the worker's job comes back by itself.
+    if result["requeue"] and "SLURM_JOB_ID" in os.environ:
+        from .slurm import requeue_and_log
+        requeue_and_log()
+    from .preempt import EXIT_PREEMPTED
+    return EXIT_PREEMPTED
 
 
 def _keys() -> int:
@@ -171,7 +184,14 @@ def main(argv: list[str] | None = None) -> int:
     if (sys.argv[1:] if argv is None else argv)[:1] == ["submit"]:
         from .submit import main as submit
         return submit(_split_wandb_style((sys.argv[1:] if argv is None else argv)[1:]))
-    args = _parser().parse_args(_split_wandb_style(sys.argv[1:] if argv is None else argv))
+    parser = _parser()
+    args, extra = parser.parse_known_args(_split_wandb_style(sys.argv[1:] if argv is None else argv))
+    # argparse stops filling `overrides` at the first option: `sweep CONFIG SPACE --trials 4 seed=1` leaves
+    # seed=1 over. Such leftovers are overrides too; anything else is a mistake.
+    if extra and (not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides += extra
     from .config import ConfigError
     try:
         if args.command == "keys":

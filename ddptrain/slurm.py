@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 from typing import Mapping
 
@@ -37,3 +38,14 @@ def requeue_self(env: Mapping[str, str] = os.environ) -> str:
     if proc.returncode != 0:
         return f"scontrol requeue {job} failed: {(proc.stderr or proc.stdout).strip()}"
     return f"requeued job {job}"
+
+
+def requeue_and_log(env: Mapping[str, str] = os.environ) -> None:
+    """Requeue this job and print what happened, as this process ends. Call on one rank.
+
+    The requeue ends the job at once, with SIGTERM to all its processes, often before this one has
+    printed the outcome: ignore SIGTERM from here on, so the line reaches the log and the process ends
+    with its own exit status (SLURM's SIGKILL, KillWait later, still ends one that hangs).
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    print(f"ddptrain: {requeue_self(env)}", flush=True)

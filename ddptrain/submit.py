@@ -1,4 +1,5 @@
-"""`ddptrain submit`: write the SLURM batch script for one run from slurm/*.sbatch and sbatch it.
+"""`ddptrain submit`: write the SLURM batch script for one run (or, with --sweep, a job array of sweep
+workers) from slurm/*.sbatch and sbatch it.
 
 The script is the template with this run's `#SBATCH` options and command line filled in, so what
 `--dry-run` prints is exactly what SLURM runs (`scontrol write batch_script JOBID` shows it again).
@@ -15,8 +16,11 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError
+from .sweep import SAMPLERS
 
 TEMPLATES = {"torchrun": "ddptrain.sbatch", "srun": "ddptrain_srun.sbatch"}
+SWEEP_TEMPLATE = "ddptrain_sweep.sbatch"
+SWEEP_OPTIONS = ("sampler", "trials", "storage", "study")  # passed on to `ddptrain sweep`
 SLURM_DIR = Path(__file__).resolve().parent.parent / "slurm"
 EXIT_USER_ERROR = 2
 EXIT_REJECTED = 1
@@ -47,6 +51,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--template", type=Path, help="batch script to start from (default: slurm/ddptrain.sbatch or "
                                                  "slurm/ddptrain_srun.sbatch)")
     p.add_argument("--dry-run", action="store_true", help="print the batch script instead of submitting it")
+    s = p.add_argument_group("hyperparameter search", "a job array of K sweep workers, one node each, on one study")
+    s.add_argument("--sweep", type=Path, metavar="SPACE", help="search-space file: submit slurm/ddptrain_sweep.sbatch")
+    s.add_argument("--tasks", type=int, help="sweep workers (array tasks, one node each; default 1)")
+    s.add_argument("--sampler", choices=SAMPLERS, help="as for ddptrain sweep (default tpe)")
+    s.add_argument("--trials", type=int, help="finished trials the study should reach (default 20)")
+    s.add_argument("--storage", help="Optuna storage URL; with many nodes a database server (postgresql://...) "
+                                     "rather than the default SQLite file runs/<study>/study.db")
+    s.add_argument("--study", help="study name (default: <config name>-sweep)")
     return p
 
 
@@ -65,8 +77,9 @@ def split_extra(extra: list[str]) -> tuple[list[tuple[str, str | None]], list[st
             raise ConfigError(f"'{arg}' is neither a config override (section.key=value) nor an option; "
                               f"give sbatch options as --option=value")
     if any(name == "array" for name, _ in options):
-        raise ConfigError("ddptrain submit starts one run; for several configs or seeds use a job array: "
-                          "sbatch --array=0-N slurm/ddptrain_array.sbatch RUNS_FILE (see README, 'Running on SLURM')")
+        raise ConfigError("ddptrain submit starts one run (or, with --sweep SPACE --tasks K, K sweep workers); for "
+                          "several configs or seeds use a job array: sbatch --array=0-N slurm/ddptrain_array.sbatch "
+                          "RUNS_FILE (see README, 'Running on SLURM')")
     return options, overrides
 
 
@@ -139,31 +152,63 @@ def sbatch(script: str, cwd: Path) -> str:
     return proc.stdout.strip().split(";")[0]
 
 
-def _submit(argv: list[str]) -> int:
+def _check_arguments(args) -> None:
+    """Mistakes in the command line itself."""
+    sweep_only = [f"--{name.replace('_', '-')}" for name in ("tasks", *SWEEP_OPTIONS)
+                  if getattr(args, name) is not None]
+    if args.sweep is None and sweep_only:
+        raise ConfigError(f"{', '.join(sweep_only)}: only with --sweep SPACE")
+    if args.sweep is not None and args.nodes != 1:
+        raise ConfigError(f"--nodes {args.nodes}: a sweep runs one worker per node; give the number of workers "
+                          f"with --tasks")
+    if args.sweep is not None and args.launcher == "srun":
+        raise ConfigError("--launcher srun: a sweep runs each trial with torchrun on its worker's node")
+    for flag, value in (("--nodes", args.nodes), ("--gpus-per-node / --nproc-per-node", args.gpus_per_node or
+                        args.nproc_per_node), ("--tasks", args.tasks), ("--trials", args.trials)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag}: expected a positive integer, got {value}")
+
+
+def _check_run(args, overrides: list[str]) -> tuple[str, list[str], str]:
+    """Check the run or sweep as far as the login node can (fail here, not after hours in the queue);
+    return the job name, the batch script's arguments and where the results will be."""
     from . import config as config_mod
     from .data import micro_batch_size
     from .task import resolve
 
+    per_node = args.gpus_per_node or args.nproc_per_node
+    config = str(Path(args.config).resolve())
+    if args.sweep is None:
+        cfg = config_mod.load(args.config, overrides)
+        micro_batch_size(cfg.data, args.nodes * per_node, cfg.train.grad_accum_steps)
+        resolve(cfg.task)
+        return cfg.name, [config, *overrides], f"run directory {cfg.run_dir}"
+    from .sweep import prepare
+    _, cfg, _ = prepare(Path(args.config), args.sweep, overrides, args.sampler or "tpe")
+    micro_batch_size(cfg.data, per_node, cfg.train.grad_accum_steps)  # every trial runs on one node
+    study = args.study or f"{cfg.name}-sweep"
+    options = [arg for name in SWEEP_OPTIONS if getattr(args, name) is not None
+               for arg in (f"--{name}", str(getattr(args, name)))]
+    where = f"study {args.storage or Path(cfg.runs_dir) / study / 'study.db'}"
+    return study, [config, str(args.sweep.resolve()), *options, *overrides], where
+
+
+def _submit(argv: list[str]) -> int:
     args, extra = _parser().parse_known_args(argv)
     extra_options, overrides = split_extra(extra)
-    per_node = args.gpus_per_node or args.nproc_per_node
-    for flag, value in (("--nodes", args.nodes), ("--gpus-per-node / --nproc-per-node", per_node)):
-        if value < 1:
-            raise ConfigError(f"{flag}: expected a positive integer, got {value}")
-    cfg = config_mod.load(args.config, overrides)  # fail here, not after hours in the queue
-    micro_batch_size(cfg.data, args.nodes * per_node, cfg.train.grad_accum_steps)
-    resolve(cfg.task)
+    _check_arguments(args)
+    name, command, where = _check_run(args, overrides)
 
-    path = args.template or SLURM_DIR / TEMPLATES[args.launcher]
+    path = args.template or SLURM_DIR / (TEMPLATES[args.launcher] if args.sweep is None else SWEEP_TEMPLATE)
     if not path.is_file():
         raise ConfigError(f"batch script template '{path}' not found (ddptrain submit uses the slurm/ folder "
                           f"of a source checkout; give one with --template)")
     template = path.read_text()
-    options = merge(template_options(template), run_options(args, cfg.name), extra_options)
+    array = [("array", f"0-{(args.tasks or 1) - 1}")] if args.sweep is not None else []
+    options = merge(template_options(template), run_options(args, name), array, extra_options)
     env = {"PYTHON": f"${{PYTHON:-{shlex.quote(sys.executable)}}}"}
     if args.launcher == "torchrun" and args.nproc_per_node:
         env["NPROC_PER_NODE"] = str(args.nproc_per_node)
-    command = [str(Path(args.config).resolve()), *overrides]
     shown = path.relative_to(SLURM_DIR.parent) if path.is_relative_to(SLURM_DIR.parent) else path
     script = render(template, options, command, env,
                     note=f"Written by `ddptrain submit` from {shown}: ddptrain submit "
@@ -178,10 +223,10 @@ def _submit(argv: list[str]) -> int:
         (cwd / output).parent.mkdir(parents=True, exist_ok=True)
     job = sbatch(script, cwd)
     print(job, flush=True)
-    log = (output or "slurm-%j.out").replace("%x", cfg.name).replace("%j", job)
-    print(f"ddptrain: submitted job {job} ({args.nodes} x {per_node} {'GPUs' if args.gpus_per_node else 'processes'}); "
-          f"log {cwd / log}; run directory {cfg.run_dir}",
-          file=sys.stderr, flush=True)
+    log = (output or "slurm-%j.out").replace("%x", name).replace("%j", job).replace("%A", job).replace("%a", "<task>")
+    per_node = f"{args.gpus_per_node or args.nproc_per_node} {'GPUs' if args.gpus_per_node else 'processes'}"
+    size = f"{args.tasks or 1} sweep workers x 1 node x {per_node}" if args.sweep else f"{args.nodes} x {per_node}"
+    print(f"ddptrain: submitted job {job} ({size}); log {cwd / log}; {where}", file=sys.stderr, flush=True)
     return 0
 
 

@@ -4,146 +4,54 @@ The sweep process never trains: every trial is a `ddptrain train` (or `ddptrain 
 processes) subprocess with its own run directory. The sweep follows the trial's metrics.jsonl, reports
 each validation to Optuna, and stops the trial with SIGTERM when the pruner says so. All state lives
 in the Optuna storage (SQLite in the sweep directory by default), so a stopped sweep continues where it
-was, and many workers on many machines can share one study through a database URL.
+was, many workers on many machines can share one study through a database URL, and a trial stopped
+with its worker is queued again to continue from its checkpoint on whichever worker takes it next.
 """
 from __future__ import annotations
 
-import csv
-import difflib
 import json
+import logging
 import math
+import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import config as config_mod
 from .config import Config, ConfigError
+from .space import Space, as_overrides, check_objective, load_space
+from .sweep_report import report
 
 SAMPLERS = ("grid", "random", "tpe", "gp")
-PRUNERS = ("median", "successive_halving", "none")
+# A worker that gets one of these is being preempted (SLURM's time limit, a preemption): it stops, queues
+# its trials again, requeues its SLURM job and exits 75. SIGINT (Ctrl-C) stops it the same way, exit 130.
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
 class TrialFailed(Exception):
-    """A trial's run exited with an error; Optuna records the trial as failed and the sweep goes on."""
+    """A trial's run failed, was stopped or did not start; Optuna records it as failed and the sweep goes on."""
 
 
-@dataclass
-class Param:
-    key: str
-    kind: str  # float | int | choice | fixed
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    choices: list = field(default_factory=list)
-    value: object = None
-
-    @property
-    def encoded(self) -> bool:
-        """Optuna's categorical values must be scalars: lists (layer widths...) go through JSON strings."""
-        return self.kind == "choice" and not all(isinstance(c, (str, int, float, bool, type(None))) for c in self.choices)
-
-    def decode(self, value):
-        return json.loads(value) if self.encoded else value
-
-    def suggest(self, trial):
-        if self.kind == "fixed":
-            return self.value
-        if self.encoded:
-            return self.decode(trial.suggest_categorical(self.key, [json.dumps(c) for c in self.choices]))
-        if self.kind == "choice":
-            return trial.suggest_categorical(self.key, self.choices)
-        if self.kind == "int":
-            return trial.suggest_int(self.key, int(self.low), int(self.high), log=self.log)
-        return trial.suggest_float(self.key, self.low, self.high, log=self.log)
-
-    def samples(self) -> list:
-        """Values that must all be valid config values: the ends of a range, every choice."""
-        if self.kind == "fixed":
-            return [self.value]
-        return list(self.choices) if self.kind == "choice" else [self.low, self.high]
-
-
-@dataclass
-class Space:
-    objective: str
-    direction: str
-    params: list[Param]
-    pruner: dict
-
-
-def _param(key: str, spec) -> Param:
-    where = f"search space key '{key}'"
-    if not isinstance(spec, dict):
-        return Param(key, "fixed", value=spec)
-    unknown = set(spec) - {"type", "low", "high", "log", "choices"}
-    if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {sorted(unknown)}; expected type/low/high/log or choices")
-    if "choices" in spec:
-        if not isinstance(spec["choices"], list) or not spec["choices"]:
-            raise ConfigError(f"{where}: choices must be a non-empty list, got {spec['choices']!r}")
-        return Param(key, "choice", choices=spec["choices"])
-    kind = spec.get("type", "float")
-    if kind not in ("float", "int"):
-        raise ConfigError(f"{where}: type must be float or int, got {kind!r}")
+def prepare(config_path: Path, space_path: Path, overrides: list[str], sampler: str) -> tuple[dict, Config, Space]:
+    """Read and check the base config, the search space and the sampler; every mistake fails here, before
+    any trial (and, for `ddptrain submit --sweep`, before the job waits in the queue)."""
     try:
-        low, high = float(spec["low"]), float(spec["high"])
-    except (KeyError, TypeError, ValueError):
-        raise ConfigError(f"{where}: a range needs numeric low and high, got {spec!r}") from None
-    if not low < high:
-        raise ConfigError(f"{where}: empty or inverted range [{spec['low']}, {spec['high']}]: expected low < high")
-    log = bool(spec.get("log", False))
-    if log and low <= 0:
-        raise ConfigError(f"{where}: a log range must be above 0, got [{spec['low']}, {spec['high']}]")
-    return Param(key, kind, low=low, high=high, log=log)
-
-
-def load_space(path: Path, base: dict) -> Space:
-    """Read and check the space file against the base config (as plain data): errors before any trial."""
-    data = config_mod.read_file(path)
-    known_top = {"objective", "direction", "params", "pruner"}
-    for key in data:
-        if key not in known_top:
-            raise ConfigError(f"search space '{path}': unknown key '{key}'; expected {', '.join(sorted(known_top))}")
-    objective = data.get("objective")
-    if not isinstance(objective, str) or not objective.startswith("val_"):
-        raise ConfigError(f"search space '{path}': objective must name a validation metric val_<name>, got {objective!r}")
-    direction = data.get("direction", "maximize")
-    if direction not in ("maximize", "minimize"):
-        raise ConfigError(f"search space '{path}': direction must be maximize or minimize, got {direction!r}")
-    if not isinstance(data.get("params"), dict) or not data["params"]:
-        raise ConfigError(f"search space '{path}': params must map config keys to ranges, choices or values")
-    keys = [k for k, _, _ in config_mod.describe()]
-    params = []
-    for key, spec in data["params"].items():
-        if key not in keys and not key.startswith("task_args."):
-            close = difflib.get_close_matches(key, keys, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"search space '{path}': unknown config key '{key}'{hint}")
-        p = _param(key, spec)
-        for value in p.samples():  # every end and choice must be a valid value of that key
-            config_mod.from_dict(config_mod.apply_overrides(base, [f"{key}={json.dumps(value)}"]))
-        params.append(p)
-    pruner = data.get("pruner") or {"name": "median"}
-    if pruner.get("name") not in PRUNERS:
-        raise ConfigError(f"search space '{path}': pruner.name must be one of {', '.join(PRUNERS)}, got {pruner.get('name')!r}")
-    return Space(objective, direction, params, pruner)
-
-
-def check_objective(cfg: Config, objective: str) -> None:
-    """The objective must be a metric the task reports, or the runs would never report it."""
-    from .task import build, resolve
-    task = build(cfg, resolve(cfg.task))
-    known = ["val_loss"] + [f"val_{name}" for name in task.metrics]
-    if task.val is None:
-        raise ConfigError(f"task '{cfg.task}' has no validation set: a sweep needs one for its objective")
-    if objective not in known:
-        close = difflib.get_close_matches(objective, known, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else f"; the runs report {', '.join(known)}"
-        raise ConfigError(f"search space: objective '{objective}' is never reported{hint}")
+        import optuna  # noqa: F401
+    except ModuleNotFoundError:
+        raise ConfigError("ddptrain sweep needs optuna: pip install 'ddptrain[sweep]'") from None
+    base = config_mod.apply_overrides(config_mod.read_file(config_path), list(overrides))
+    base.setdefault("name", Path(config_path).stem)
+    cfg = config_mod.from_dict(base)
+    space = load_space(Path(space_path), base)
+    check_objective(cfg, space.objective)
+    _sampler(sampler, space, 0)
+    _pruner(space.pruner)
+    return base, cfg, space
 
 
 def _sampler(name: str, space: Space, seed: int):
@@ -176,10 +84,6 @@ def _pruner(spec: dict):
         raise ConfigError(f"search space: pruner {name}: {e}") from None
 
 
-def _overrides(params: dict) -> list[str]:
-    return [f"{key}={json.dumps(value)}" for key, value in params.items()]
-
-
 def _val_values(metrics: Path, seen: int, name: str) -> tuple[list[float], int]:
     """New validation values of `name` in a trial's metrics.jsonl past the first `seen` lines."""
     if not metrics.exists():
@@ -191,85 +95,153 @@ def _val_values(metrics: Path, seen: int, name: str) -> tuple[list[float], int]:
     return [v for v in values if v is not None], len(complete)
 
 
+def worker_name(env=os.environ) -> str:
+    """Who runs a trial, for the trial table: the SLURM job (or array task) and node, else host and process."""
+    from .slurm import job_to_requeue
+    job, host = job_to_requeue(env), env.get("SLURMD_NODENAME") or socket.gethostname()
+    return f"{job}@{host}" if job else f"{host}:{os.getpid()}"
+
+
+def _session_seed(seed: int, n_trials: int, env=os.environ) -> int:
+    """The sampler's seed for this session: a continued study must not replay the draws of its first
+    session, and the tasks of a job array, started together with the same --seed, must not draw alike."""
+    return random.Random(f"{seed}/{n_trials}/{env.get('SLURM_ARRAY_TASK_ID', '')}").randrange(2**31)
+
+
+def taken(study, below: int | None = None) -> int:
+    """Trials that use up the budget of --trials: finished and running ones. With `below`, the number of a
+    trial about to start, only those numbered below it, and queued ones too: those will run before it, and
+    numbers order the trials that two workers start at the same moment."""
+    import optuna
+    if below is None:  # a dead worker's trial must not hold its place: fail it (a worker retries it)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+    S = optuna.trial.TrialState
+    states = (S.COMPLETE, S.PRUNED, S.RUNNING) + ((S.WAITING,) if below is not None else ())
+    return sum(below is None or t.number < below for t in study.get_trials(deepcopy=False, states=states))
+
+
+def _queue_again(trial, run_dir: Path | None) -> None:
+    """Queue a stopped trial's parameters again; the trial that takes them continues `run_dir` from its checkpoint."""
+    import optuna
+    S = optuna.trial.TrialState
+    (frozen,) = [t for t in trial.study.get_trials(deepcopy=False, states=(S.RUNNING,)) if t.number == trial.number]
+    # study.enqueue_trial, plus the grid point: the grid sampler looks it up on every trial that ends.
+    grid = {k: frozen.system_attrs[k] for k in ("grid_id", "search_space") if k in frozen.system_attrs}
+    trial.study.add_trial(optuna.trial.create_trial(
+        state=S.WAITING, system_attrs={"fixed_params": trial.params, **grid},
+        user_attrs={"resume_run_dir": str(run_dir)} if run_dir else None))
+
+
+def _failed(trial, note: str) -> TrialFailed:
+    trial.set_user_attr("note", note)
+    return TrialFailed(f"trial {trial.number} {note}")
+
+
 class Runner:
     """Runs one trial as a subprocess, reporting validations to Optuna and pruning when asked."""
 
     def __init__(self, config_path: Path, overrides: list[str], space: Space, sweep_dir: Path, study_name: str,
-                 nproc: int):
+                 nproc: int, budget: int):
         self.config_path, self.overrides, self.space = config_path, overrides, space
-        self.sweep_dir, self.study_name, self.nproc = sweep_dir, study_name, nproc
+        self.sweep_dir, self.study_name, self.nproc, self.budget = sweep_dir, study_name, nproc, budget
+        self.worker = worker_name()
         self.running: set[subprocess.Popen] = set()
-        self.stopping = False
+        self.stopped_by: str | None = None
 
-    def stop(self, signum=None, frame=None) -> None:
-        """Stop the sweep: SIGTERM to every running trial (each checkpoints and exits); no new trial starts."""
-        self.stopping = True
+    def stop(self, signum, frame=None) -> None:
+        """Signal handler: SIGTERM to every running trial (each checkpoints and exits); no new trial starts."""
+        self.stopped_by = self.stopped_by or signal.Signals(signum).name
         for proc in list(self.running):
             proc.send_signal(signal.SIGTERM)
 
     def __call__(self, trial) -> float:
         import optuna
-        if self.stopping:
-            trial.study.stop()
-            raise TrialFailed("the sweep was stopped before this trial started")
         params = {p.key: p.suggest(trial) for p in self.space.params}
-        name = f"trial-{trial.number:04d}"
-        run_dir = self.sweep_dir / name
-        log_path = self.sweep_dir / "logs" / f"{name}.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        trial.set_user_attr("run_dir", str(run_dir))
-        trial.set_user_attr("log", str(log_path))
+        resume = trial.user_attrs.get("resume_run_dir")
+        if self.stopped_by or taken(trial.study, below=trial.number) >= self.budget:
+            trial.study.stop()
+            if self.stopped_by:
+                _queue_again(trial, resume and Path(resume))
+                raise _failed(trial, "not run: the sweep was stopping; queued again")
+            # another worker took the last place between this worker's check and its new trial
+            raise _failed(trial, f"not run: the study already has its {self.budget} trials")
+        run_dir = Path(resume) if resume else self.sweep_dir / f"trial-{trial.number:04d}"
+        log_path = self.sweep_dir / "logs" / f"trial-{trial.number:04d}.log"
+        for key, value in (("run_dir", str(run_dir)), ("log", str(log_path)), ("worker", self.worker)):
+            trial.set_user_attr(key, value)
+        shown = ", ".join(f"{k}={v}" for k, v in params.items())
+        print(f"trial {trial.number} started on {self.worker}: {shown}; run {run_dir}"
+              f"{' (continued from its checkpoint)' if resume else ''}, log {log_path}", flush=True)
+        returncode, best, pruned_after = self._run(trial, params, run_dir, log_path, resume is not None)
+        if self.stopped_by:
+            trial.study.stop()
+        if pruned_after is not None:
+            raise optuna.TrialPruned(f"pruned after {pruned_after} validations")
+        if returncode == 0 and best is not None and math.isfinite(best):
+            return best  # finished, even if the sweep is stopping: it counts
+        if self.stopped_by:
+            _queue_again(trial, run_dir)
+            raise _failed(trial, f"stopped with the sweep ({self.stopped_by}, exit status {returncode}); "
+                                 f"queued again to continue {run_dir.name} from its checkpoint")
+        if returncode != 0:
+            raise _failed(trial, f"exited with status {returncode}; see {log_path}")
+        raise _failed(trial, f"reported no finite {self.space.objective}; see {log_path}")
+
+    def _run(self, trial, params: dict, run_dir: Path, log_path: Path,
+             resume: bool) -> tuple[int, float | None, int | None]:
+        """Run the trial, reporting its validations: (exit status, best objective value, validations before it was
+        pruned or None)."""
         launcher = ["train"] if self.nproc == 1 else ["launch", "--nproc-per-node", str(self.nproc)]
         cmd = [sys.executable, "-m", "ddptrain", *launcher, str(self.config_path), *self.overrides,
-               *_overrides(params), f"runs_dir={self.sweep_dir}", f"name={name}", "checkpoint.resume=none",
-               f"wandb.group={self.study_name}", "preempt.requeue=false"]
-        metric = self.space.objective[4:]
-        best, seen, epoch = None, 0, 0
+               *as_overrides(params), f"runs_dir={run_dir.parent}", f"name={run_dir.name}",
+               f"checkpoint.resume={'auto' if resume else 'none'}", f"wandb.group={self.study_name}",
+               "preempt.requeue=false"]
+        metric, better = self.space.objective[4:], max if self.space.direction == "maximize" else min
+        best, seen, step, pruned_after = None, 0, 0, None
+        log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "w") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             self.running.add(proc)
-            pruned = False
+            if self.stopped_by:  # the signal came before the trial was in self.running
+                proc.send_signal(signal.SIGTERM)
             while True:
                 done = proc.poll() is not None
+                # A resumed run's metrics.jsonl holds the validations up to its checkpoint (a resume cuts off
+                # any later ones): reading it from the start gives the pruner every validation of the run.
                 values, seen = _val_values(run_dir / "metrics.jsonl", seen, metric)
                 for value in values:
-                    best = value if best is None else (max if self.space.direction == "maximize" else min)(best, value)
-                    trial.report(value, epoch)
-                    epoch += 1
-                    if not pruned and trial.should_prune():
-                        pruned = True
+                    best = value if best is None else better(best, value)
+                    trial.report(value, step)
+                    step += 1
+                    if pruned_after is None and trial.should_prune():
+                        pruned_after = step
                         proc.send_signal(signal.SIGTERM)  # the run checkpoints and stops cleanly
                 if done:
                     break
                 time.sleep(0.2)
         self.running.discard(proc)
-        if self.stopping:
-            trial.study.stop()
-            raise TrialFailed(f"trial {trial.number} was stopped with the sweep; see {log_path}")
-        if pruned:
-            raise optuna.TrialPruned(f"pruned after {epoch} validations")
-        if proc.returncode != 0:
-            raise TrialFailed(f"trial {trial.number} exited with status {proc.returncode}; see {log_path}")
-        if best is None or not math.isfinite(best):
-            raise TrialFailed(f"trial {trial.number} reported no finite {self.space.objective}; see {log_path}")
-        return best
+        return proc.returncode, best, pruned_after
+
+    def after_trial(self, study, trial) -> None:
+        """Optuna callback: say how the trial ended; stop once the budget is used up (by any worker)."""
+        value = f" {self.space.objective} {trial.value:.6g}" if trial.value is not None else ""
+        note = trial.user_attrs.get("note")
+        print(f"trial {trial.number} {trial.state.name}{value}{': ' + note if note else ''}", flush=True)
+        if taken(study) >= self.budget:
+            study.stop()
 
 
-def run_sweep(config_path: Path, space_path: Path, overrides: list[str], sampler: str, trials: int, workers: int,
-              nproc: int, storage: str | None, study_name: str | None, seed: int) -> dict:
-    base = config_mod.apply_overrides(config_mod.read_file(config_path), list(overrides))
-    base.setdefault("name", Path(config_path).stem)
-    cfg = config_mod.from_dict(base)
-    space = load_space(space_path, base)
-    check_objective(cfg, space.objective)
-    study_name = study_name or f"{cfg.name}-sweep"
-    sweep_dir = Path(cfg.runs_dir) / study_name
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+def _not_a_failed_trial(record: logging.LogRecord) -> bool:
+    """Optuna logs every failed trial, with a traceback; the sweep's own line for it says all there is."""
+    message = record.getMessage()
+    return not (message.startswith("Trial ") and " failed with " in message)
 
+
+def _open_study(url: str, study_name: str, space: Space):
     import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    url = storage or f"sqlite:///{(sweep_dir / 'study.db').resolve()}"
     # A worker that dies leaves its trial RUNNING; the heartbeat marks it failed and a worker retries it.
     # SQLite serialises writers: wait for the lock instead of failing when several workers share the file.
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
@@ -279,84 +251,46 @@ def run_sweep(config_path: Path, space_path: Path, overrides: list[str], sampler
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 rdb = RDBStorage(url, engine_kwargs=engine, heartbeat_interval=2, grace_period=10,
                                  heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
-            study = optuna.create_study(study_name=study_name, storage=rdb, load_if_exists=True,
-                                        direction=space.direction, pruner=_pruner(space.pruner))
-            break
+            return optuna.create_study(study_name=study_name, storage=rdb, load_if_exists=True,
+                                       direction=space.direction, pruner=_pruner(space.pruner))
         except Exception:
             if attempt == 4:
                 raise
             time.sleep(0.5 + attempt)
-    # A continued study must not replay the random draws of its first session: offset the seed.
-    study.sampler = _sampler(sampler, space, seed + len(study.trials))
+
+
+def run_sweep(config_path: Path, space_path: Path, overrides: list[str], sampler: str, trials: int, workers: int,
+              nproc: int, storage: str | None, study_name: str | None, seed: int) -> dict:
+    """Run trials until the study has `trials` finished ones or a signal stops this worker. Returns the best
+    trial's facts (if any completed), `stopped_by` (the signal's name or None) and `requeue` (the config's
+    preempt.requeue)."""
+    base, cfg, space = prepare(config_path, space_path, overrides, sampler)
+    study_name = study_name or f"{cfg.name}-sweep"
+    sweep_dir = Path(cfg.runs_dir) / study_name
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+
+    import optuna
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.getLogger("optuna.study._optimize").addFilter(_not_a_failed_trial)
+    study = _open_study(storage or f"sqlite:///{(sweep_dir / 'study.db').resolve()}", study_name, space)
+    study.sampler = _sampler(sampler, space, _session_seed(seed, len(study.trials)))
     # The budget counts trials that ran to a verdict; failed ones (crashed, interrupted) are recorded
     # with their log but do not use it up.
-    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    remaining = trials - sum(t.state in finished for t in study.trials)
-    runner = Runner(Path(config_path).resolve(), list(overrides), space, sweep_dir.resolve(), study_name, nproc)
-    previous = {sig: signal.signal(sig, runner.stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    S = optuna.trial.TrialState
+    remaining = trials - len(study.get_trials(deepcopy=False, states=(S.COMPLETE, S.PRUNED)))
+    runner = Runner(Path(config_path).resolve(), list(overrides), space, sweep_dir.resolve(), study_name, nproc,
+                    budget=trials)
+    previous = {sig: signal.signal(sig, runner.stop) for sig in (*PREEMPT_SIGNALS, signal.SIGINT)}
     try:
-        if remaining > 0:
-            # n_trials bounds this process; MaxTrialsCallback stops it early when other workers on the
-            # same storage have already brought the study to its budget.
+        if remaining > 0 and taken(study) < trials and not runner.stopped_by:
+            # n_trials bounds this process; the callback stops it once the finished and running trials of
+            # all workers on the same storage fill the budget.
             study.optimize(runner, n_trials=remaining, n_jobs=workers, catch=(TrialFailed,),
-                           callbacks=[optuna.study.MaxTrialsCallback(trials, states=finished)])
+                           callbacks=[runner.after_trial])
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    result = report(study, space, cfg, base, sweep_dir)
-    result["stopped"] = runner.stopping
-    return result
-
-
-def report(study, space: Space, cfg: Config, base: dict, sweep_dir: Path) -> dict:
-    """Write the trial table, the best config and the plots; print the table; return the best trial's facts."""
-    import optuna
-    rows = []
-    for t in study.trials:
-        seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
-        rows.append({"trial": t.number, "state": t.state.name, space.objective: t.value,
-                     "seconds": round(seconds, 1) if seconds is not None else None,
-                     **{k: v if isinstance(v, str) and v[:1] == "[" else json.dumps(v) for k, v in t.params.items()},
-                     "log": t.user_attrs.get("log")})
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    with open(sweep_dir / "trials.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
-    shown = [k for k in keys if k != "log"]
-    print(" | ".join(shown))
-    for r in rows:
-        print(" | ".join("" if r.get(k) is None else str(r.get(k)) for k in shown))
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    if not complete:
-        raise ConfigError(f"sweep '{study.study_name}': no trial completed; see the logs in {sweep_dir}")
-    best = study.best_trial
-    by_key = {p.key: p for p in space.params}
-    best_params = {k: by_key[k].decode(v) for k, v in best.params.items()}
-    fixed = {p.key: p.value for p in space.params if p.kind == "fixed"}
-    best_cfg = config_mod.from_dict(config_mod.apply_overrides(
-        base, _overrides({**fixed, **best_params}) + [f"name={cfg.name}-best"]))
-    (sweep_dir / "best_config.yaml").write_text(config_mod.dump_yaml(best_cfg))
-    (sweep_dir / "best.json").write_text(json.dumps(
-        {"trial": best.number, "value": best.value, "params": best_params, "objective": space.objective}, indent=2))
-    _plots(study, sweep_dir, len(complete))
-    print(f"best: trial {best.number}, {space.objective} {best.value:.6g}, params {best_params}")
-    print(f"wrote {sweep_dir / 'trials.csv'}, {sweep_dir / 'best_config.yaml'} and plots in {sweep_dir}")
-    return {"best_trial": best.number, "best_value": best.value, "best_params": best_params,
-            "sweep_dir": str(sweep_dir), "trials": rows}
-
-
-def _plots(study, sweep_dir: Path, n_complete: int) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import optuna.visualization.matplotlib as ovm
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # optuna marks its matplotlib plots experimental
-        ax = ovm.plot_optimization_history(study)
-        ax.figure.savefig(sweep_dir / "history.png", dpi=100, bbox_inches="tight")
-        plt.close(ax.figure)
-        if n_complete >= 2 and len(study.best_trial.params) >= 1:
-            ax = ovm.plot_param_importances(study)
-            ax.figure.savefig(sweep_dir / "importance.png", dpi=100, bbox_inches="tight")
-            plt.close(ax.figure)
+    best = report(study, space, cfg, base, sweep_dir)
+    if best is None and not runner.stopped_by:
+        raise ConfigError(f"sweep '{study_name}': no trial completed; see the logs in {sweep_dir}")
+    return {**(best or {}), "stopped_by": runner.stopped_by, "requeue": cfg.preempt.requeue}

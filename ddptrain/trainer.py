@@ -314,8 +314,8 @@ def _fit(cfg: Config, dist: Dist, task: task_mod.Task, loss_fn, metrics: dict, h
                              first_step_time, clock, resumed_from, status="preempted"))
         log.close()
         if env.is_main and cfg.preempt.requeue and "SLURM_JOB_ID" in os.environ:
-            from .slurm import requeue_self
-            print(f"ddptrain: {requeue_self()}", flush=True)
+            from .slurm import requeue_and_log
+            requeue_and_log()
         raise
     except BaseException:
         preemption.close(wait=False)

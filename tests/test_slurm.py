@@ -7,6 +7,7 @@ compared with a plain torchrun run of the same config and global batch. Most job
 """
 from __future__ import annotations
 
+import csv
 import os
 import re
 import shutil
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from rundirs import assert_same_run, summary, train_steps
+from rundirs import assert_same_run, records, summary, train_steps
 
 ROOT = Path(__file__).resolve().parent.parent
 SLURM = ROOT / "slurm"
@@ -41,6 +42,20 @@ optim: {{name: adamw, lr: 0.01}}
 train: {{epochs: 4, log_every: 1}}
 checkpoint: {{every_steps: 5}}
 dist: {{timeout_s: 60}}
+"""
+
+
+# A tiny sweep over the learning rate: each trial 3 epochs x 6 steps of 0.16 s (0.01 s per training item).
+SWEEP = """task: tasks_for_tests:regression_for_launch
+task_args: {delay: 0.01}
+data: {batch_size: 16}
+train: {epochs: 3, log_every: 1}
+"""
+SPACE = """objective: val_loss
+direction: minimize
+params:
+  optim.lr: {low: 0.001, high: 0.1, log: true}
+pruner: {name: none}
 """
 
 
@@ -140,6 +155,18 @@ def slow_reference(tmp_path_factory):
     return torchrun_reference(tmp_path_factory.mktemp("slow-reference"), SLOW.format(delay=0.0))
 
 
+def trial_started(log: Path, job: str, timeout: float = 180) -> Path:
+    """The run directory of the trial that the sweep worker writing `log` started last."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        started = re.findall(r"^trial \d+ started on .*; run ([^,\s]+)", log.read_text() if log.exists() else "", re.M)
+        if started:
+            return Path(started[-1])
+        assert scontrol_job(job).get("JobState") not in FINISHED, scontrol_job(job)
+        time.sleep(0.2)
+    raise AssertionError(f"job {job}: no trial started in {timeout} s")
+
+
 def log_of(cwd: Path, name: str, job: str) -> str:
     return (cwd / "logs" / f"{name}-{job}.out").read_text()
 
@@ -216,6 +243,59 @@ def test_torchrun_script_takes_processes_per_node_from_the_allocation(tmp_path, 
     assert srun.stdout.rstrip().splitlines()[-2].endswith(" -m ddptrain train exp.yaml")
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("env, args, nproc", [
+    ({"SLURM_GPUS_ON_NODE": "8"}, [], "8"),
+    ({"NPROC_PER_NODE": "2"}, [], "2"),
+    ({"SLURM_GPUS_ON_NODE": "8"}, ["--nproc-per-node", "4"], None),
+])
+def test_sweep_script_takes_processes_per_trial_from_the_allocation(tmp_path, env, args, nproc):
+    """slurm/ddptrain_sweep.sbatch run by bash as array task 1 with stub commands."""
+    for name, body in STUBS.items():
+        write(tmp_path / name, f"#!/bin/bash\n{body}\n").chmod(0o755)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "PYTHON": str(tmp_path / "python"), "SLURM_JOB_ID": "124",
+           "SLURM_JOB_NAME": "exp-sweep", "SLURM_ARRAY_JOB_ID": "123", "SLURM_ARRAY_TASK_ID": "1",
+           "SLURMD_NODENAME": "n2", **env}
+    proc = subprocess.run(["bash", SLURM / "ddptrain_sweep.sbatch", "exp.yaml", "space.yaml", "--trials", "8", *args,
+                           "seed=1"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "=== ddptrain job 123_1 (exp-sweep, job id 124) attempt 1 started" in proc.stdout
+    expected = " ".join(["-m ddptrain sweep exp.yaml space.yaml --trials 8", *args, "seed=1"]) + \
+        (f" --nproc-per-node {nproc}" if nproc else "")
+    assert proc.stdout.rstrip().splitlines()[-2].endswith(expected), proc.stdout
+
+
+@pytest.mark.timeout(120)
+def test_submit_sweep_renders_a_job_array_of_workers_and_checks_the_space_first(tmp_path):
+    write(tmp_path / "exp.yaml", SWEEP)
+    write(tmp_path / "space.yaml", SPACE)
+    proc = submit("exp.yaml", "--sweep", "space.yaml", "--tasks", 3, "--gpus-per-node", 4, "--trials", 30,
+                  "--storage", "postgresql://me@db/sweeps", "--time=1:00:00", "seed=2", "--dry-run", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    script = proc.stdout
+    assert re.findall(r"^#SBATCH --(\S+)$", script, re.M) == [
+        "job-name=exp-sweep", "nodes=1", "ntasks-per-node=1", "output=logs/%x-%A_%a.out", "open-mode=append",
+        "requeue", "signal=B:USR1@120", "gpus-per-node=4", "time=1:00:00", "array=0-2"]
+    assert (f"set -- {tmp_path / 'exp.yaml'} {tmp_path / 'space.yaml'} --trials 30 --storage "
+            f"postgresql://me@db/sweeps seed=2\n") in script
+    assert 'srun --ntasks=1 --kill-on-bad-exit=0 "$PYTHON" -m ddptrain sweep "$@" &' in script
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+
+    for args, message in [
+        (["--nodes", 2], "--nodes 2: a sweep runs one worker per node; give the number of workers with --tasks"),
+        (["--sampler", "grid"], "--sampler grid needs choices, not ranges, for: optim.lr"),
+        (["optim.lr=-1"], "config key 'optim.lr': expected > 0, got -1"),
+    ]:
+        bad = submit("exp.yaml", "--sweep", "space.yaml", "--nproc-per-node", 1, *args, "--dry-run", cwd=tmp_path)
+        assert bad.returncode == 2 and bad.stderr.startswith(f"ddptrain: error: {message}"), bad.stderr
+        assert bad.stderr.count("\n") == 1
+    write(tmp_path / "typo.yaml", SPACE.replace("val_loss", "val_los"))
+    typo = submit("exp.yaml", "--sweep", "typo.yaml", "--nproc-per-node", 1, "--dry-run", cwd=tmp_path)
+    assert typo.returncode == 2 and "objective 'val_los' is never reported; did you mean 'val_loss'?" in typo.stderr
+    alone = submit("exp.yaml", "--nproc-per-node", 1, "--tasks", 2, "--dry-run", cwd=tmp_path)
+    assert alone.returncode == 2 and alone.stderr == "ddptrain: error: --tasks: only with --sweep SPACE\n"
+
+
 @pytest.mark.timeout(120)
 def test_submit_dry_run_renders_a_script_that_sbatch_accepts(tmp_path, cluster):
     write(tmp_path / "exp.yaml", PLAIN)
@@ -266,11 +346,11 @@ def batch(cluster, tmp_path_factory):
     does before the time limit (`scancel --batch --signal=USR1`), and cancels one job (`scancel`)."""
     submitted, out = [], {}
 
-    def sbatch(name, *args, config=PLAIN, env=None, runs=None):
+    def sbatch(name, *args, config=PLAIN, env=None, files=None):
         cwd = tmp_path_factory.mktemp(name)
         write(cwd / "exp.yaml", config)
-        if runs:
-            write(cwd / "runs.txt", runs)
+        for file, text in (files or {}).items():
+            write(cwd / file, text)
         (cwd / "logs").mkdir()
         proc = subprocess.run(["sbatch", "--parsable", *map(str, args)], cwd=cwd, env=env or job_env(),
                               capture_output=True, text=True, timeout=60)
@@ -280,6 +360,18 @@ def batch(cluster, tmp_path_factory):
         return cwd
 
     try:
+        # The sweeps first, so that both tasks of each array start at once.
+        cwd = tmp_path_factory.mktemp("sweep")
+        write(cwd / "exp.yaml", SWEEP)
+        write(cwd / "space.yaml", SPACE)
+        proc = submit("exp.yaml", "--sweep", "space.yaml", "--tasks", 2, "--nproc-per-node", 1, "--trials", 4,
+                      "--time=00:10:00", cwd=cwd)
+        assert proc.returncode == 0, proc.stderr
+        submitted.append(proc.stdout.strip())
+        out["sweep"] = (submitted[-1], cwd, proc.stderr)
+        sbatch("sweep_usr1", "--job-name=sw", "--array=0-1", "--cpus-per-task=1", SLURM / "ddptrain_sweep.sbatch",
+               "exp.yaml", "space.yaml", "--trials", 3, config=SWEEP, files={"space.yaml": SPACE},
+               env=job_env(NPROC_PER_NODE="1"))
         cwd = tmp_path_factory.mktemp("submit")
         write(cwd / "exp.yaml", PLAIN)
         proc = submit("exp.yaml", "--nodes", 1, "--nproc-per-node", 2, "--time=00:10:00", cwd=cwd)
@@ -295,28 +387,35 @@ def batch(cluster, tmp_path_factory):
                "runs_dir=runs", config=SLOW.format(delay=0.03), env=job_env(NPROC_PER_NODE="1"))
         sbatch("array", "--job-name=arr", "--array=0-1", "--cpus-per-task=2", SLURM / "ddptrain_array.sbatch",
                "runs.txt", config=SLOW.format(delay=0.03), env=job_env(NPROC_PER_NODE="2"),
-               runs="# two runs of the same config\nexp.yaml name=a runs_dir=runs\n\nexp.yaml name=b runs_dir=runs\n")
+               files={"runs.txt": "# two runs of the same config\nexp.yaml name=a runs_dir=runs\n\n"
+                                  "exp.yaml name=b runs_dir=runs\n"})
         sbatch("cancel", "--job-name=exp", "--ntasks-per-node=2", SLURM / "ddptrain_srun.sbatch", "exp.yaml",
                "runs_dir=runs", config=SLOW.format(delay=0.03))
 
         signal_errors = []
 
-        def signal_at_step_3():
+        def signal_at_step_3(job, find_run_dir, how):
             try:
-                for job, run_dir, how in [(out["usr1"][0], out["usr1"][1] / "runs" / "exp", ["--batch", "--signal=USR1"]),
-                                          (f"{out['array'][0]}_1", out["array"][1] / "runs" / "b", ["--batch", "--signal=USR1"]),
-                                          (out["cancel"][0], out["cancel"][1] / "runs" / "exp", [])]:
-                    wait_for_step(run_dir, 3, job, timeout=180)
-                    subprocess.run(["scancel", *how, job], check=True, timeout=30)
+                wait_for_step(find_run_dir(), 3, job, timeout=180)
+                subprocess.run(["scancel", *how, job], check=True, timeout=30)
             except BaseException as e:  # reported by the tests that need the signal
                 signal_errors.append(repr(e))
 
-        signaller = threading.Thread(target=signal_at_step_3, daemon=True)
-        signaller.start()
+        sweep_task = f"{out['sweep_usr1'][0]}_1"
+        signallers = [threading.Thread(target=signal_at_step_3, args=args, daemon=True) for args in [
+            (out["usr1"][0], lambda: out["usr1"][1] / "runs" / "exp", ["--batch", "--signal=USR1"]),
+            (f"{out['array'][0]}_1", lambda: out["array"][1] / "runs" / "b", ["--batch", "--signal=USR1"]),
+            (out["cancel"][0], lambda: out["cancel"][1] / "runs" / "exp", []),
+            (sweep_task, lambda: trial_started(out["sweep_usr1"][1] / "logs" / f"sw-{sweep_task}.out", sweep_task),
+             ["--batch", "--signal=USR1"])]]
+        for signaller in signallers:
+            signaller.start()
 
         def signals_sent():
-            signaller.join(200)
-            assert not signaller.is_alive() and not signal_errors, signal_errors or "signals not sent in 200 s"
+            for signaller in signallers:
+                signaller.join(200)
+            assert not any(t.is_alive() for t in signallers) and not signal_errors, \
+                signal_errors or "signals not sent in 200 s"
         out["signals_sent"] = signals_sent
         yield out
     finally:
@@ -398,6 +497,67 @@ def test_job_array_runs_one_line_per_task_and_requeues_only_the_signalled_task(b
     assert summary(cwd / "runs" / "b")["resumed_at_step"] > 0
     for name in "ab":
         assert_same_run(cwd / "runs" / name, slow_reference, ignore_config=("name", "task_args.delay"))
+
+
+# --- sweeps: a job array of workers on one study ------------------------------------------------------------
+
+def study_of(sweep_dir: Path):
+    import optuna
+    return optuna.load_study(study_name=sweep_dir.name, storage=f"sqlite:///{sweep_dir / 'study.db'}")
+
+
+def val_losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in records(run_dir) if r["split"] == "val"]
+
+
+@pytest.mark.timeout(300)
+def test_sweep_from_ddptrain_submit_shares_one_study_between_its_array_tasks(batch):
+    array, cwd, said = batch["sweep"]
+    assert f"log logs/exp-sweep-{array}_<task>.out; study runs/exp-sweep/study.db" in said
+    infos = [wait_for(f"{array}_{i}", 240) for i in (0, 1)]
+    logs = [(cwd / "logs" / f"exp-sweep-{array}_{i}.out").read_text() for i in (0, 1)]
+    assert [(i["JobState"], i["Restarts"]) for i in infos] == [("COMPLETED", "0")] * 2, logs
+    assert f"command: ddptrain sweep {cwd / 'exp.yaml'} {cwd / 'space.yaml'} --trials 4 --nproc-per-node 1\n" in logs[0]
+    study = study_of(cwd / "runs" / "exp-sweep")
+    ran = [t for t in study.trials if "log" in t.user_attrs]  # the others: started when the study was full
+    assert [t.state.name for t in ran] == ["COMPLETE"] * 4
+    assert sorted(p.name for p in (cwd / "runs" / "exp-sweep" / "logs").iterdir()) == \
+        [f"trial-{t.number:04d}.log" for t in ran]  # each trial ran once, in its own run directory
+    for t in ran:
+        assert Path(t.user_attrs["log"]).read_text().count("done: ") == 1
+        assert t.user_attrs["run_dir"] == str(cwd / "runs" / "exp-sweep" / f"trial-{t.number:04d}")
+    workers = {t.user_attrs["worker"] for t in ran}
+    assert {w.split("@")[0] for w in workers} == {f"{array}_0", f"{array}_1"}  # both tasks ran trials
+    with open(cwd / "runs" / "exp-sweep" / "trials.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["worker"] for r in rows if r["state"] == "COMPLETE"} <= workers
+
+
+@pytest.mark.timeout(300)
+def test_a_signalled_sweep_task_requeues_itself_and_its_trial_continues_from_its_checkpoint(batch):
+    batch["signals_sent"]()
+    array, cwd = batch["sweep_usr1"]
+    first, second = wait_for(f"{array}_0", 240), wait_for(f"{array}_1", 240)
+    logs = [(cwd / "logs" / f"sw-{array}_{i}.out").read_text() for i in (0, 1)]
+    assert (first["JobState"], first["Restarts"], second["JobState"], second["Restarts"]) == \
+        ("COMPLETED", "0", "COMPLETED", "1"), logs
+    assert attempts(logs[0]) == [1] and attempts(logs[1]) == [1, 2]
+    before = logs[1].split(" attempt 2 started")[0]
+    assert "SIGUSR1" in before and "passing it to the sweep" in before and "requeuing this task" not in logs[1]
+    assert "ddptrain: sweep stopped by SIGUSR1" in before and f"ddptrain: requeued job {array}_1\n" in before
+    study = study_of(cwd / "runs" / "exp-sweep")
+    assert sum(t.state.name == "COMPLETE" for t in study.trials) == 3
+    (stopped,) = [t for t in study.trials if t.user_attrs.get("note", "").startswith("stopped with the sweep")]
+    assert stopped.state.name == "FAIL" and "(SIGUSR1, exit status 75)" in stopped.user_attrs["note"]
+    assert stopped.user_attrs["worker"].startswith(f"{array}_1@")
+    # its parameters ran again in a later trial (on either task), continuing the same run from its checkpoint
+    (resumed,) = [t for t in study.trials if t.user_attrs.get("resume_run_dir") == stopped.user_attrs["run_dir"]]
+    assert resumed.number > stopped.number and resumed.state.name == "COMPLETE" and resumed.params == stopped.params
+    run = Path(stopped.user_attrs["run_dir"])
+    assert resumed.user_attrs["run_dir"] == str(run) and 3 <= summary(run)["resumed_at_step"] < 18
+    assert train_steps(run) == list(range(1, 19))  # nothing lost, nothing repeated
+    vals = val_losses(run)  # the pruner saw every validation of the run, those before the stop included
+    assert resumed.intermediate_values == dict(enumerate(vals)) and resumed.value == min(vals)
 
 
 @pytest.mark.timeout(300)

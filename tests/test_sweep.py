@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from ddptrain.cli import main
+
+from wandb_files import read_run
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
@@ -29,6 +32,21 @@ def sweep(cwd: Path, *args, timeout=600) -> subprocess.CompletedProcess:
 def trials(sweep_dir: Path) -> list[dict]:
     with open(sweep_dir / "trials.csv") as f:
         return list(csv.DictReader(f))
+
+
+def train_steps(run_dir: Path) -> list[int]:
+    """The train steps logged so far (complete lines only: the run may be writing the next one)."""
+    path = run_dir / "metrics.jsonl"
+    text = path.read_text() if path.exists() else ""
+    lines = text.splitlines() if text.endswith("\n") else text.splitlines()[:-1]
+    return [json.loads(line)["step"] for line in lines if '"split": "train"' in line]
+
+
+def wait_until(condition, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
 
 
 @pytest.mark.timeout(600)
@@ -66,7 +84,7 @@ pruner: {name: none}
 REGRESSION = "task: tasks_for_tests:regression\ndata:\n  batch_size: 16\ntrain:\n  epochs: 2\n"
 
 
-def test_grid_sampler_covers_exactly_the_grid(tmp_path):
+def test_grid_sampler_covers_exactly_the_grid_and_wandb_groups_the_trials(tmp_path):
     config = write(tmp_path / "reg.yaml", REGRESSION)
     space = write(tmp_path / "space.yaml", """
 objective: val_loss
@@ -76,35 +94,68 @@ params:
   optim.name: {choices: [sgd, adam]}
 pruner: {name: none}
 """)
-    proc = sweep(tmp_path, config, space, "--sampler", "grid", "--trials", "50")
+    proc = sweep(tmp_path, config, space, "--sampler", "grid", "--trials", "50", "wandb.enabled=true",
+                 "wandb.mode=offline")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = trials(tmp_path / "runs" / "reg-sweep")
+    sweep_dir = tmp_path / "runs" / "reg-sweep"
+    rows = trials(sweep_dir)
     grid = {(json.loads(r["optim.lr"]), json.loads(r["optim.name"])) for r in rows}
     assert len(rows) == 6 and grid == {(lr, n) for lr in (0.001, 0.01, 0.1) for n in ("sgd", "adam")}
+    for r in rows:  # every trial's wandb run is in one group named after the study
+        (run_file,) = (sweep_dir / r["run"] / "wandb").glob("offline-run-*/run-*.wandb")
+        assert read_run(run_file)["group"] == "reg-sweep"
 
 
+@pytest.mark.timeout(300)
 def test_stopped_sweep_continues_without_repeating_finished_trials(tmp_path):
-    config = write(tmp_path / "reg.yaml", REGRESSION)
+    """SIGTERM (a preemption) stops the sweep with 75, SIGINT (Ctrl-C) with 130; either way the interrupted
+    trial is queued again and continues its run from its checkpoint, and no finished trial runs again."""
+    config = write(tmp_path / "reg.yaml", "task: tasks_for_tests:regression_for_launch\ntask_args: {delay: 0.01}\n"
+                                          "data: {batch_size: 16}\ntrain: {epochs: 3, log_every: 1}\n")  # 18 x 0.16 s
     space = write(tmp_path / "space.yaml", "objective: val_loss\ndirection: minimize\npruner: {name: none}\n"
                   "params:\n  optim.lr: {low: 0.001, high: 0.1, log: true}\n")
-    cmd = [sys.executable, "-m", "ddptrain", "sweep", str(config), str(space), "--trials", "4"]
-    first = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    logs = tmp_path / "runs" / "reg-sweep" / "logs"
-    deadline = time.monotonic() + 120
-    while not (logs / "trial-0002.log").exists():  # trials 0 and 1 are done, 2 is running
-        assert time.monotonic() < deadline and first.poll() is None, first.communicate()[1][-3000:]
-        time.sleep(0.1)
-    done_before = {p.name: p.stat().st_mtime for p in logs.iterdir() if p.name != "trial-0002.log"}
-    first.send_signal(signal.SIGTERM)
-    out, err = first.communicate(timeout=60)
-    assert first.returncode == 130 and "run the same command again to continue" in err
+    cmd = [sys.executable, "-m", "ddptrain", "sweep", str(config), str(space), "--trials", "3"]
+    env = {k: v for k, v in ENV.items() if not k.startswith("SLURM_")}  # outside SLURM: nothing to requeue
+    sweep_dir = tmp_path / "runs" / "reg-sweep"
+    logs, run = sweep_dir / "logs", sweep_dir / "trial-0002"
 
-    again = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr[-3000:]
-    rows = trials(tmp_path / "runs" / "reg-sweep")
-    assert [r["state"] for r in rows] == ["COMPLETE", "COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
-    assert all(logs.joinpath(n).stat().st_mtime == t for n, t in done_before.items())  # not run again
-    assert len({r["optim.lr"] for r in rows}) == 5  # no repeated draws either
+    def start():
+        return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    first = start()
+    wait_until(lambda: len(train_steps(run)) >= 2, first)  # trials 0 and 1 are done, 2 is training
+    done_before = {p: p.stat().st_mtime for p in [*logs.iterdir(), *sweep_dir.glob("trial-000[01]/*")]
+                   if p.name != "trial-0002.log"}
+    first.send_signal(signal.SIGTERM)
+    _, err = first.communicate(timeout=60)
+    assert first.returncode == 75, err[-3000:]
+    assert "ddptrain: sweep stopped by SIGTERM; run the same command again to continue" in err
+    stopped_at = train_steps(run)[-1]
+
+    second = start()  # trial 3 continues trial 2's run; Ctrl-C stops it again
+    wait_until(lambda: train_steps(run)[-1:] >= [stopped_at + 2], second)
+    second.send_signal(signal.SIGINT)
+    out, err = second.communicate(timeout=60)
+    assert second.returncode == 130 and "ddptrain: sweep stopped by SIGINT; run the same command" in err, err[-3000:]
+    assert f"; run {run} (continued from its checkpoint), log {logs / 'trial-0003.log'}" in out
+
+    third = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0, third.stderr[-3000:]
+    rows = trials(sweep_dir)
+    assert [(r["state"], r["run"]) for r in rows] == [
+        ("COMPLETE", "trial-0000"), ("COMPLETE", "trial-0001"), ("FAIL", "trial-0002"), ("FAIL", "trial-0002"),
+        ("COMPLETE", "trial-0002")]
+    assert rows[2]["note"].startswith("stopped with the sweep (SIGTERM, exit status 75); queued again")
+    assert rows[3]["note"].startswith("stopped with the sweep (SIGINT, exit status 75); queued again")
+    assert len({rows[i]["optim.lr"] for i in (2, 3, 4)}) == 1 and len({r["optim.lr"] for r in rows}) == 3
+    assert all(p.stat().st_mtime == t for p, t in done_before.items())  # finished trials did not run again
+    result = json.loads((run / "summary.json").read_text())
+    assert result["status"] == "completed" and result["resumed_at_step"] > stopped_at
+    assert train_steps(run) == list(range(1, 19))  # across three sessions: no step lost or repeated
+    import optuna  # the pruner saw every validation of the run, those of earlier sessions included
+    study = optuna.load_study(study_name="reg-sweep", storage=f"sqlite:///{sweep_dir / 'study.db'}")
+    vals = [json.loads(line)["loss"] for line in open(run / "metrics.jsonl") if '"split": "val"' in line]
+    assert study.trials[4].intermediate_values == dict(enumerate(vals)) and study.trials[4].value == min(vals)
 
 
 def test_pruning_stops_a_bad_trial_early(tmp_path):
@@ -143,13 +194,17 @@ def test_two_worker_processes_share_one_study_without_running_a_trial_twice(tmp_
     assert [w.returncode for w in workers] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
     import optuna
     study = optuna.load_study(study_name="shared", storage=storage)
-    numbers = [t.number for t in study.trials]
-    assert len(numbers) == len(set(numbers)) and 6 <= len(numbers) <= 7  # a race may start one extra
+    ran = [t for t in study.trials if "log" in t.user_attrs]
+    # exactly the budget: a trial that a worker started when the other had just taken the last place
+    # is recorded as not run
+    assert [t.state.name for t in ran] == ["COMPLETE"] * 6
+    assert all(t.user_attrs["note"].startswith("not run: the study already has its 6 trials")
+               for t in study.trials if "log" not in t.user_attrs)
     logs = sorted(p.name for p in (tmp_path / "runs" / "shared" / "logs").iterdir())
-    assert logs == [f"trial-{n:04d}.log" for n in sorted(numbers)]  # each trial ran in exactly one place
-    for n in numbers:
-        text = (tmp_path / "runs" / "shared" / "logs" / f"trial-{n:04d}.log").read_text()
-        assert text.count("done: ") == 1
+    assert logs == [f"trial-{t.number:04d}.log" for t in ran]  # each trial ran in exactly one place
+    for t in ran:
+        assert Path(t.user_attrs["log"]).read_text().count("done: ") == 1
+        assert re.fullmatch(r".+:\d+", t.user_attrs["worker"])  # host:pid outside SLURM
 
 
 @pytest.mark.parametrize("space, message", [

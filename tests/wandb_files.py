@@ -38,12 +38,12 @@ def _items(items) -> dict:
 
 
 def read_run(path: Path) -> dict:
-    """{'id', 'config', 'history': [rows], 'summary'} of one run-<id>.wandb file."""
-    out = {"id": None, "config": {}, "history": [], "summary": {}}
+    """{'id', 'group', 'config', 'history': [rows], 'summary'} of one run-<id>.wandb file."""
+    out = {"id": None, "group": None, "config": {}, "history": [], "summary": {}}
     for r in records(path):
         kind = r.WhichOneof("record_type")
         if kind == "run":
-            out["id"] = r.run.run_id
+            out["id"], out["group"] = r.run.run_id, r.run.run_group
             out["config"].update(_items(r.run.config.update))
         elif kind == "config":
             out["config"].update(_items(r.config.update))
