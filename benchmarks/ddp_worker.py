@@ -141,7 +141,7 @@ def patch_ddptrain(patches: list[str]) -> None:
     """Diagnostic switches: remove one piece of ddptrain's per-step work to see what it costs.
 
     nopoll: the preemption poll keeps its local flag but runs no all-reduce (single-rank semantics).
-    nonorm: trainer.optimizer_step steps without the global grad norm and its finite check.
+    nonorm: trainer.optimizer_step steps without the global grad norm, even at log steps.
     noview: DDP without gradient_as_bucket_view (applied in run_ddptrain's config).
     """
     from ddptrain import trainer
@@ -150,7 +150,7 @@ def patch_ddptrain(patches: list[str]) -> None:
             from ddptrain.preempt import Preemption
             Preemption.poll = lambda self: self.received is not None
         elif name == "nonorm":
-            def optimizer_step(module, optimizer, precision, cfg):
+            def optimizer_step(params, optimizer, precision, cfg, measure=True):
                 precision.unscale(optimizer)
                 stepped = precision.step(optimizer)
                 optimizer.zero_grad(set_to_none=True)

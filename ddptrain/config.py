@@ -102,7 +102,7 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = _f("fp32", "fp32, bf16 autocast, or fp16 autocast with a gradient scaler")
     clip_grad_norm: float | None = _f(None, "clip the global gradient norm to this value", _positive_or_none, "> 0 or null")
     clip_grad_value: float | None = _f(None, "clip each gradient element to [-v, v]", _positive_or_none, "> 0 or null")
-    nonfinite: Literal["skip", "stop"] = _f("stop", "on a NaN/Inf gradient: skip the step, or stop with an error (all ranks agree)")
+    nonfinite: Literal["skip", "stop"] = _f("stop", "on NaN/Inf: skip the step (checked every step, one host sync each), or stop with an error (weights checked at log steps and epoch ends); all ranks agree")
     log_every: int = _f(10, "optimizer steps between train log records (the only per-step collective)", _positive, "> 0")
     compile: bool = _f(False, "wrap the model in torch.compile")
     compile_backend: str = _f("inductor", "torch.compile backend")

@@ -61,25 +61,35 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedConfig, total_st
     return sch.SequentialLR(optimizer, [ramp, main], milestones=[warmup])
 
 
-def optimizer_step(params: list[nn.Parameter], optimizer, precision: Precision, cfg: Config) -> tuple[torch.Tensor, bool]:
-    """Unscale, measure, clip and step. Return (pre-clip global grad norm, whether the step was taken).
+def optimizer_step(params: list[nn.Parameter], optimizer, precision: Precision, cfg: Config,
+                   measure: bool = True) -> tuple[torch.Tensor | None, bool]:
+    """Unscale, clip, step. Return (pre-clip global grad norm, or None if not measured; whether it stepped).
 
     `params` is the model's parameter list, made once: walking the module tree at every step costs
-    as much as the norm on a small model.
+    as much as the norm on a small model. The norm is computed where clipping needs it, where
+    `measure` asks for it (log steps), and with `train.nonfinite: skip`, which alone makes the host
+    wait for the device at every step to decide whether to step.
     """
+    tc = cfg.train
     precision.unscale(optimizer)
     with_grad = [p for p in params if p.grad is not None]
-    if cfg.train.clip_grad_norm is not None:
-        norm = nn.utils.clip_grad_norm_(with_grad, cfg.train.clip_grad_norm)
-    else:
+    norm = None
+    if tc.clip_grad_norm is not None:
+        norm = nn.utils.clip_grad_norm_(with_grad, tc.clip_grad_norm)
+    elif measure or tc.nonfinite == "skip":
         norm = nn.utils.get_total_norm([p.grad for p in with_grad])
-    if cfg.train.clip_grad_value is not None:
-        nn.utils.clip_grad_value_(with_grad, cfg.train.clip_grad_value)
-    # One host sync per step. The gradients were all-reduced, so the norm (and the decision) is the
-    # same on every rank without another collective.
-    if precision.scaler is None and not bool(torch.isfinite(norm)):
+    if tc.clip_grad_value is not None:
+        nn.utils.clip_grad_value_(with_grad, tc.clip_grad_value)
+    # The gradients were all-reduced, so the norm (and the decision) is the same on every rank
+    # without another collective. fp16's scaler makes this decision itself.
+    if tc.nonfinite == "skip" and precision.scaler is None and not bool(torch.isfinite(norm)):
         optimizer.zero_grad(set_to_none=True)
         return norm, False
     stepped = precision.step(optimizer)
     optimizer.zero_grad(set_to_none=True)
     return norm, stepped
+
+
+def nonfinite_count(params: list[nn.Parameter]) -> torch.Tensor:
+    """How many of the tensors hold a NaN or Inf, as a device tensor (no host sync)."""
+    return torch.stack([torch.isfinite(p).all() for p in params]).logical_not().sum()

@@ -2,8 +2,10 @@
 
 Order inside an optimizer step: k micro-batches (all but the last under `no_sync`, so gradients are
 all-reduced once) -> unscale -> global grad norm -> clip -> finite check -> optimizer step -> schedule.
-The loop has no per-step collective of its own: train loss sums stay on the device and are reduced
-only every `train.log_every` steps. Validation results and stop decisions come from rank 0.
+The loop has no per-step collective or host sync of its own: train loss sums stay on the device
+and are reduced only every `train.log_every` steps, and with `train.nonfinite: stop` the weights are
+checked for NaN/Inf in the same reduction (and at each epoch's end), not at every step. Validation
+results and stop decisions come from rank 0.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from .early_stop import EarlyStopping
 from .evaluate import evaluate
 from .losses import ELEMENTWISE, as_metric, build_loss, metric_values
 from .models import convert_sync_batchnorm
-from .optim import build_optimizer, build_scheduler, l1_penalty, optimizer_step
+from .optim import build_optimizer, build_scheduler, l1_penalty, nonfinite_count, optimizer_step
 from .precision import Precision
 from .preempt import Preempted, Preemption
 from .runlog import Clock, ConsoleLogger, Loggers, NullLogger, RunDirLogger, archive, prefix_warnings
@@ -159,7 +161,9 @@ def _fit(cfg: Config, dist: Dist, task: task_mod.Task, loss_fn, metrics: dict, h
     precision = Precision(tc.precision, device)
     stopper = EarlyStopping(cfg.early_stop.mode, cfg.early_stop.patience, cfg.early_stop.min_delta)
     progress = Progress()
-    running = torch.zeros(2 + sum(m.width for m in metrics.values()), dtype=torch.float64, device=device)
+    # [loss sum, samples, metric sums..., non-finite weight tensors]: reduced together at log steps; the
+    # last slot is filled just before and cleared just after, so checkpoints hold the others only
+    running = torch.zeros(3 + sum(m.width for m in metrics.values()), dtype=torch.float64, device=device)
     ckpt_dir = cfg.run_dir / "checkpoints"
 
     resumed_from, tracking = resume_path(cfg, dist), None
@@ -176,11 +180,11 @@ def _fit(cfg: Config, dist: Dist, task: task_mod.Task, loss_fn, metrics: dict, h
         per_rank = state["ranks"]
         if len(per_rank) == env.world_size:
             set_rng_state(per_rank[env.rank]["rng"], device)
-            running.copy_(per_rank[env.rank]["running"])
+            running[:-1].copy_(per_rank[env.rank]["running"])
         else:  # another world size: same data order, new random streams (see state.py)
             seed_everything(rank_seed(cfg.seed, env.rank) + progress.step)
             if env.is_main:
-                running.copy_(sum(r["running"] for r in per_rank))
+                running[:-1].copy_(sum(r["running"] for r in per_rank))
         del state
     elif env.is_main:
         archive(cfg.run_dir)
@@ -189,7 +193,7 @@ def _fit(cfg: Config, dist: Dist, task: task_mod.Task, loss_fn, metrics: dict, h
 
     def save_checkpoint() -> None:
         """Write the whole run state as the newest step checkpoint. Call on all ranks."""
-        per_rank = dist.gather_object({"rng": rng_state(device), "running": running.cpu()})
+        per_rank = dist.gather_object({"rng": rng_state(device), "running": running[:-1].cpu()})  # the last slot is 0 here
         if not env.is_main:
             return
         if not ckpt.finite(module):
@@ -205,6 +209,7 @@ def _fit(cfg: Config, dist: Dist, task: task_mod.Task, loss_fn, metrics: dict, h
         ckpt.prune(ckpt_dir, cfg.checkpoint.keep_last)
 
     start_step, train_time, first_step_time = progress.step, 0.0, None
+    finite_at = progress.step  # the last step at which the weights were seen finite
     last_log, data_wait = (time.perf_counter(), progress.step), [0.0]
     norm = torch.zeros(())
     dist.set_timeout(cfg.dist.timeout_s)
@@ -249,7 +254,8 @@ def _fit(cfg: Config, dist: Dist, task: task_mod.Task, loss_fn, metrics: dict, h
                     if not sync:
                         continue
 
-                    norm, stepped = optimizer_step(params, optimizer, precision, cfg)
+                    log_now = (progress.step + 1) % tc.log_every == 0 or progress.step + 1 == total_steps
+                    norm, stepped = optimizer_step(params, optimizer, precision, cfg, measure=log_now)
                     if cfg.sched.name != "plateau":
                         scheduler.step()
                     progress.step += 1
@@ -260,8 +266,11 @@ def _fit(cfg: Config, dist: Dist, task: task_mod.Task, loss_fn, metrics: dict, h
                     progress.skipped_total += not stepped
                     limit = FP16_MAX_CONSECUTIVE_SKIPS if precision.scaler is not None else 0
                     if progress.skipped_in_a_row > limit and tc.nonfinite == "stop":
-                        _nonfinite_stop(cfg, dist, progress, norm, loss, optimizer)
-                    if progress.step % tc.log_every == 0 or progress.step == total_steps:
+                        _nonfinite_stop(cfg, dist, progress, norm, loss, optimizer,
+                                        f"{progress.skipped_in_a_row} steps in a row skipped by the fp16 gradient "
+                                        f"scaler for non-finite gradients")
+                    if log_now:
+                        running[-1] = nonfinite_count(params)  # the same on every rank: the weights are
                         dist.all_reduce_sum(running)  # the loop's own collective, every log_every steps
                         now = time.perf_counter()
                         event = {"split": "train", "step": progress.step, "epoch": epoch,
@@ -273,6 +282,7 @@ def _fit(cfg: Config, dist: Dist, task: task_mod.Task, loss_fn, metrics: dict, h
                             event["gpu_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
                         log.record(event)
                         log.progress(progress.step, total_steps)
+                        finite_at = _check_finite(cfg, dist, progress, running[-1] == 0, finite_at, norm, loss, optimizer)
                         running.zero_()
                         last_log, data_wait[0] = (now, progress.step), 0.0
                     preempted = preemption.poll()
@@ -284,6 +294,10 @@ def _fit(cfg: Config, dist: Dist, task: task_mod.Task, loss_fn, metrics: dict, h
                     if progress.step >= total_steps:
                         break
                 train_time += time.perf_counter() - t0
+                if tc.nonfinite == "stop" and finite_at != progress.step:  # validation would hide it
+                    count = nonfinite_count(params).double().reshape(1)
+                    finite_at = _check_finite(cfg, dist, progress, dist.all_reduce_sum(count)[0] == 0, finite_at,
+                                              norm, loss, optimizer)
 
                 last_epoch = progress.step >= total_steps or epoch == tc.epochs - 1
                 if task.val is not None and ((epoch + 1) % cfg.val.every == 0 or last_epoch):
@@ -352,16 +366,28 @@ def _summary(cfg, env, progress, stopper, steps_per_epoch, start_step, train_tim
     }
 
 
-def _nonfinite_stop(cfg, dist, progress, norm, loss, optimizer):
+def _check_finite(cfg, dist, progress, finite, finite_at, norm, loss, optimizer) -> int:
+    """The step at which the weights were last seen finite; with train.nonfinite=stop, stop if they are not.
+    `finite` was all-reduced, so every rank takes the same branch. Call on all ranks."""
+    if bool(finite):
+        return progress.step
+    if cfg.train.nonfinite == "stop":
+        _nonfinite_stop(cfg, dist, progress, norm, loss, optimizer,
+                        f"the weights became non-finite after step {finite_at} (a NaN/Inf loss or gradient)")
+    return finite_at
+
+
+def _nonfinite_stop(cfg, dist, progress, norm, loss, optimizer, what: str):
     """Write a diagnostic (rank 0) and raise NonFiniteError on every rank. Call on all ranks."""
     losses = dist.gather_object(float(loss))
-    message = (f"non-finite gradient norm ({float(norm)}) at step {progress.step}, epoch {progress.epoch}; "
-               f"set train.nonfinite=skip to skip such steps, or lower optim.lr")
+    message = (f"{what}; stopped at step {progress.step}, epoch {progress.epoch}; set train.nonfinite=skip to "
+               f"skip such steps (it checks every step), or lower optim.lr")
     if dist.env.is_main:
         from .runlog import write_json_atomic
         last = ckpt.step_files(cfg.run_dir / "checkpoints")
         write_json_atomic(cfg.run_dir / "nonfinite.json", {
-            "step": progress.step, "epoch": progress.epoch, "grad_norm": str(float(norm)),
-            "lr": optimizer.param_groups[0]["lr"], "last_loss_per_rank": [str(v) for v in losses],
+            "what": what, "step": progress.step, "epoch": progress.epoch,
+            "grad_norm": None if norm is None else str(float(norm)), "lr": optimizer.param_groups[0]["lr"],
+            "last_loss_per_rank": [str(v) for v in losses],
             "last_good_checkpoint": str(last[-1]) if last else None})
     raise NonFiniteError(message)

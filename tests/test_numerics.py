@@ -85,16 +85,22 @@ def test_nonfinite_on_one_rank_skips_the_step_on_every_rank(tmp_path):
         assert torch.isfinite(w0[k]).all() and torch.equal(w0[k], w1[k])
 
 
-def test_nonfinite_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+@pytest.mark.parametrize("log_every, finite_at", [(10, 0), (1, 2)])
+def test_nonfinite_on_one_rank_stops_every_rank_at_the_same_step(tmp_path, log_every, finite_at):
     def per_rank(rank, tmp):
-        return train_losses(rank, {"train": {"epochs": 2, "nonfinite": "stop"}}, tmp,
+        return train_losses(rank, {"train": {"epochs": 2, "nonfinite": "stop", "log_every": log_every}}, tmp,
                             hooks={"before_micro_step": poison_rank1_at_step(2)})
 
     with pytest.raises(RankFailed) as info:
         run_ranks(per_rank, 2, tmp_path)
     assert sorted(info.value.errors) == [0, 1]
+    # rank 1's NaN input poisons step 3; without a per-step host sync the weights are checked at log steps
+    # and at each epoch's end (here both at step 3), on all ranks together
     for err in info.value.errors.values():
-        assert err.startswith("NonFiniteError: non-finite gradient norm (nan) at step 3")
+        assert err.startswith(f"NonFiniteError: the weights became non-finite after step {finite_at} (a NaN/Inf "
+                              f"loss or gradient); stopped at step 3, epoch 0"), err
+    diagnostic = json.loads((tmp_path / "t" / "nonfinite.json").read_text())
+    assert diagnostic["step"] == 3 and diagnostic["last_good_checkpoint"] is None
 
 
 def test_stalled_rank_fails_within_the_timeout_instead_of_hanging(tmp_path):
