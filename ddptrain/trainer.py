@@ -1,7 +1,8 @@
 """The training run: set-up, one readable loop, and the end (best weights, test, summary).
 
 Order inside an optimizer step: k micro-batches (all but the last under `no_sync`, so gradients are
-all-reduced once) -> unscale -> global grad norm -> clip -> finite check -> optimizer step -> schedule.
+all-reduced once) -> unscale -> global grad norm (where clipping, logging or `nonfinite: skip` needs
+it) -> clip -> finite check (skip mode) -> optimizer step -> schedule.
 The loop has no per-step collective or host sync of its own: train loss sums stay on the device
 and are reduced only every `train.log_every` steps, and with `train.nonfinite: stop` the weights are
 checked for NaN/Inf in the same reduction (and at each epoch's end), not at every step. Validation
@@ -270,7 +271,7 @@ def _fit(cfg: Config, dist: Dist, task: task_mod.Task, loss_fn, metrics: dict, h
                                         f"{progress.skipped_in_a_row} steps in a row skipped by the fp16 gradient "
                                         f"scaler for non-finite gradients")
                     if log_now:
-                        running[-1] = nonfinite_count(params)  # the same on every rank: the weights are
+                        running[-1] = nonfinite_count(params)  # rides on the reduction, so all ranks agree
                         dist.all_reduce_sum(running)  # the loop's own collective, every log_every steps
                         now = time.perf_counter()
                         event = {"split": "train", "step": progress.step, "epoch": epoch,
