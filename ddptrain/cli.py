@@ -165,7 +165,7 @@ def _sweep(args) -> int:
     if stopped == "SIGINT":
         return 130
     # Preempted (SLURM's time limit or a preemption): under SLURM the worker's job comes back by itself.
-    if result["requeue"] and "SLURM_JOB_ID" in os.environ:
+    if result["requeue"]:
         from .slurm import requeue_and_log
         requeue_and_log()
     from .preempt import EXIT_PREEMPTED

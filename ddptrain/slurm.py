@@ -47,5 +47,7 @@ def requeue_and_log(env: Mapping[str, str] = os.environ) -> None:
     printed the outcome: ignore SIGTERM from here on, so the line reaches the log and the process ends
     with its own exit status (SLURM's SIGKILL, KillWait later, still ends one that hangs).
     """
+    if job_to_requeue(env) is None:  # not under SLURM: nothing to requeue, nothing to say
+        return
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     print(f"ddptrain: {requeue_self(env)}", flush=True)

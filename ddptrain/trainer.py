@@ -328,7 +328,7 @@ def _fit(cfg: Config, dist: Dist, task: task_mod.Task, loss_fn, metrics: dict, h
         log.summary(_summary(cfg, env, progress, stopper, steps_per_epoch, start_step, train_time,
                              first_step_time, clock, resumed_from, status="preempted"))
         log.close()
-        if env.is_main and cfg.preempt.requeue and "SLURM_JOB_ID" in os.environ:
+        if env.is_main and cfg.preempt.requeue:
             from .slurm import requeue_and_log
             requeue_and_log()
         raise
