@@ -187,10 +187,10 @@ def run_ddptrain(args, ds, timer: Timer) -> dict:
     def task_fn(_cfg):
         return task.Task(model=module, train=ds, val=None, test=None, loss=F.cross_entropy, metrics={})
 
-    def before_micro_step(step, micro_step, x, y):
+    def before_micro_step(step, micro_step, batch):
         if timer.at_step(step):
             info.update(finish(module, timer))
-        return x, y
+        return batch
 
     summary = trainer.run(cfg, detect(os.environ), task_fn, hooks={"before_micro_step": before_micro_step})
     info["ddp_wrapped"] = True  # ddptrain wraps whenever world_size > 1; in_sync checks it did

@@ -140,18 +140,39 @@ def load(path: Path) -> dict:
     return state
 
 
+def mismatch(e: Exception) -> str:
+    """The telling part of torch's load_state_dict error: size mismatches first, at most 400 characters."""
+    lines = [l.strip() for l in str(e).splitlines()[1:] if l.strip()]
+    lines.sort(key=lambda l: not l.startswith("size mismatch"))
+    return "; ".join(lines)[:400] or str(e)[:400]
+
+
 def load_model_state(module: torch.nn.Module, state: dict, path: Path) -> None:
     """Load weights, with an error naming the file when they do not fit the configured model."""
     try:
         module.load_state_dict(state["model"])
-    except RuntimeError as e:
-        lines = [l.strip() for l in str(e).splitlines()[1:] if l.strip()]
-        lines.sort(key=lambda l: not l.startswith("size mismatch"))  # the most telling first
-        detail = "; ".join(lines)[:400] or str(e)[:400]
-        raise CheckpointError(f"checkpoint '{path}': its weights do not fit the configured model ({detail})") from None
+    except (RuntimeError, KeyError) as e:
+        raise CheckpointError(f"checkpoint '{path}': its weights do not fit the configured model ({mismatch(e)})") from None
 
 
-def finite(module: torch.nn.Module) -> bool:
-    """True if every parameter and floating buffer is finite: only such weights may replace a checkpoint."""
-    tensors = list(module.parameters()) + [b for b in module.buffers() if b.is_floating_point()]
+def fits(module: torch.nn.Module, weights: dict) -> str | None:
+    """None if `weights` has exactly the module's keys and shapes (so loading cannot stop half-way), else why not."""
+    own = module.state_dict()
+    missing, unexpected = sorted(own.keys() - weights.keys()), sorted(weights.keys() - own.keys())
+    shapes = [k for k in own.keys() & weights.keys()
+              if isinstance(own[k], torch.Tensor) and getattr(weights[k], "shape", None) != own[k].shape]
+    if missing or unexpected or shapes:
+        return f"missing {missing[:3]}, unexpected {unexpected[:3]}, other shapes {shapes[:3]}"
+    return None
+
+
+def watched(module: torch.nn.Module) -> list[torch.Tensor]:
+    """The tensors whose finiteness `finite` checks: the parameters, and the floating buffers that are finite
+    at the start. A buffer that holds -inf by design (a causal attention mask) is not a sign of divergence."""
+    buffers = [b for b in module.buffers() if b.is_floating_point() and bool(torch.isfinite(b).all())]
+    return list(module.parameters()) + buffers
+
+
+def finite(tensors: list[torch.Tensor]) -> bool:
+    """True if every tensor is finite: only such weights may replace a checkpoint."""
     return all(bool(torch.isfinite(t).all()) for t in tensors)

@@ -42,6 +42,15 @@ def _positive_or_none(x):
     return x is None or x > 0
 
 
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
+SCHEDULES = ("constant", "step", "cosine", "linear", "onecycle", "plateau")
+
+
+def _import_path(v: str) -> bool:
+    """`package.module.Name` or `package.module:Name` (resolved when the run starts)."""
+    return (":" in v or "." in v) and all(part.isidentifier() for part in v.replace(":", ".").split("."))
+
+
 @dataclass
 class DataConfig:
     batch_size: int = _f(64, "global batch per optimizer step, split evenly over ranks and accumulation steps", _positive, "> 0")
@@ -65,15 +74,18 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    name: Literal["task", "cross_entropy", "mse", "l1", "huber", "bce_with_logits"] = _f(
-        "task", "loss function; `task` uses the loss the task returns")
+    name: Literal["task", "model", "cross_entropy", "mse", "l1", "huber", "bce_with_logits"] = _f(
+        "task", "loss function; `task` uses the loss the task returns; `model`: the model returns its own loss "
+                "(`output.loss` or `output['loss']`, Hugging Face style)")
     label_smoothing: float = _f(0.0, "label smoothing for cross_entropy", _fraction, "in [0, 1)")
+    ignore_index: int = _f(-100, "target value that cross_entropy ignores (padding); (B, T, V) logits with (B, T) targets are a mean over the other tokens")
     huber_delta: float = _f(1.0, "delta of the huber loss", _positive, "> 0")
 
 
 @dataclass
 class OptimConfig:
-    name: Literal["sgd", "adam", "adamw", "rmsprop"] = _f("adamw", "optimizer")
+    name: str = _f("adamw", "optimizer: sgd, adam, adamw, rmsprop, or any class by import path (torch.optim.NAdam, my_pkg.opt:Lion), built as cls(param_groups, lr=lr, **optim.args)", lambda v: v in OPTIMIZERS or _import_path(v), "sgd, adam, adamw, rmsprop or an import path such as torch.optim.NAdam or my_pkg.opt:Lion")
+    args: dict = _f({}, "extra keyword arguments of the optimizer (for instance for one named by import path)")
     lr: float = _f(1e-3, "peak learning rate", _positive, "> 0")
     weight_decay: float = _f(0.0, "L2 penalty (decoupled for adamw) on weights with 2+ dims; biases and norms are exempt", _non_negative, ">= 0")
     l1: float = _f(0.0, "L1 penalty added to the loss, on weights with 2+ dims", _non_negative, ">= 0")
@@ -85,7 +97,8 @@ class OptimConfig:
 
 @dataclass
 class SchedConfig:
-    name: Literal["constant", "step", "cosine", "linear", "onecycle", "plateau"] = _f("constant", "learning-rate schedule")
+    name: str = _f("constant", "learning-rate schedule: constant, step, cosine, linear, onecycle, plateau, or a class by import path (torch.optim.lr_scheduler.ExponentialLR), built as cls(optimizer, **sched.args) and stepped every optimizer step", lambda v: v in SCHEDULES or _import_path(v), "constant, step, cosine, linear, onecycle, plateau or an import path such as torch.optim.lr_scheduler.ExponentialLR")
+    args: dict = _f({}, "keyword arguments of a schedule named by import path")
     warmup_steps: int = _f(0, "linear warmup steps from lr/100 (constant, step, cosine, linear)", _non_negative, ">= 0")
     min_lr: float = _f(0.0, "final learning rate of cosine and linear", _non_negative, ">= 0")
     step_size: int = _f(1000, "optimizer steps between decays (step)", _positive, "> 0")

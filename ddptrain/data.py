@@ -8,11 +8,12 @@ Evaluation uses ShardSampler: disjoint and unpadded, so no sample is counted twi
 from __future__ import annotations
 
 import itertools
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
+from . import batch
 from .config import DataConfig, ConfigError
 from .dist import DistEnv
 
@@ -67,15 +68,16 @@ def micro_batch_size(cfg: DataConfig, world_size: int, grad_accum_steps: int) ->
     return cfg.batch_size // parts
 
 
-def _loader_kwargs(cfg: DataConfig, device: torch.device) -> dict:
-    kw = {"num_workers": cfg.num_workers, "pin_memory": cfg.pin_memory and device.type == "cuda"}
+def _loader_kwargs(cfg: DataConfig, device: torch.device, collate: Callable | None) -> dict:
+    kw = {"num_workers": cfg.num_workers, "pin_memory": cfg.pin_memory and device.type == "cuda",
+          "collate_fn": collate or batch.collate}
     if cfg.num_workers > 0:
         kw["persistent_workers"] = cfg.persistent_workers
     return kw
 
 
 def train_loader(dataset: Dataset, cfg: DataConfig, env: DistEnv, grad_accum_steps: int, seed: int,
-                 device: torch.device) -> tuple[DataLoader, ResumableSampler]:
+                 device: torch.device, collate: Callable | None = None) -> tuple[DataLoader, ResumableSampler]:
     per_rank = micro_batch_size(cfg, env.world_size, grad_accum_steps)
     if len(dataset) < cfg.batch_size:
         raise ConfigError(f"config key 'data.batch_size': {cfg.batch_size} is larger than the training set "
@@ -85,10 +87,11 @@ def train_loader(dataset: Dataset, cfg: DataConfig, env: DistEnv, grad_accum_ste
     # The loader draws its workers' base seed from its own generator (re-seeded every epoch by the
     # loop), not from the global RNG, whose state a checkpoint restores exactly.
     loader = DataLoader(dataset, batch_size=per_rank, sampler=sampler, drop_last=True,
-                        generator=torch.Generator(), **_loader_kwargs(cfg, device))
+                        generator=torch.Generator(), **_loader_kwargs(cfg, device, collate))
     return loader, sampler
 
 
-def eval_loader(dataset: Dataset, cfg: DataConfig, rank: int, world_size: int, device: torch.device) -> DataLoader:
+def eval_loader(dataset: Dataset, cfg: DataConfig, rank: int, world_size: int, device: torch.device,
+                collate: Callable | None = None) -> DataLoader:
     return DataLoader(dataset, batch_size=cfg.eval_batch_size, sampler=ShardSampler(len(dataset), rank, world_size),
-                      **_loader_kwargs(cfg, device))
+                      **_loader_kwargs(cfg, device, collate))

@@ -42,14 +42,14 @@ class CollectiveError(RuntimeError):
     """A collective failed or timed out: another rank died, stalled or cannot be reached."""
 
 
-def explain_failure(error: RuntimeError, env: DistEnv, where: dict, timeout_s: float) -> CollectiveError | None:
+def explain_failure(error: RuntimeError, env: DistEnv, phase: str, step: int, timeout_s: float) -> CollectiveError | None:
     """A collective's failure as one sentence that names the likely cause, or None if it is something else."""
     text = str(error)
     first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
     if isinstance(error, dist.DistError) or any(
             s in text for s in ("Timed out", "timed out", "Connection closed by peer", "Connection reset")):
         return CollectiveError(
-            f"[rank {env.rank}] a collective failed during {where['phase']} (step {where['step']}): another rank "
+            f"[rank {env.rank}] a collective failed during {phase} (step {step}): another rank "
             f"died, stalled or is unreachable; the collective timeout is dist.timeout_s={timeout_s:g} s "
             f"({first})")
     return None

@@ -7,52 +7,49 @@ eval mode, so DDP issues no collective while only some ranks run it.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .config import Config
+from .batch import Forward, to_device
+from .config import DataConfig
 from .data import eval_loader
 from .dist import Dist
-from .losses import metric_values
+from .losses import Sums
 from .precision import Precision
 
 
-@torch.no_grad()
-def _sums(module: nn.Module, loader, loss_fn, metrics: dict, precision: Precision, device) -> torch.Tensor:
-    """[loss sum, sample count, metric stats...] over one loader, in float64."""
-    total = None
-    for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with precision.autocast():
-            out = module(x)
-        # The loss is a mean over the batch; taking it in float64 makes its sum over batches and
-        # shards independent (to ~1e-15) of how the samples were cut into batches.
-        loss = loss_fn(out.double(), y.double() if y.is_floating_point() else y)
-        n = len(y)
-        parts = [(loss.double() * n).reshape(1), torch.tensor([float(n)], dtype=torch.float64, device=device)]
-        parts += [m.batch_stats(out, y).to(device) for m in metrics.values()]
-        row = torch.cat([p.double() for p in parts])
-        total = row if total is None else total + row
-    return total
+class Evaluator:
+    def __init__(self, dist: Dist, forward: Forward, metrics: dict, precision: Precision, mode: str,
+                 data: DataConfig, collate: Callable | None = None):
+        self.dist, self.forward, self.metrics, self.precision = dist, forward, metrics, precision
+        self.mode, self.data, self.collate = mode, data, collate
 
+    def __call__(self, module: nn.Module, dataset: Dataset) -> dict:
+        """Metrics of `dataset` on every rank: {'loss': ..., <metric>: ...}. Call on all ranks."""
+        env = self.dist.env
+        rank, world = (env.rank, env.world_size) if self.mode == "sharded" else (0, 1)
+        was_training = module.training
+        module.eval()
+        values = None
+        if self.mode == "sharded" or env.is_main:
+            sums = self._sums(module, eval_loader(dataset, self.data, rank, world, self.dist.device, self.collate))
+            if self.mode == "sharded":
+                self.dist.all_reduce_sum(sums.tensor)
+            values = sums.values()
+        module.train(was_training)
+        # Rank 0's values go to everyone, so that every rank takes the same decisions from them.
+        return self.dist.broadcast_object(values)
 
-def evaluate(cfg: Config, dist: Dist, module: nn.Module, dataset: Dataset, loss_fn, metrics: dict,
-             precision: Precision) -> dict:
-    """Metrics of `dataset` on every rank: {'loss': ..., <metric>: ...}. Call on all ranks."""
-    env = dist.env
-    rank, world = (env.rank, env.world_size) if cfg.val.mode == "sharded" else (0, 1)
-    was_training = module.training
-    module.eval()
-    values = None
-    if cfg.val.mode == "sharded" or env.is_main:
-        loader = eval_loader(dataset, cfg.data, rank, world, dist.device)
-        stats = _sums(module, loader, loss_fn, metrics, precision, dist.device)
-        if stats is None:  # this rank's shard is empty (more ranks than samples)
-            stats = torch.zeros(2 + sum(m.width for m in metrics.values()), dtype=torch.float64, device=dist.device)
-        if cfg.val.mode == "sharded":
-            dist.all_reduce_sum(stats)
-        values = metric_values(stats, metrics)
-    module.train(was_training)
-    # Rank 0's values go to everyone, so that every rank takes the same decisions from them.
-    return dist.broadcast_object(values)
+    @torch.no_grad()
+    def _sums(self, module: nn.Module, loader) -> Sums:
+        sums = Sums(self.metrics, self.dist.device)
+        for batch in loader:
+            with self.precision.autocast():
+                # The loss is taken in float64, so its sum over batches and shards does not depend (to
+                # ~1e-15) on how the samples were cut into batches.
+                computed = self.forward(module, to_device(batch, self.dist.device), precise=True)
+            sums.add(computed)
+        return sums

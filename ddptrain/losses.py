@@ -2,8 +2,8 @@
 
 A metric is either a plain function `(output, target) -> per-sample values`, reported as their mean
 over all samples of all ranks, or an object with `batch_stats(output, target) -> 1-D tensor of sums`
-and `compute(stats, count) -> float` for values that are not means (R^2). Either way evaluation only
-all-reduces sums and counts, so sharding changes nothing.
+and `compute(stats, count) -> float` for values that are not means (R^2). Either way training logs and
+evaluation only all-reduce sums and counts (`Sums`), so sharding changes nothing.
 """
 from __future__ import annotations
 
@@ -15,14 +15,33 @@ import torch.nn.functional as F
 from .config import LossConfig
 
 
-def build_loss(cfg: LossConfig) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
-    """The named loss as a function (output, target) -> mean loss, or None for `task`."""
+class CrossEntropy:
+    """Cross entropy of (N, C) logits and (N,) classes, or of sequences: (B, T, V) logits, classes last as
+    a language model gives them, with (B, T) targets. The loss is the mean over the counted targets (not
+    `ignore_index`); `weight` says how many there are, so logged and evaluated losses are exact token means.
+    """
+
+    def __init__(self, label_smoothing: float = 0.0, ignore_index: int = -100):
+        self.label_smoothing, self.ignore_index = label_smoothing, ignore_index
+
+    def __call__(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if out.dim() > 2 and out.shape[:-1] == y.shape:
+            out, y = out.reshape(-1, out.shape[-1]), y.reshape(-1)
+        return F.cross_entropy(out, y, label_smoothing=self.label_smoothing, ignore_index=self.ignore_index)
+
+    def weight(self, out, y) -> torch.Tensor | int:
+        # Sequences: the counted tokens (a device tensor, no host sync). One label per sample: the samples.
+        return (y != self.ignore_index).sum() if y.dim() >= 2 else len(y)
+
+
+def build_loss(cfg: LossConfig) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | str | None:
+    """The named loss as a function (output, target) -> mean loss; "model" (the model returns its loss); None for `task`."""
     if cfg.name == "cross_entropy":
-        return lambda out, y: F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)
+        return CrossEntropy(cfg.label_smoothing, cfg.ignore_index)
     if cfg.name == "huber":
         return lambda out, y: F.huber_loss(out, y, delta=cfg.huber_delta)
     return {"mse": F.mse_loss, "l1": F.l1_loss, "bce_with_logits": F.binary_cross_entropy_with_logits,
-            "task": None}[cfg.name]
+            "model": "model", "task": None}[cfg.name]
 
 
 ELEMENTWISE = {"mse", "l1", "huber", "bce_with_logits"}
@@ -82,12 +101,62 @@ def as_metric(m) -> Metric:
     return m if hasattr(m, "batch_stats") else Mean(m)
 
 
-def metric_values(stats: torch.Tensor, metrics: dict) -> dict:
-    """{'loss': ..., <metric>: ...} from summed stats laid out as [loss sum, count, metric stats...]."""
-    stats = stats.cpu()
-    count = int(stats[1])
-    values, offset = {"loss": float(stats[0] / max(count, 1))}, 2
-    for name, m in metrics.items():
-        values[name] = m.compute(stats[offset:offset + m.width], count)
-        offset += m.width
-    return values
+class Sums:
+    """Running sums of a run's batches, kept on the device in one float64 tensor so that one all-reduce adds
+    them all up: the loss times its weight, the weight (tokens; 0 when the loss is a mean over samples),
+    samples, sequence tokens, each metric's stats, and a slot for the non-finite check that rides on the
+    same reduction. No host sync until `values()`.
+    """
+
+    LOSS, WEIGHT, SAMPLES, TOKENS, FIRST_METRIC = range(5)
+
+    def __init__(self, metrics: dict, device: torch.device):
+        self.metrics, self.slots, offset = metrics, {}, self.FIRST_METRIC
+        for name, m in metrics.items():
+            self.slots[name] = slice(offset, offset + m.width)
+            offset += m.width
+        self.nonfinite = offset
+        self.tensor = torch.zeros(offset + 1, dtype=torch.float64, device=device)
+
+    @torch.no_grad()
+    def add(self, c) -> None:
+        """Add one micro-batch's `batch.Computed`."""
+        t = self.tensor
+        if isinstance(c.weight, int):
+            t[self.LOSS].add_(c.loss.detach(), alpha=c.weight)
+        else:
+            t[self.LOSS] += c.loss.detach().double() * c.weight
+            t[self.WEIGHT] += c.weight
+        t[self.SAMPLES] += c.samples
+        if c.tokens:
+            t[self.TOKENS] += c.tokens
+        for name, m in self.metrics.items():
+            t[self.slots[name]] += m.batch_stats(c.output, c.target).to(t)
+
+    def values(self) -> dict:
+        """{'loss': ..., <metric>: ...}: means over all samples (or tokens) added, of all ranks once reduced."""
+        t = self.tensor.cpu()
+        count = int(t[self.SAMPLES])
+        weight = float(t[self.WEIGHT]) or count
+        values = {"loss": float(t[self.LOSS] / max(weight, 1))}
+        for name, m in self.metrics.items():
+            values[name] = m.compute(t[self.slots[name]], count)
+        return values
+
+    def tokens(self) -> int:
+        return int(self.tensor[self.TOKENS])
+
+    def zero(self) -> None:
+        self.tensor.zero_()
+
+    def state_dict(self) -> torch.Tensor:
+        return self.tensor[:-1].cpu()  # the non-finite slot is filled just before a reduction, cleared after
+
+    def load_other_world_size(self, states: list[torch.Tensor], rank: int) -> None:
+        """Resumed on another world size: rank 0 holds all unlogged sums, so the next record still adds up."""
+        self.load_state_dict(sum(states) if rank == 0 else torch.zeros_like(states[0]))
+
+    def load_state_dict(self, state: torch.Tensor) -> None:
+        if len(state) == len(self.tensor) - 3:  # format 1's [loss sum, samples, metric stats...]
+            state = torch.cat([state[:1], state.new_zeros(1), state[1:2], state.new_zeros(1), state[2:]])
+        self.tensor[:-1].copy_(state)

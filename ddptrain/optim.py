@@ -1,15 +1,20 @@
 """Optimizers, learning-rate schedules, the L1 penalty, and the optimizer step (unscale, clip, step).
 
+Optimizers and schedules are named (the built-ins) or given by import path, or the task supplies them.
 Weight decay and L1 apply to weights with two or more dimensions; biases and norm parameters are
-exempt, as in most modern recipes. Every schedule except plateau steps once per optimizer step.
+exempt, as in most modern recipes (through parameter groups, for any optimizer). Every schedule except
+plateau (ReduceLROnPlateau, stepped at each validation) steps once per optimizer step.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import nn
 from torch.optim import lr_scheduler as sch
 
-from .config import Config, OptimConfig, SchedConfig
+from .config import OPTIMIZERS, SCHEDULES, OptimConfig, SchedConfig, TrainConfig
+from .importing import import_object
 from .precision import Precision
 
 
@@ -18,18 +23,31 @@ def _decayed(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     return [p for p in params if p.dim() >= 2], [p for p in params if p.dim() < 2]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """The trainable parameters, weights with 2+ dimensions apart from the exempt biases and norms."""
     decay, no_decay = _decayed(model)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if cfg.weight_decay == 0:  # one group: each group is a separate foreach update per step
-        groups = [{"params": decay + no_decay, "weight_decay": 0.0}]
+    # Every group names its weight decay, so that an optimizer's own default (AdamW's 0.01) never applies
+    # unseen; an optimizer without weight decay keeps the key unused.
+    if weight_decay == 0:  # one group: each group is a separate foreach update per step
+        return [{"params": decay + no_decay, "weight_decay": 0.0}]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, task_optimizer: Callable | None = None) -> torch.optim.Optimizer:
+    """The task's optimizer (given the parameter groups), else the configured one by name or import path."""
+    groups = param_groups(model, cfg.weight_decay)
+    if task_optimizer is not None:
+        return task_optimizer(groups)
+    if cfg.name not in OPTIMIZERS:
+        return import_object(cfg.name, "optim.name")(groups, lr=cfg.lr, **cfg.args)
+    kw = dict(lr=cfg.lr, **cfg.args)
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+        return torch.optim.SGD(groups, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0, **kw)
     if cfg.name == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+        return torch.optim.Adam(groups, betas=tuple(cfg.betas), eps=cfg.eps, **kw)
     if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
-    return torch.optim.RMSprop(groups, lr=cfg.lr, momentum=cfg.momentum, eps=cfg.eps)
+        return torch.optim.AdamW(groups, betas=tuple(cfg.betas), eps=cfg.eps, **kw)
+    return torch.optim.RMSprop(groups, momentum=cfg.momentum, eps=cfg.eps, **kw)
 
 
 def l1_penalty(model: nn.Module, strength: float) -> torch.Tensor | float:
@@ -39,15 +57,22 @@ def l1_penalty(model: nn.Module, strength: float) -> torch.Tensor | float:
     return strength * sum(p.abs().sum() for p in decay)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedConfig, total_steps: int, lr: float):
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedConfig, total_steps: int, lr: float,
+                    task_scheduler: Callable | None = None):
     """Return the scheduler; `total_steps` is the number of optimizer steps the run will take."""
+    if task_scheduler is not None:
+        return task_scheduler(optimizer, total_steps)
     if cfg.name == "plateau":
         return sch.ReduceLROnPlateau(optimizer, factor=cfg.gamma, patience=cfg.plateau_patience)
     if cfg.name == "onecycle":
         return sch.OneCycleLR(optimizer, max_lr=lr, total_steps=max(total_steps, 2), pct_start=cfg.pct_start)
     warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
     rest = max(total_steps - warmup, 1)
-    if cfg.name == "constant":
+    if cfg.name not in SCHEDULES:
+        main = import_object(cfg.name, "sched.name")(optimizer, **cfg.args)
+        if isinstance(main, sch.ReduceLROnPlateau):
+            return main
+    elif cfg.name == "constant":
         main = sch.ConstantLR(optimizer, factor=1.0, total_iters=0)
     elif cfg.name == "step":
         main = sch.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
@@ -61,7 +86,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedConfig, total_st
     return sch.SequentialLR(optimizer, [ramp, main], milestones=[warmup])
 
 
-def optimizer_step(params: list[nn.Parameter], optimizer, precision: Precision, cfg: Config,
+def optimizer_step(params: list[nn.Parameter], optimizer, precision: Precision, tc: TrainConfig,
                    measure: bool = True) -> tuple[torch.Tensor | None, bool]:
     """Unscale, clip, step. Return (pre-clip global grad norm, or None if not measured; whether it stepped).
 
@@ -70,7 +95,6 @@ def optimizer_step(params: list[nn.Parameter], optimizer, precision: Precision, 
     `measure` asks for it (log steps), and with `train.nonfinite: skip`, which alone makes the host
     wait for the device at every step to decide whether to step.
     """
-    tc = cfg.train
     precision.unscale(optimizer)
     with_grad = [p for p in params if p.grad is not None]
     norm = None

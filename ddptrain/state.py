@@ -1,11 +1,12 @@
-"""The run's resumable state besides the model and optimizer: loop position, seeds and every rank's RNG,
-and which checkpoint a run continues from.
+"""What a checkpoint holds, listed once (`RunState`), the loop position, seeds and every rank's RNG, and
+which checkpoint a run continues from.
 
-A checkpoint holds one `Progress` and, for each rank, its RNG states and its not-yet-logged train
-sums. Resumed on the same world size, every rank gets its own back, so the run continues bitwise as
-if it had never stopped. On another world size the data order is still exact (the batch is global and
-the sampler's permutation does not depend on the world size); dropout and other random streams are
-re-seeded per rank, so the result matches only statistically.
+A checkpoint holds the shared parts (model, optimizer, schedule, precision, early stopping, `Progress`)
+once and, for each rank, its RNG states and its not-yet-logged train sums. Resumed on the same world
+size, every rank gets its own back, so the run continues bitwise as if it had never stopped. On another
+world size the data order is still exact (the batch is global and the sampler's permutation does not
+depend on the world size); dropout and other random streams are re-seeded per rank, so the result
+matches only statistically.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import random
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable, Protocol
 
 import torch
 
@@ -39,6 +41,59 @@ class Progress:
     def load_state_dict(self, state: dict) -> None:
         for key, value in state.items():
             setattr(self, key, value)
+
+
+class Stateful(Protocol):
+    def state_dict(self): ...
+    def load_state_dict(self, state) -> None: ...
+
+
+class RunState:
+    """Every part of a checkpoint, each with state_dict() / load_state_dict(), named once.
+
+    `shared` parts are identical on every rank, and rank 0's copy is saved. `per_rank` parts differ
+    between ranks and are gathered: the RNG streams and the train sums not yet logged.
+    """
+
+    def __init__(self, shared: dict[str, Stateful], per_rank: dict[str, Stateful], dist: Dist):
+        self.shared, self.per_rank, self.dist = shared, per_rank, dist
+
+    def state_dict(self) -> dict | None:
+        """The whole state on rank 0, None elsewhere. Call on all ranks."""
+        ranks = self.dist.gather_object({name: part.state_dict() for name, part in self.per_rank.items()})
+        if not self.dist.env.is_main:
+            return None
+        return {**{name: part.state_dict() for name, part in self.shared.items()}, "ranks": ranks}
+
+    def load_state_dict(self, state: dict, path) -> None:
+        for name, part in self.shared.items():
+            try:
+                part.load_state_dict(state[name])
+            except (RuntimeError, ValueError, KeyError) as e:
+                raise ckpt.CheckpointError(f"checkpoint '{path}': its {name} does not fit this run "
+                                           f"({ckpt.mismatch(e)})") from None
+        ranks, env = state["ranks"], self.dist.env
+        for name, part in self.per_rank.items():
+            if len(ranks) == env.world_size:
+                part.load_state_dict(ranks[env.rank][name])
+            else:
+                part.load_other_world_size([r[name] for r in ranks], env.rank)
+
+
+class RngState:
+    """This rank's RNG streams (torch, CUDA, Python, NumPy) as a checkpoint part."""
+
+    def __init__(self, device: torch.device, reseed: Callable[[int], None]):
+        self.device, self.reseed = device, reseed
+
+    def state_dict(self) -> dict:
+        return rng_state(self.device)
+
+    def load_state_dict(self, state: dict) -> None:
+        set_rng_state(state, self.device)
+
+    def load_other_world_size(self, states: list, rank: int) -> None:
+        self.reseed(rank)  # new streams: no rank's old stream belongs to this rank now
 
 
 def seed_everything(seed: int) -> None:
@@ -101,6 +156,11 @@ def _get(d: dict, dotted: str):
 
 def check_compatible(saved: dict, current: dict, path) -> None:
     """Refuse to continue a checkpoint under a config that would train differently."""
+    from . import config as config_mod
+    try:  # keys added since the checkpoint was made take their defaults, which is what it trained with
+        saved = config_mod.to_dict(config_mod.from_dict(saved))
+    except ConfigError:
+        pass
     pinned = list(PINNED)
     if _get(current, "sched.name") in ("cosine", "linear", "onecycle"):
         pinned += ["train.epochs", "train.max_steps"]  # these schedules are laid out over the whole run

@@ -2,23 +2,22 @@
 
 `task: "my_pkg.my_module:build"` (or `path/to/file.py:build`, or a built-in name) names a function
 that takes the Config and returns a Task. Before any process group exists, `check` runs the model on
-two training samples, so a dataset of the wrong shape fails with a message instead of a deep traceback.
+two training samples, so data of the wrong shape fails with a message instead of a deep traceback.
+How a batch reaches the model is batch.py's business; a task can take it over with `step`.
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import os
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset
 
+from .batch import Forward, call, collate, describe
 from .config import Config, ConfigError
+from .importing import import_object
+from .losses import ELEMENTWISE, as_metric, build_loss
 
 BUILTIN = {"digits": "ddptrain.tasks.digits:build", "diabetes": "ddptrain.tasks.diabetes:build"}
 
@@ -33,8 +32,15 @@ class Task:
     train: Dataset
     val: Dataset | None = None
     test: Dataset | None = None
-    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    # (output, target) -> mean loss; "model": the model returns its own loss; None: the config's loss.name
+    loss: Callable[[Any, Any], torch.Tensor] | str | None = None
     metrics: dict = field(default_factory=dict)  # name -> per-sample function or Metric object
+    # step(model, batch) -> loss or (loss, output, target): the whole forward pass, for any other shape
+    step: Callable[[nn.Module, Any], Any] | None = None
+    optimizer: Callable[[list[dict]], torch.optim.Optimizer] | None = None  # (param groups) -> optimizer
+    scheduler: Callable[[torch.optim.Optimizer, int], Any] | None = None    # (optimizer, total steps) -> schedule
+    collate: Callable[[list], Any] | None = None  # the DataLoaders' collate_fn (default: torch's, plus dataclasses)
+    target_key: str = "labels"  # the target's field in dict, dataclass and named-tuple items
 
 
 def resolve(spec: str) -> Callable[[Config], Task]:
@@ -43,25 +49,9 @@ def resolve(spec: str) -> Callable[[Config], Task]:
     if ":" not in spec:
         raise ConfigError(f"config key 'task': expected a built-in task ({', '.join(BUILTIN)}) or "
                           f"'module:function', got {spec!r}")
-    target, name = spec.rsplit(":", 1)
-    try:
-        if target.endswith(".py"):
-            if not Path(target).is_file():
-                raise ConfigError(f"config key 'task': file '{target}' not found")
-            mod_spec = importlib.util.spec_from_file_location(Path(target).stem, target)
-            module = importlib.util.module_from_spec(mod_spec)
-            mod_spec.loader.exec_module(module)
-        else:
-            if os.getcwd() not in sys.path:  # as `python -m` does, so a task next to the config imports
-                sys.path.insert(0, os.getcwd())
-            module = importlib.import_module(target)
-    except ConfigError:
-        raise
-    except ImportError as e:
-        raise ConfigError(f"config key 'task': cannot import '{target}': {e}") from None
-    fn = getattr(module, name, None)
+    fn = import_object(spec, "task")
     if not callable(fn):
-        raise ConfigError(f"config key 'task': '{target}' has no function '{name}'")
+        raise ConfigError(f"config key 'task': '{spec}' is not a function")
     return fn
 
 
@@ -91,34 +81,54 @@ def _shape(t) -> str:
     return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
 
 
-def check(cfg: Config, task: Task, loss_fn, metrics: dict, elementwise_loss: bool) -> None:
-    """Run the model on two training samples: items must be (input, target) and fit the model and loss."""
+def prepare(cfg: Config, task: Task) -> tuple[Forward, dict]:
+    """The task's forward pass (by the batch rules, or its `step`) and metrics, checked on two samples."""
+    loss_fn = build_loss(cfg.loss) or task.loss
+    if isinstance(loss_fn, str) and loss_fn != "model":
+        raise TaskError(f"task '{cfg.task}': Task.loss must be a function or 'model', got {loss_fn!r} (name "
+                        f"built-in losses with the config key loss.name)")
+    if loss_fn is None and task.step is None:
+        raise ConfigError("config key 'loss.name': the task returns no loss; name one (cross_entropy, mse, l1, "
+                          "huber, bce_with_logits, or model when the model computes its own)")
+    forward = Forward(loss_fn, task.step, task.target_key)
+    metrics = {name: as_metric(m) for name, m in task.metrics.items()}
+    check(cfg, task, forward, metrics)
+    return forward, metrics
+
+
+def check(cfg: Config, task: Task, forward: Forward, metrics: dict) -> None:
+    """Run the model on a batch of two training samples: it must fit the model, the loss and the metrics."""
     name = f"task '{cfg.task}'"
-    item = task.train[0]
-    if not (isinstance(item, (tuple, list)) and len(item) == 2):
-        raise TaskError(f"{name}: training items must be (input, target) pairs, got {type(item).__name__}")
-    x, y = default_collate([task.train[i] for i in range(min(2, len(task.train)))])
+    items = [task.train[i] for i in range(min(2, len(task.train)))]
+    try:
+        batch = (task.collate or collate)(items)
+    except Exception as e:
+        raise TaskError(f"{name}: training items cannot be batched ({describe(items[0])}): {e}") from None
     model = task.model
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
+            if task.step is not None:
+                try:
+                    c = forward(model, batch)
+                except Exception as e:
+                    raise TaskError(f"{name}: the task's step fails on a training batch {describe(batch)}: {e}") from None
+            else:
+                c = _check_forward(name, cfg, forward, model, batch)
             try:
-                out = model(x)
-            except Exception as e:
-                raise TaskError(f"{name}: the model fails on a training batch of input shape {_shape(x)}: {e}") from None
-            if elementwise_loss and isinstance(out, torch.Tensor) and out.shape != y.shape:
-                raise TaskError(f"{name}: loss '{cfg.loss.name}' expects the model output {_shape(out)} and the "
-                                f"target {_shape(y)} to have the same shape")
-            try:
-                loss = loss_fn(out, y)
                 for m in metrics.values():
-                    m.batch_stats(out, y)
+                    if c.output is None or c.target is None:
+                        raise TaskError(f"{name}: metrics need the output and the target; let the step return "
+                                        f"(loss, output, target)")
+                    m.batch_stats(c.output, c.target)
+            except TaskError:
+                raise
             except Exception as e:
-                raise TaskError(f"{name}: loss or metrics fail on model output {_shape(out)} and target "
-                                f"{_shape(y)}: {e}") from None
-            if not (isinstance(loss, torch.Tensor) and loss.dim() == 0):
-                raise TaskError(f"{name}: the loss must return a scalar tensor, got {_shape(loss)}")
+                raise TaskError(f"{name}: metrics fail on model output {describe(c.output)} and target "
+                                f"{describe(c.target)}: {e}") from None
+            if not (isinstance(c.loss, torch.Tensor) and c.loss.dim() == 0):
+                raise TaskError(f"{name}: the loss must be a scalar tensor, got {_shape(c.loss)}")
     finally:
         model.train(was_training)
     known = ["loss", *metrics]
@@ -127,3 +137,26 @@ def check(cfg: Config, task: Task, loss_fn, metrics: dict, elementwise_loss: boo
         close = difflib.get_close_matches(cfg.early_stop.monitor, [f"val_{k}" for k in known], n=1)
         hint = f"; did you mean '{close[0]}'?" if close else f"; available: {', '.join('val_' + k for k in known)}"
         raise ConfigError(f"config key 'early_stop.monitor': the task reports no {cfg.early_stop.monitor!r}{hint}")
+
+
+def _check_forward(name: str, cfg: Config, forward: Forward, model: nn.Module, batch):
+    try:
+        inputs, target = forward.split(batch)
+    except TypeError as e:
+        raise TaskError(f"{name}: {e}") from None
+    if target is None and not forward.own_loss:
+        raise TaskError(f"{name}: the training items have no '{forward.target_key}' (the target); name it with "
+                        f"Task(target_key=...), or set loss.name=model if the model computes its own loss")
+    try:
+        out = call(model, inputs)
+    except Exception as e:
+        raise TaskError(f"{name}: the model fails on a training batch of input {describe(inputs)}: {e}") from None
+    if cfg.loss.name in ELEMENTWISE and isinstance(out, torch.Tensor) and isinstance(target, torch.Tensor) \
+            and out.shape != target.shape:
+        raise TaskError(f"{name}: loss '{cfg.loss.name}' expects the model output {_shape(out)} and the "
+                        f"target {_shape(target)} to have the same shape")
+    try:
+        return forward(lambda *a, **k: out, batch)  # the loss of the output just computed
+    except Exception as e:
+        raise TaskError(f"{name}: the loss fails on model output {describe(out)} and target {describe(target)}: "
+                        f"{e}") from None

@@ -9,7 +9,8 @@ from torch import nn
 from ddptrain import checkpoint, train
 from ddptrain.config import from_dict
 from ddptrain.dist import Dist, DistEnv
-from ddptrain.evaluate import evaluate
+from ddptrain.batch import Forward
+from ddptrain.evaluate import Evaluator
 from ddptrain.losses import as_metric, build_loss, squared_error
 from ddptrain.models import mlp
 from ddptrain.optim import build_optimizer, build_scheduler
@@ -123,8 +124,9 @@ def test_best_weights_are_restored_before_the_test_split(tmp_path):
     dist = Dist(DistEnv(), torch.device("cpu"), "gloo", 10, 10)
     prec = Precision("fp32", torch.device("cpu"))
     metrics = {"mse": as_metric(squared_error)}
-    assert evaluate(cfg, dist, task.model, task.val, F.mse_loss, metrics, prec)["loss"] == pytest.approx(s["best_value"], rel=1e-9)
-    assert evaluate(cfg, dist, task.model, task.test, F.mse_loss, metrics, prec) == pytest.approx(s["test"], rel=1e-9)
+    evaluate = Evaluator(dist, Forward(F.mse_loss), metrics, prec, "sharded", cfg.data)
+    assert evaluate(task.model, task.val)["loss"] == pytest.approx(s["best_value"], rel=1e-9)
+    assert evaluate(task.model, task.test) == pytest.approx(s["test"], rel=1e-9)
 
 
 def test_train_loss_is_the_mean_over_all_ranks(tmp_path):

@@ -33,10 +33,10 @@ def with_(section, **values):
 
 def train_rank(rank, runs_dir, cfg_dict, kill_at=None):
     """Train; with kill_at, rank 1 kills itself with SIGKILL when it reaches that step."""
-    def hook(step, micro_step, x, y):
+    def hook(step, micro_step, batch):
         if kill_at is not None and rank == 1 and step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
-        return x, y
+        return batch
     cfg = from_dict({**cfg_dict, "runs_dir": str(runs_dir), "name": "r"})
     summary = run(cfg, detect(os.environ), hooks={"before_micro_step": hook})
     return {"summary": summary, "weights": {k: v.clone() for k, v in tasks_for_tests.MODELS[-1].state_dict().items()}}
@@ -174,7 +174,7 @@ def test_a_checkpoint_of_another_model_shape_is_a_clear_error(tmp_path):
 
 def test_nonfinite_weights_never_replace_a_good_checkpoint(tmp_path):
     model = torch.nn.Linear(2, 2)
-    assert checkpoint.finite(model)
+    assert checkpoint.finite(checkpoint.watched(model))
     with torch.no_grad():
         model.weight[0, 0] = float("inf")
-    assert not checkpoint.finite(model)
+    assert not checkpoint.finite(checkpoint.watched(model))

@@ -9,7 +9,8 @@ from torch import nn
 from ddptrain.config import from_dict
 from ddptrain.dist import detect
 from ddptrain.precision import Precision
-from ddptrain.trainer import optimizer_step, run
+from ddptrain.optim import optimizer_step
+from ddptrain.trainer import run
 
 from multirank import RankFailed, run_ranks
 
@@ -44,7 +45,7 @@ def one_step_update(precision, clip_norm=None, clip_value=None):
     with prec.autocast():
         loss = model(10 * torch.randn(16, 8)).pow(2).mean()  # large gradients, but no fp16 overflow
     prec.backward(loss)
-    norm, stepped = optimizer_step(list(model.parameters()), opt, prec, cfg)
+    norm, stepped = optimizer_step(list(model.parameters()), opt, prec, cfg.train)
     delta = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, model.parameters())])
     return float(norm), stepped, delta
 
@@ -63,7 +64,8 @@ def test_clipping_by_value():
 
 
 def poison_rank1_at_step(step_to_poison):
-    def hook(step, micro_step, x, y):
+    def hook(step, micro_step, batch):
+        x, y = batch
         if int(os.environ.get("RANK", 0)) == 1 and step == step_to_poison:
             x = x.clone()
             x[0, 0] = float("nan")
@@ -106,11 +108,11 @@ def test_nonfinite_on_one_rank_stops_every_rank_at_the_same_step(tmp_path, log_e
 def test_stalled_rank_fails_within_the_timeout_instead_of_hanging(tmp_path):
     """Rank 1 stalls for 20 s at step 2; with a 3 s collective timeout rank 0 fails fast, naming the timeout."""
     def per_rank(rank, tmp):
-        def stall(step, micro_step, x, y):
+        def stall(step, micro_step, batch):
             if rank == 1 and step == 2:
                 import time
                 time.sleep(20)
-            return x, y
+            return batch
         cfg = {"train": {"epochs": 3}, "dist": {"timeout_s": 3}}
         return train_losses(rank, cfg, tmp, hooks={"before_micro_step": stall})
 

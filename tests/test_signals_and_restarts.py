@@ -98,10 +98,10 @@ def test_signal_to_the_launcher_checkpoints_exits_75_and_resumes_exactly(tmp_pat
 
 def test_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     def per_rank(rank, tmp):
-        def hook(step, micro_step, x, y):
+        def hook(step, micro_step, batch):
             if rank == 1 and step == 4 and micro_step % 1 == 0:
                 os.kill(os.getpid(), signal.SIGUSR2)
-            return x, y
+            return batch
         cfg = from_dict({"task": "tasks_for_tests:regression", "runs_dir": str(tmp), "data": {"batch_size": 16},
                          "train": {"epochs": 4}, "dist": {"timeout_s": 20}})
         return run(cfg, detect(os.environ), hooks={"before_micro_step": hook})

@@ -19,10 +19,10 @@ BASE = {"task": "tasks_for_tests:classification", "name": "r", "data": {"batch_s
 
 
 def train_rank(rank, runs_dir, cfg_dict, fail_at=None):
-    def hook(step, micro_step, x, y):
+    def hook(step, micro_step, batch):
         if rank == 1 and step == fail_at:
             raise RuntimeError("injected crash")
-        return x, y
+        return batch
     os.environ.pop("WANDB_API_KEY", None)
     cfg = from_dict({**cfg_dict, "runs_dir": str(runs_dir)})
     return run(cfg, detect(os.environ), hooks={"before_micro_step": hook})

@@ -9,7 +9,8 @@ from torch.utils.data import TensorDataset
 
 from ddptrain.config import from_dict
 from ddptrain.dist import Dist, detect
-from ddptrain.evaluate import evaluate
+from ddptrain.batch import Forward
+from ddptrain.evaluate import Evaluator
 from ddptrain.losses import R2, as_metric, squared_error
 from ddptrain.precision import Precision
 from ddptrain.trainer import run
@@ -41,8 +42,9 @@ def evaluate_on_ranks(rank, mode):
         x = torch.randn(N_VAL, 4, generator=torch.Generator().manual_seed(1))
         ids = torch.arange(N_VAL, dtype=torch.float32).unsqueeze(1)  # the target is the sample's id
         metrics = {"mean_id": as_metric(lambda out, y: y), "mse": as_metric(squared_error), "r2": R2(), "n": Count()}
-        values = evaluate(cfg, dist, model, TensorDataset(x, ids), nn.functional.mse_loss, metrics,
-                          Precision("fp32", torch.device("cpu")))
+        evaluate = Evaluator(dist, Forward(nn.functional.mse_loss), metrics, Precision("fp32", torch.device("cpu")),
+                             cfg.val.mode, cfg.data)
+        values = evaluate(model, TensorDataset(x, ids))
         del model
         return values
     finally:

@@ -1,0 +1,163 @@
+"""The batch seam: the one place that turns a batch into a loss, an output and a target.
+
+A batch is whatever the DataLoader yields: a tensor, tuples, lists, dicts, named tuples, dataclasses,
+nested as deep as they like. How it reaches the model is decided here and nowhere else:
+- `(input, target)`: `model(input)`, `model(*input)` for a tuple or list, `model(**input)` for a dict;
+- a dict, dataclass or named tuple (a record): the field `target_key` (default `labels`) is the target
+  and the other fields are keyword arguments, `model(**rest)`;
+- `loss="model"`: the model computes its own loss (Hugging Face style); a record goes in whole,
+  labels included, and the loss is read from `output.loss` or `output["loss"]`;
+- a task's own `step(model, batch)` for everything else; it returns the loss, or `(loss, output, target)`.
+The number of samples of a batch is the first dimension of its target, or, without a target, of the
+first tensor in the batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch.utils.data import default_collate
+
+
+def is_record(x) -> bool:
+    return isinstance(x, Mapping) or (dataclasses.is_dataclass(x) and not isinstance(x, type)) or \
+        (isinstance(x, tuple) and hasattr(x, "_fields"))
+
+
+def fields(record) -> dict:
+    if isinstance(record, Mapping):
+        return dict(record)
+    if isinstance(record, tuple):
+        return record._asdict()
+    return {f.name: getattr(record, f.name) for f in dataclasses.fields(record)}
+
+
+def _rebuild(like, values: dict):
+    if isinstance(like, Mapping):
+        return type(like)(values) if type(like) is not dict else values
+    return type(like)(**values)
+
+
+def to_device(batch, device: torch.device, non_blocking: bool = True):
+    """`batch` with every tensor in it on `device`, its structure (and record types) unchanged."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=non_blocking)
+    if type(batch) in (tuple, list):
+        return type(batch)(to_device(b, device, non_blocking) for b in batch)
+    if is_record(batch):
+        return _rebuild(batch, {k: to_device(v, device, non_blocking) for k, v in fields(batch).items()})
+    return batch
+
+
+def collate(items: list):
+    """torch's default_collate, plus dataclass items (collated field by field)."""
+    first = items[0]
+    if dataclasses.is_dataclass(first) and not isinstance(first, type):
+        return type(first)(**{f.name: collate([getattr(i, f.name) for i in items]) for f in dataclasses.fields(first)})
+    if isinstance(first, Mapping) and any(dataclasses.is_dataclass(v) for v in first.values()):
+        return {k: collate([i[k] for i in items]) for k in first}
+    if type(first) in (tuple, list) and any(dataclasses.is_dataclass(v) for v in first):
+        return [collate(list(parts)) for parts in zip(*items)]
+    return default_collate(items)
+
+
+def first_tensor(x) -> torch.Tensor | None:
+    if isinstance(x, torch.Tensor):
+        return x
+    values = fields(x).values() if is_record(x) else x if isinstance(x, (tuple, list)) else ()
+    for v in values:
+        t = first_tensor(v)
+        if t is not None:
+            return t
+    return None
+
+
+def call(model: Callable, inputs):
+    """The model on `inputs`: unpacked as positional arguments (tuple, list) or keywords (dict)."""
+    if type(inputs) in (tuple, list):
+        return model(*inputs)
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    return model(inputs)
+
+
+def model_loss(output) -> torch.Tensor:
+    loss = getattr(output, "loss", None)
+    if loss is None and isinstance(output, Mapping):
+        loss = output.get("loss")
+    if loss is None:
+        raise ValueError(f"the model's output ({type(output).__name__}) has no `.loss` or ['loss']; with "
+                         f"loss 'model' the model must compute its own loss (pass it the labels)")
+    return loss
+
+
+@dataclass
+class Computed:
+    """One micro-batch's result: the loss (a mean), what metrics see, and how much it counts."""
+    loss: torch.Tensor
+    output: Any = None
+    target: Any = None
+    samples: int = 0
+    weight: torch.Tensor | int = 0   # what the loss is a mean over: samples, or tokens for sequence losses
+    tokens: int = 0                  # target elements of a sequence target (B, T, ...); 0 otherwise
+
+
+class Forward:
+    """Computes a micro-batch's loss by the task's rules (see the module docstring)."""
+
+    def __init__(self, loss_fn, step: Callable | None = None, target_key: str = "labels"):
+        self.loss_fn, self.step, self.target_key = loss_fn, step, target_key
+        self.own_loss = loss_fn == "model"
+        self.weigh = getattr(loss_fn, "weight", None)  # built-in sequence losses count their tokens
+
+    def split(self, batch) -> tuple[Any, Any]:
+        """(model inputs, target) of a batch; the target is None when there is none."""
+        if is_record(batch):
+            values = fields(batch)
+            target = values.get(self.target_key)
+            if self.own_loss:
+                return values, target
+            return {k: v for k, v in values.items() if k != self.target_key}, target
+        if type(batch) in (tuple, list) and len(batch) == 2:
+            return batch[0], batch[1]
+        raise TypeError(f"a batch must be an (input, target) pair or a dict/dataclass/named tuple with "
+                        f"'{self.target_key}', got {describe(batch)}; for other shapes give the task a "
+                        f"`step(model, batch)` function")
+
+    def __call__(self, model, batch, precise: bool = False) -> Computed:
+        """`precise` (evaluation): the loss is taken in float64, so its sums do not depend on batching."""
+        if self.step is not None:
+            result = self.step(model, batch)
+            loss, output, target = result if isinstance(result, (tuple, list)) else (result, None, None)
+        else:
+            inputs, target = self.split(batch)
+            output = call(model, inputs)
+            if self.own_loss:
+                loss = model_loss(output)
+            elif precise and isinstance(output, torch.Tensor) and output.is_floating_point():
+                loss = self.loss_fn(output.double(), target.double() if target.is_floating_point() else target)
+            else:
+                loss = self.loss_fn(output, target)
+        lead = target if isinstance(target, torch.Tensor) else first_tensor(batch if target is None else target)
+        samples = len(lead) if lead is not None and lead.dim() > 0 else 1
+        tokens = target.numel() if isinstance(target, torch.Tensor) and target.dim() >= 2 and \
+            not target.is_floating_point() else 0
+        weight = self.weigh(output, target) if self.weigh is not None else samples
+        return Computed(loss, output, target, samples, weight, tokens)
+
+
+def describe(x, depth: int = 0) -> str:
+    """A short structural description of a batch, for error messages: tuple(Tensor(2, 8), dict(a=...))."""
+    if isinstance(x, torch.Tensor):
+        return f"Tensor{tuple(x.shape)}"
+    if depth > 2:
+        return type(x).__name__
+    if is_record(x):
+        inner = ", ".join(f"{k}={describe(v, depth + 1)}" for k, v in list(fields(x).items())[:6])
+        return f"{type(x).__name__}({inner})"
+    if isinstance(x, (tuple, list)):
+        return f"{type(x).__name__}({', '.join(describe(v, depth + 1) for v in x[:6])})"
+    return type(x).__name__

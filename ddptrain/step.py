@@ -1,0 +1,46 @@
+"""One optimizer step: k micro-batches, then unscale, clip, step, schedule.
+
+All but the last micro-batch run under DDP's `no_sync`, so gradients are all-reduced once per step.
+Each micro-batch's loss is a mean over its samples; dividing it by k makes the accumulated gradient
+the mean over the whole step's batch, whatever the world size and k.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .batch import Computed, Forward
+from .config import TrainConfig
+from .optim import l1_penalty, optimizer_step
+from .precision import Precision
+
+
+class TrainStep:
+    def __init__(self, model: Callable, module: nn.Module, forward: Forward, optimizer, scheduler,
+                 precision: Precision, tc: TrainConfig, l1: float, no_sync: Callable | None):
+        """`model` is what runs the forward pass (DDP-wrapped, maybe compiled); `module` is the bare network."""
+        self.model, self.module, self.forward = model, module, forward
+        self.optimizer, self.scheduler, self.precision, self.tc, self.l1 = optimizer, scheduler, precision, tc, l1
+        self.no_sync = no_sync
+        self.params = list(module.parameters())  # made once: walking the module tree costs as much as a small step
+        self.steps_schedule = not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+
+    def micro_step(self, batch, last: bool) -> Computed:
+        """Forward and backward of one micro-batch; the gradients are all-reduced only when `last`."""
+        k = self.tc.grad_accum_steps
+        with contextlib.nullcontext() if last or self.no_sync is None else self.no_sync():
+            with self.precision.autocast():
+                c = self.forward(self.model, batch)
+                objective = c.loss + l1_penalty(self.module, self.l1) if self.l1 else c.loss
+            self.precision.backward(objective / k if k > 1 else objective)
+        return c
+
+    def optimizer_step(self, measure: bool) -> tuple[torch.Tensor | None, bool]:
+        """Unscale, clip, step, schedule; return (pre-clip grad norm or None, whether the optimizer stepped)."""
+        norm, stepped = optimizer_step(self.params, self.optimizer, self.precision, self.tc, measure=measure)
+        if self.steps_schedule:
+            self.scheduler.step()
+        return norm, stepped
