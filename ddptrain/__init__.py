@@ -4,13 +4,16 @@
 """
 __version__ = "0.1.0"
 
-__all__ = ["train", "Task", "Config", "load_config", "split"]
+__all__ = ["train", "evaluate", "load_model", "Task", "Config", "load_config", "split"]
 
 
 def __getattr__(name):
     if name == "train":
         from .trainer import train
         return train
+    if name in ("evaluate", "load_model"):
+        from . import trained
+        return getattr(trained, name)
     if name == "Task":
         from .task import Task
         return Task

@@ -1,4 +1,4 @@
-"""The `ddptrain` command: train, launch, keys.
+"""The `ddptrain` command: train, eval, launch, sweep, plot, submit, keys.
 
 Plain user mistakes (config, task, data, checkpoint) print one line, `ddptrain: error: ...`, on rank 0
 and exit with status 2; a run stopped by non-finite gradients exits with 3. Anything else is a bug
@@ -25,7 +25,15 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="section.key=value (or --section.key=value) overrides")
     t.add_argument("--print-config", action="store_true", help="print the resolved config with every default and exit")
 
-    la = sub.add_parser("launch", help="start torchrun with N processes on this node")
+    ev = sub.add_parser("eval", help="evaluate a trained run without training (one process, or each rank under torchrun)")
+    ev.add_argument("run", help="run directory (with its config.yaml) or the run's config file")
+    ev.add_argument("overrides", nargs="*", help="section.key=value overrides (data.eval_batch_size, val.mode, ...)")
+    ev.add_argument("--checkpoint", default="auto",
+                    help="auto (best.pt if whole, else the newest step checkpoint; default), best, last, or a file")
+    ev.add_argument("--split", choices=["val", "test"], default="test", help="default test")
+    ev.add_argument("-o", "--output", default=None, help="also write the result as JSON to this file")
+
+    la = sub.add_parser("launch", help="start torchrun with N processes on this node (`launch ... eval RUN` evaluates)")
     la.add_argument("--nproc-per-node", "--nproc_per_node", type=int, default=2, help="processes to start (default 2)")
     la.add_argument("--max-restarts", type=int, default=0, help="torchrun elastic restarts (default 0)")
     la.add_argument("config", help="config file")
@@ -103,7 +111,21 @@ def torchrun_env() -> dict:
     return {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
-def _launch(args) -> int:
+def _eval(args) -> int:
+    import json
+    from .trained import evaluate
+    result = evaluate(args.run, args.checkpoint, args.split, args.overrides)
+    if _is_main():
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, float))
+        print(f"{result['split']} ({result['checkpoint']}, step {result['step']}): {shown}", flush=True)
+        if args.output:
+            from pathlib import Path
+            Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def _launch(args, command: str = "train", argv: list[str] = ()) -> int:
+    """torchrun with N workers running `ddptrain <command> <argv>`, once the arguments are checked here."""
     import signal
     import subprocess
     from . import config as config_mod
@@ -113,12 +135,18 @@ def _launch(args) -> int:
 
     if args.nproc_per_node < 1:
         raise config_mod.ConfigError(f"--nproc-per-node: expected a positive integer, got {args.nproc_per_node}")
-    cfg = config_mod.load(args.config, args.overrides)  # fail here, not once per rank
-    micro_batch_size(cfg.data, args.nproc_per_node, cfg.train.grad_accum_steps)
+    if command == "eval":  # fail here, not once per rank
+        from .trained import run_config
+        parsed = _parser().parse_args(["eval", *argv])
+        cfg = run_config(parsed.run, parsed.overrides)
+    else:
+        argv = [args.config, *args.overrides]
+        cfg = config_mod.load(args.config, args.overrides)
+        micro_batch_size(cfg.data, args.nproc_per_node, cfg.train.grad_accum_steps)
     resolve(cfg.task)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc_per_node}",
            f"--max-restarts={args.max_restarts}", f"--signals-to-handle={TORCHRUN_SIGNALS}",
-           "-m", "ddptrain", "train", args.config, *args.overrides]
+           "-m", "ddptrain", command, *argv]
     sys.stdout.flush()
     started = time.time()
     agent = subprocess.Popen(cmd, env=torchrun_env())
@@ -130,9 +158,19 @@ def _launch(args) -> int:
         signal.signal(sig, forward)
     rc = agent.wait()
     # torchrun exits 1 after forwarding a signal, whatever its workers did; the summary says what they did.
-    if rc != 0 and _status(cfg.run_dir, since=started) == "preempted":
+    if rc != 0 and command == "train" and _status(cfg.run_dir, since=started) == "preempted":
         return EXIT_PREEMPTED
     return rc
+
+
+def _split_launch(argv: list[str]) -> tuple[list[str], str, list[str]]:
+    """`launch [options] [train|eval] ARGS...` -> (launch's own arguments, the command, the command's arguments)."""
+    for i, arg in enumerate(argv):
+        if arg in ("train", "eval") and (i == 0 or not argv[i - 1].startswith("--") or "=" in argv[i - 1]):
+            return argv[:i], arg, argv[i + 1:]
+        if not arg.startswith("-") and (i == 0 or not argv[i - 1].startswith("--") or "=" in argv[i - 1]):
+            break  # the config: a training launch
+    return argv, "train", []
 
 
 def _status(run_dir, since: float) -> str | None:
@@ -184,8 +222,16 @@ def main(argv: list[str] | None = None) -> int:
     if (sys.argv[1:] if argv is None else argv)[:1] == ["submit"]:
         from .submit import main as submit
         return submit(_split_wandb_style((sys.argv[1:] if argv is None else argv)[1:]))
+    argv = _split_wandb_style(sys.argv[1:] if argv is None else argv)
+    launched, launch_argv = "train", []
+    if argv[:1] == ["launch"]:
+        own, launched, launch_argv = _split_launch(argv[1:])
+        if launched == "eval":
+            argv = ["launch", *own, "eval"]  # parsed for launch's options; the rest is eval's
+        elif launch_argv:
+            argv = ["launch", *own, *launch_argv]  # `launch ... train CONFIG`: the word is optional
     parser = _parser()
-    args, extra = parser.parse_known_args(_split_wandb_style(sys.argv[1:] if argv is None else argv))
+    args, extra = parser.parse_known_args(argv)
     # argparse stops filling `overrides` at the first option: `sweep CONFIG SPACE --trials 4 seed=1` leaves
     # seed=1 over. Such leftovers are overrides too; anything else is a mistake.
     if extra and (not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in extra)):
@@ -205,7 +251,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.output}")
             return 0
         if args.command == "launch":
-            return _launch(args)
+            return _launch(args, launched, launch_argv)
+        if args.command == "eval":
+            return _eval(args)
         return _train(args)
     except KeyboardInterrupt:
         return 130

@@ -29,7 +29,7 @@ from .config import Config
 from .data import micro_batch_size, train_loader
 from .dist import Dist, DistEnv, detect, explain_failure, pick_device
 from .early_stop import EarlyStopping
-from .evaluate import Evaluator
+from .evaluation import Evaluator
 from .losses import Sums
 from .models import convert_sync_batchnorm
 from .optim import build_optimizer, build_scheduler, nonfinite_count
@@ -65,13 +65,9 @@ def train(config: Config | dict | str | os.PathLike, task: Callable | None = Non
 
 
 def prepare(cfg: Config, env: DistEnv, task_fn: Callable | None = None):
-    """Everything before a process group: device, config checks, seeds, the task and its pre-flight check.
-    Returns (device, backend, task, forward, metrics)."""
+    """What training and evaluation do before a process group: device, seeds, the task and its pre-flight
+    check. Returns (device, backend, task, forward, metrics)."""
     device, backend = pick_device(env, cfg.dist.device, cfg.dist.backend)
-    micro_batch_size(cfg.data, env.world_size, cfg.train.grad_accum_steps)  # fail before any process group
-    if cfg.dist.sync_batchnorm and device.type == "cpu" and env.world_size > 1:
-        raise config_mod.ConfigError("config key 'dist.sync_batchnorm': torch's SyncBatchNorm runs on GPUs only; "
-                                     "set it to false on CPU")
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
@@ -87,6 +83,10 @@ def run(cfg: Config, env: DistEnv, task_fn: Callable | None = None, hooks: dict 
 
     `hooks["before_micro_step"](step, micro_step, batch) -> batch` sees every micro-batch first (tests, benchmarks).
     """
+    micro_batch_size(cfg.data, env.world_size, cfg.train.grad_accum_steps)  # fail before any process group
+    if cfg.dist.sync_batchnorm and env.world_size > 1 and (cfg.dist.device == "cpu" or not torch.cuda.is_available()):
+        raise config_mod.ConfigError("config key 'dist.sync_batchnorm': torch's SyncBatchNorm runs on GPUs only; "
+                                     "set it to false on CPU")
     device, backend, task, forward, metrics = prepare(cfg, env, task_fn)
     seed_everything(rank_seed(cfg.seed, env.rank))
     if not env.is_main:

@@ -10,7 +10,7 @@ from ddptrain import checkpoint, train
 from ddptrain.config import from_dict
 from ddptrain.dist import Dist, DistEnv
 from ddptrain.batch import Forward
-from ddptrain.evaluate import Evaluator
+from ddptrain.evaluation import Evaluator
 from ddptrain.losses import as_metric, build_loss, squared_error
 from ddptrain.models import mlp
 from ddptrain.optim import build_optimizer, build_scheduler

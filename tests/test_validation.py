@@ -10,7 +10,7 @@ from torch.utils.data import TensorDataset
 from ddptrain.config import from_dict
 from ddptrain.dist import Dist, detect
 from ddptrain.batch import Forward
-from ddptrain.evaluate import Evaluator
+from ddptrain.evaluation import Evaluator
 from ddptrain.losses import R2, as_metric, squared_error
 from ddptrain.precision import Precision
 from ddptrain.trainer import run

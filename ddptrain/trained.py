@@ -1,0 +1,110 @@
+"""Using a trained run: its model with the trained weights (`load_model`), and evaluation without training
+(`evaluate`, the `ddptrain eval` command), with the same numbers for any world size.
+
+A run is named by its directory (which holds the resolved `config.yaml`) or by its config file. The task
+is built from that config, so its module must be importable from where this runs, as it was for training.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt
+from . import config as config_mod
+from . import task as task_mod
+from .config import Config, ConfigError
+from .dist import Dist, detect
+
+
+def run_config(run: str | os.PathLike, overrides: list[str] = ()) -> Config:
+    """The config of a run directory (its config.yaml, the directory itself as the run) or of a config file."""
+    path = Path(run)
+    if not path.is_dir():
+        return config_mod.load(path, overrides)
+    saved = path / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError(f"'{path}': not a run directory (it has no config.yaml)")
+    data = {**config_mod.read_file(saved), "runs_dir": str(path.parent), "name": path.name}
+    return config_mod.load(base=data, overrides=overrides)
+
+
+def checkpoint_path(cfg: Config, which: str = "auto") -> Path:
+    """best, last (the newest whole step checkpoint), auto (best if whole, else last) or a file's path."""
+    directory = cfg.run_dir / "checkpoints"
+    if which not in ("auto", "best", "last"):
+        return Path(which)
+    if which in ("auto", "best"):
+        problem = ckpt.verify(directory / "best.pt")
+        if problem is None:
+            return directory / "best.pt"
+        if which == "best":
+            raise ckpt.CheckpointError(f"checkpoint '{directory / 'best.pt'}': {problem}; --checkpoint last takes "
+                                       f"the newest step checkpoint")
+    last = ckpt.latest_valid(directory)
+    if last is None:
+        raise ckpt.CheckpointError(f"'{directory}': no whole checkpoint to evaluate")
+    return last
+
+
+def _weights(path: Path) -> tuple[dict, int | None]:
+    state = ckpt.load(path)
+    if "model" not in state:
+        raise ckpt.CheckpointError(f"checkpoint '{path}': it holds no model weights")
+    step = state.get("step", (state.get("progress") or {}).get("step"))
+    return state["model"], step
+
+
+def load_model(run: str | os.PathLike, which: str = "best", task: Callable | None = None) -> nn.Module:
+    """The run's model with its trained weights (best, last or a checkpoint's path), on CPU, in eval mode."""
+    cfg = run_config(run)
+    from .state import seed_everything
+    seed_everything(cfg.seed)
+    model = task_mod.build(cfg, task or task_mod.resolve(cfg.task)).model
+    path = checkpoint_path(cfg, which)
+    ckpt.load_model_state(model, {"model": _weights(path)[0]}, path)
+    return model.cpu().eval()
+
+
+def evaluate(run: str | os.PathLike, checkpoint: str = "auto", split: str = "test", overrides: list[str] = (),
+             task: Callable | None = None) -> dict:
+    """Evaluate a trained run on its val or test set: {'split', 'checkpoint', 'step', 'loss', <metrics>}.
+
+    Works in one process or on every rank under torchrun/srun (call on all ranks); the numbers are the
+    same for any world size (sharded evaluation of sums, see evaluate.py).
+    """
+    from .evaluation import Evaluator
+    from .precision import Precision
+    from .trainer import prepare
+
+    if split not in ("val", "test"):
+        raise ConfigError(f"--split: expected val or test, got {split!r}")
+    cfg = run_config(run, overrides)
+    env = detect(os.environ)
+    device, backend, built, forward, metrics = prepare(cfg, env, task)
+    dataset = getattr(built, split)
+    if dataset is None:
+        raise ConfigError(f"task '{cfg.task}' has no {split} set")
+    dist = Dist(env, device, backend, cfg.dist.init_timeout_s, cfg.val.rank0_timeout_s)
+    try:
+        # rank 0 picks the checkpoint, so that a run still writing one cannot make the ranks disagree
+        found, error = None, None
+        if env.is_main:
+            try:
+                found = str(checkpoint_path(cfg, checkpoint))
+            except ckpt.CheckpointError as e:
+                error = str(e)
+        found, error = dist.broadcast_object((found, error))
+        if error:
+            raise ckpt.CheckpointError(error)
+        weights, step = _weights(Path(found))
+        ckpt.load_model_state(built.model, {"model": weights}, found)
+        module = built.model.to(device)
+        values = Evaluator(dist, forward, metrics, Precision(cfg.train.precision, device), cfg.val.mode, cfg.data,
+                           built.collate)(module, dataset)
+        return {"split": split, "checkpoint": found, "step": step, **values}
+    finally:
+        dist.close()

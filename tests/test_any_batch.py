@@ -1,0 +1,144 @@
+"""Any model, any batch: tuple, dict, nested, record and HF-style batches, a model's own loss, a custom
+step, sequence models with a causal mask, optimizers by import path; all on real gloo ranks."""
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+
+from ddptrain import checkpoint
+from ddptrain.config import from_dict
+from ddptrain.dist import detect
+from ddptrain.task import TaskError
+from ddptrain.trainer import run
+
+from multirank import RankFailed, run_ranks
+import tasks_any_batch
+
+BASE = {"task": "tasks_any_batch:shapes", "data": {"batch_size": 16}, "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+        "train": {"epochs": 3, "log_every": 2}, "checkpoint": {"every_epochs": 0, "save_best": False}}
+
+
+def with_(base, **sections):
+    out = dict(base)
+    for section, values in sections.items():
+        out[section] = {**out.get(section, {}), **values} if isinstance(values, dict) else values
+    return out
+
+
+def train_rank(rank, runs_dir, cfg_dict, kill_at=None):
+    """Train; with kill_at, rank 1 kills itself with SIGKILL when it reaches that step."""
+    def hook(step, micro_step, batch):
+        if kill_at is not None and rank == 1 and step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return batch
+    cfg = from_dict({"name": "r", **cfg_dict, "runs_dir": str(runs_dir)})
+    summary = run(cfg, detect(os.environ), hooks={"before_micro_step": hook})
+    return {"summary": summary, "weights": {k: v.clone() for k, v in tasks_any_batch.MODELS[-1].state_dict().items()}}
+
+
+def every_shape(rank, runs_dir, shapes):
+    return {s: train_rank(rank, runs_dir, with_(BASE, task_args={"shape": s}, name=s)) for s in shapes}
+
+
+def assert_close_runs(a, b, atol=1e-6):
+    for k in a["weights"]:
+        torch.testing.assert_close(a["weights"][k], b["weights"][k], rtol=0, atol=atol, msg=lambda m: f"{k}: {m}")
+    for split in ("val", "test"):
+        assert a["summary"][split] == pytest.approx(b["summary"][split], rel=1e-5), split
+
+
+def test_every_batch_shape_trains_like_a_pair_of_tensors_on_one_and_two_ranks(tmp_path):
+    shapes = ["tuple", "dict", "nested", "hf", "own_loss", "dataclass", "namedtuple"]
+    one = run_ranks(every_shape, 1, tmp_path / "one", ["pair", *shapes], timeout=120)[0]
+    reference = one["pair"]
+    assert reference["summary"]["val"]["mse"] < 0.5 * one["pair"]["summary"]["val"]["loss"] + 1  # it trained
+    for shape in shapes:
+        assert_close_runs(one[shape], reference)
+    two = run_ranks(every_shape, 2, tmp_path / "two", ["nested", "hf", "own_loss"], timeout=120)
+    for shape in ("nested", "hf", "own_loss"):
+        assert_close_runs(two[0][shape], reference)
+        assert all(torch.equal(two[0][shape]["weights"][k], two[1][shape]["weights"][k]) for k in reference["weights"])
+
+
+def test_an_item_of_another_shape_asks_for_a_step_function(tmp_path):
+    cfg = from_dict(with_(BASE, task_args={"shape": "triple"}, runs_dir=str(tmp_path)))
+    with pytest.raises(TaskError, match=r"a batch must be an \(input, target\) pair or a dict/dataclass/named tuple "
+                                        r"with 'labels', got list\(Tensor\(2, 5\), Tensor\(2, 3\), Tensor\(2, 1\)\); "
+                                        r"for other shapes give the task a `step\(model, batch\)` function"):
+        run(cfg, detect({}))
+
+
+def test_a_custom_step_with_a_frozen_teacher_accumulates_like_one_big_batch(tmp_path):
+    cfg = with_(BASE, task_args={"shape": "tuple", "custom_step": True})
+    big = run_ranks(train_rank, 1, tmp_path / "big", cfg)[0]
+    accum = run_ranks(train_rank, 1, tmp_path / "accum", with_(cfg, train={**cfg["train"], "grad_accum_steps": 4}))[0]
+    both = run_ranks(train_rank, 2, tmp_path / "both", with_(cfg, train={**cfg["train"], "grad_accum_steps": 2}))
+    assert_close_runs(accum, big)
+    assert_close_runs(both[0], big)
+    plain = run_ranks(train_rank, 1, tmp_path / "plain", with_(BASE, task_args={"shape": "tuple"}))[0]
+    assert (big["weights"]["head.weight"] - plain["weights"]["head.weight"]).abs().max() > 1e-4  # the step mattered
+
+
+def kill_and_resume(tmp_path, cfg, kill_at):
+    """An uninterrupted run, and one whose rank 1 is SIGKILLed at `kill_at` then resumed: their results."""
+    straight = run_ranks(train_rank, 2, tmp_path / "straight", cfg, timeout=120)
+    with pytest.raises(RankFailed):
+        run_ranks(train_rank, 2, tmp_path / "killed", cfg, kill_at, timeout=120)
+    last = checkpoint.step_files(tmp_path / "killed" / "r" / "checkpoints")[-1]
+    assert 0 < int(last.stem.split("-")[1]) < kill_at
+    resumed = run_ranks(train_rank, 2, tmp_path / "killed", cfg, timeout=120)
+    assert resumed[0]["summary"]["resumed_from"] == str(last)
+    for k, v in straight[0]["weights"].items():
+        assert torch.equal(resumed[0]["weights"][k], v) and torch.equal(resumed[1]["weights"][k], v), k
+
+    def records(d):
+        return [{k: v for k, v in json.loads(line).items() if k not in ("time", "samples_per_s", "tokens_per_s",
+                                                                          "data_wait_share")}
+                for line in open(d / "r" / "metrics.jsonl")]
+    assert records(tmp_path / "killed") == records(tmp_path / "straight")
+    return resumed[0]["summary"]
+
+
+LM = {"task": "tasks_any_batch:causal_lm", "data": {"batch_size": 16}, "loss": {"name": "cross_entropy"},
+      "optim": {"name": "adamw", "lr": 0.01}, "train": {"epochs": 3, "log_every": 2},
+      "checkpoint": {"every_steps": 5}, "early_stop": {"monitor": "val_accuracy", "mode": "max"}, "dist": {"timeout_s": 20}}
+
+
+def test_a_causal_mask_lm_checkpoints_resumes_bitwise_after_sigkill_and_is_tested(tmp_path):
+    summary = kill_and_resume(tmp_path, with_(LM, task_args={"dict": True}), kill_at=13)
+    assert summary["status"] == "completed" and summary["tested_weights"] == "best"
+    assert summary["test"]["accuracy"] > 0.3 and summary["tokens_per_s"] > 0  # chance is 1/16
+    assert (tmp_path / "killed" / "r" / "checkpoints" / "best.pt").exists()
+    train = [json.loads(line) for line in open(tmp_path / "killed" / "r" / "metrics.jsonl")
+             if '"train"' in line]
+    assert all(e["tokens_per_s"] > 0 for e in train)
+
+
+def test_a_hugging_face_model_trains_on_its_own_loss_and_resumes_bitwise(tmp_path):
+    import transformers  # noqa: F401  a dev dependency; imported here once, not in each forked rank
+    cfg = {"task": "tasks_any_batch:gpt2", "data": {"batch_size": 16}, "optim": {"name": "adamw", "lr": 0.003},
+           "train": {"epochs": 3, "log_every": 2}, "checkpoint": {"every_steps": 4}, "dist": {"timeout_s": 20}}
+    summary = kill_and_resume(tmp_path, cfg, kill_at=10)
+    assert summary["val"]["loss"] < 2.6  # below the uniform guess over 16 tokens, ln 16 = 2.77
+
+
+def test_an_optimizer_and_a_schedule_by_import_path_train_and_resume_bitwise(tmp_path):
+    cfg = with_(BASE, task_args={"shape": "dict"}, optim={"name": "torch.optim.NAdam", "lr": 0.01, "args": {"momentum_decay": 0.003}},
+                sched={"name": "torch.optim.lr_scheduler:ExponentialLR", "args": {"gamma": 0.95}},
+                train={"epochs": 3, "log_every": 1}, checkpoint={"every_steps": 4}, dist={"timeout_s": 20})
+    summary = kill_and_resume(tmp_path, cfg, kill_at=10)
+    state = checkpoint.load(checkpoint.step_files(tmp_path / "killed" / "r" / "checkpoints")[-1])
+    assert "mu_product" in state["optimizer"]["state"][0]  # NAdam's own state was checkpointed
+    lrs = [json.loads(line)["lr"] for line in open(tmp_path / "killed" / "r" / "metrics.jsonl") if '"train"' in line]
+    assert lrs[:3] == pytest.approx([0.01 * 0.95, 0.01 * 0.95 ** 2, 0.01 * 0.95 ** 3])
+    assert summary["steps"] == 18
+
+
+def test_an_optimizer_path_that_does_not_import_is_a_config_error(tmp_path):
+    from ddptrain.config import ConfigError
+    cfg = from_dict(with_(BASE, optim={"name": "no_such_pkg.Opt"}, runs_dir=str(tmp_path)))
+    with pytest.raises(ConfigError, match="config key 'optim.name': cannot import 'no_such_pkg'"):
+        run(cfg, detect({}))

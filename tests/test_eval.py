@@ -1,0 +1,83 @@
+"""Using a trained run: `ddptrain eval` and `ddptrain.evaluate` on 1, 2 and 3 ranks, and `load_model`."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import ddptrain
+from ddptrain.config import from_dict
+from ddptrain.dist import detect
+from ddptrain.trainer import run
+
+from multirank import run_ranks
+import tasks_for_tests
+
+TESTS = Path(__file__).resolve().parent
+# dropout: evaluation must switch it off; 40 test samples do not split evenly over 3 ranks
+CFG = {"task": "tasks_for_tests:regression", "task_args": {"n_test": 40, "dropout": 0.2}, "name": "r",
+       "data": {"batch_size": 16, "eval_batch_size": 7}, "optim": {"name": "adamw", "lr": 0.01}, "train": {"epochs": 4}}
+
+
+def train_rank(rank, runs_dir):
+    return run(from_dict({**CFG, "runs_dir": str(runs_dir)}), detect(os.environ))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    d = tmp_path_factory.mktemp("trained")
+    summary = run_ranks(train_rank, 2, d)[0]
+    assert summary["tested_weights"] == "best"
+    return d / "r", summary
+
+
+def evaluate_rank(rank, run_dir, checkpoint, split):
+    return ddptrain.evaluate(run_dir, checkpoint, split)
+
+
+def test_eval_gives_the_same_metrics_on_1_2_and_3_ranks_as_the_run_itself(trained):
+    run_dir, summary = trained
+    results = {ws: run_ranks(evaluate_rank, ws, str(run_dir), "best", "test") for ws in (1, 2, 3)}
+    # The run evaluated on 2 ranks: the same shards and batches, so the same numbers to the last bit.
+    assert results[2][0]["loss"] == summary["test"]["loss"] and results[2][0]["mse"] == summary["test"]["mse"]
+    # Other world sizes cut the 40 samples into other batches, and a float32 matmul of another batch size may
+    # round a sample's output differently (1 ulp); the sums themselves are float64.
+    reference = results[1][0]
+    assert reference["split"] == "test" and reference["step"] == summary["best_step"]
+    for ws, per_rank in results.items():
+        for values in per_rank:
+            assert values.keys() == reference.keys()
+            for k in ("loss", "mse"):
+                assert values[k] == pytest.approx(reference[k], rel=1e-6, abs=0), (ws, k)
+    last = run_ranks(evaluate_rank, 2, str(run_dir), "last", "val")[0]
+    assert last["step"] == summary["steps"] and last["checkpoint"].endswith(f"step-{summary['steps']:09d}.pt")
+
+
+def test_load_model_reproduces_the_final_test_predictions(trained):
+    run_dir, summary = trained
+    model = ddptrain.load_model(run_dir)
+    assert not model.training and next(model.parameters()).device.type == "cpu"
+    test = tasks_for_tests.regression(from_dict(CFG)).test
+    x, y = test.tensors
+    with torch.no_grad():
+        mse = float(((model(x).double() - y.double()) ** 2).mean())
+    assert mse == pytest.approx(summary["test"]["mse"], rel=1e-6)
+
+
+def test_eval_under_launch_writes_the_result_and_bad_input_is_one_line(trained, tmp_path):
+    run_dir, summary = trained
+    out = tmp_path / "eval.json"
+    proc = subprocess.run([sys.executable, "-m", "ddptrain", "launch", "--nproc-per-node", "2", "eval", str(run_dir),
+                           "--checkpoint", "best", "-o", str(out)], cwd=TESTS, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["mse"] == pytest.approx(summary["test"]["mse"], rel=1e-12)
+    assert f"test ({run_dir / 'checkpoints' / 'best.pt'}, step {summary['best_step']}): loss" in proc.stdout
+    bad = subprocess.run([sys.executable, "-m", "ddptrain", "eval", str(tmp_path)], cwd=TESTS, capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr == f"ddptrain: error: '{tmp_path}': not a run directory (it has no " \
+                                                 f"config.yaml)\n"
