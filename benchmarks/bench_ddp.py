@@ -35,7 +35,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 WORKER = HERE / "ddp_worker.py"
-RUNNERS = ["minimal", "minimal_aa", "ddptrain", "accelerate", "fabric"]  # minimal_aa: the A/A control
+# minimal_aa: the A/A control; ddptrain_dict: ddptrain on {"input": x, "labels": y} items instead of (x, y)
+RUNNERS = ["minimal", "minimal_aa", "ddptrain", "ddptrain_dict", "accelerate", "fabric"]
 BASELINE = "minimal"
 MODELS = {"tiny": "256->64->64->10", "big": "256->1024->1024->10"}
 

@@ -187,10 +187,13 @@ def run_ddptrain(args, ds, timer: Timer) -> dict:
     def task_fn(_cfg):
         return task.Task(model=module, train=ds, val=None, test=None, loss=F.cross_entropy, metrics={})
 
-    def before_micro_step(step, micro_step, batch):
+    def before_micro_step(step, micro_step, *batch):  # (step, micro_step, x, y) before ddptrain 0.2
         if timer.at_step(step):
             info.update(finish(module, timer))
-        return batch
+        return batch[0] if len(batch) == 1 else batch
+
+    if args.runner == "ddptrain_dict":  # Hugging Face style items: {"input": x, "labels": y} -> model(input=x)
+        ds = DictItems(ds)
 
     summary = trainer.run(cfg, detect(os.environ), task_fn, hooks={"before_micro_step": before_micro_step})
     info["ddp_wrapped"] = True  # ddptrain wraps whenever world_size > 1; in_sync checks it did
@@ -247,7 +250,20 @@ def run_fabric(args, ds, timer: Timer) -> dict:
     return info
 
 
-RUNNERS = {"minimal": run_minimal, "ddptrain": run_ddptrain, "accelerate": run_accelerate, "fabric": run_fabric}
+class DictItems(torch.utils.data.Dataset):
+    def __init__(self, inner: TensorDataset):
+        self.inner = inner
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        x, y = self.inner[i]
+        return {"input": x, "labels": y}  # nn.Sequential's forward(input)
+
+
+RUNNERS = {"minimal": run_minimal, "ddptrain": run_ddptrain, "ddptrain_dict": run_ddptrain, "accelerate": run_accelerate,
+           "fabric": run_fabric}
 
 
 def main() -> None:
