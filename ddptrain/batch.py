@@ -115,14 +115,14 @@ class Forward:
 
     def split(self, batch) -> tuple[Any, Any]:
         """(model inputs, target) of a batch; the target is None when there is none."""
+        if type(batch) in (list, tuple) and len(batch) == 2:  # the common case first: a named tuple is not it
+            return batch[0], batch[1]
         if is_record(batch):
             values = fields(batch)
             target = values.get(self.target_key)
             if self.own_loss:
                 return values, target
             return {k: v for k, v in values.items() if k != self.target_key}, target
-        if type(batch) in (tuple, list) and len(batch) == 2:
-            return batch[0], batch[1]
         raise TypeError(f"a batch must be an (input, target) pair or a dict/dataclass/named tuple with "
                         f"'{self.target_key}', got {describe(batch)}; for other shapes give the task a "
                         f"`step(model, batch)` function")

@@ -7,17 +7,19 @@ uses `torch.load(weights_only=True)`: a file that needs arbitrary pickled object
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import pickle
 import re
+import shutil
 import warnings
 from pathlib import Path
 
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: named train sums (losses.Sums); format 1 still loads
 STEP_FILE = re.compile(r"^step-(\d{9})\.pt$")
 
 
@@ -50,26 +52,61 @@ def _fsync_dir(path: Path) -> None:
 
 def _write_atomic(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed write leaves nothing behind to fill the disk
+        raise
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def save(path: Path, state: dict) -> None:
-    """Write `state` to `path` atomically, then its completeness marker. Call on one rank only."""
+    """Write `state` to `path` atomically, then its completeness marker. Call on one rank only.
+
+    A full disk (or quota) is a CheckpointError naming the path and the space needed; the previous
+    checkpoint stays as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {}
+    meta, written = {}, [0]
 
     def write(f):
         w = _HashingWriter(f)
-        torch.save({"format_version": FORMAT_VERSION, **state}, w)
+        try:
+            torch.save({"format_version": FORMAT_VERSION, **state}, w)
+        finally:
+            written[0] = w.size
         meta.update(size=w.size, sha256=w.sha.hexdigest())
 
-    _write_atomic(path, write)
-    _write_atomic(marker(path), lambda f: f.write(json.dumps({**meta, "step": state.get("step")}).encode()))
+    try:
+        _write_atomic(path, write)
+        _write_atomic(marker(path), lambda f: f.write(json.dumps({**meta, "step": state.get("step")}).encode()))
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+        err = e if isinstance(e, OSError) else e.__cause__ or e.__context__
+        if not (isinstance(err, OSError) and err.errno in NO_SPACE) and "No space left" not in str(e):
+            raise
+        marker(path).unlink(missing_ok=True)
+        previous = [p.stat().st_size for p in step_files(path.parent) if p != path]
+        need = max([written[0], *previous])
+        free = shutil.disk_usage(path.parent).free
+        raise CheckpointError(f"checkpoint '{path}': no space left on the device ({free / 2**20:.1f} MiB free in "
+                              f"'{path.parent}', about {need / 2**20:.1f} MiB needed); the previous checkpoint is "
+                              f"kept") from None
     _fsync_dir(path.parent)
+
+
+def remove_temporaries(run_dir: Path) -> list[Path]:
+    """Delete the temporary files of writes that never finished (a writer killed mid-save, a full disk).
+    Only the run directory's lock holder may call this: then no write is in progress."""
+    found = [p for p in (run_dir / "checkpoints").glob(".*.tmp*")] if (run_dir / "checkpoints").is_dir() else []
+    found += [p for p in run_dir.glob("*.tmp") if p.is_file()]
+    for p in found:
+        p.unlink(missing_ok=True)
+    return found
 
 
 def marker(path: Path) -> Path:

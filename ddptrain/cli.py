@@ -143,8 +143,11 @@ def _launch(args, command: str = "train", argv: list[str] = ()) -> int:
         argv = [args.config, *args.overrides]
         cfg = config_mod.load(args.config, args.overrides)
         micro_batch_size(cfg.data, args.nproc_per_node, cfg.train.grad_accum_steps)
+        from .trainer import check_sync_batchnorm
+        check_sync_batchnorm(cfg, args.nproc_per_node)
     resolve(cfg.task)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc_per_node}",
+    # ddptrain.agent is torchrun's own agent, passing the workers' exit status through (see agent.py)
+    cmd = [sys.executable, "-m", "ddptrain.agent", "--standalone", f"--nproc-per-node={args.nproc_per_node}",
            f"--max-restarts={args.max_restarts}", f"--signals-to-handle={TORCHRUN_SIGNALS}",
            "-m", "ddptrain", command, *argv]
     sys.stdout.flush()
@@ -247,7 +250,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "plot":
             from pathlib import Path
             from .plot import plot
-            plot([Path(d) for d in args.run_dirs], Path(args.output))
+            try:
+                plot([Path(d) for d in args.run_dirs], Path(args.output))
+            except ModuleNotFoundError as e:
+                raise ConfigError(f"ddptrain plot needs '{e.name}': pip install 'ddptrain[plot]'") from None
             print(f"wrote {args.output}")
             return 0
         if args.command == "launch":
@@ -271,9 +277,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ddptrain: error: {e}", file=sys.stderr, flush=True)
             return EXIT_COLLECTIVE
         if isinstance(e, (ConfigError, TaskError, CheckpointError, NonFiniteError)):
+            # Every rank meets these the same way (the config, the task, decisions taken together), so rank 0
+            # says it once; an error only some ranks meet says which rank it is.
             if _is_main():
                 print(f"ddptrain: error: {e}", file=sys.stderr, flush=True)
-            else:
+            elif getattr(e, "rank_specific", False):
                 print(f"[rank {os.environ.get('RANK', os.environ.get('SLURM_PROCID'))}] ddptrain: error: {e}", file=sys.stderr, flush=True)
             return EXIT_NONFINITE if isinstance(e, NonFiniteError) else EXIT_USER_ERROR
         if not _is_main():

@@ -116,6 +116,7 @@ class TrainConfig:
     clip_grad_norm: float | None = _f(None, "clip the global gradient norm to this value", _positive_or_none, "> 0 or null")
     clip_grad_value: float | None = _f(None, "clip each gradient element to [-v, v]", _positive_or_none, "> 0 or null")
     nonfinite: Literal["skip", "stop"] = _f("stop", "on NaN/Inf: skip the step (checked every step, one host sync each), or stop with an error (weights checked at log steps and epoch ends); all ranks agree")
+    max_skips_in_a_row: int = _f(20, "non-finite steps in a row that nonfinite=skip (and fp16's gradient scaler) tolerate before the run stops as diverged", _positive, "> 0")
     log_every: int = _f(10, "optimizer steps between train log records (the only per-step collective)", _positive, "> 0")
     compile: bool = _f(False, "wrap the model in torch.compile")
     compile_backend: str = _f("inductor", "torch.compile backend")
@@ -132,7 +133,7 @@ class ValConfig:
 class EarlyStopConfig:
     monitor: str = _f("val_loss", "metric that picks the best checkpoint and drives early stopping (val_<name>)")
     mode: Literal["min", "max"] = _f("min", "whether a lower or a higher monitored value is better")
-    patience: int | None = _f(None, "validations without improvement before stopping (None: never stop early)", lambda x: x is None or x >= 0, ">= 0 or null")
+    patience: int | None = _f(None, "stop after this many validations in a row without improvement, as Keras and Lightning count (0 and 1: at the first; None: never stop early)", lambda x: x is None or x >= 0, ">= 0 or null")
     min_delta: float = _f(0.0, "smallest change that counts as an improvement", _non_negative, ">= 0")
     restore_best: bool = _f(True, "load the best weights at the end, before the test evaluation")
 

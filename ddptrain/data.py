@@ -68,6 +68,12 @@ def micro_batch_size(cfg: DataConfig, world_size: int, grad_accum_steps: int) ->
     return cfg.batch_size // parts
 
 
+def check_batch_size(dataset: Dataset, cfg: DataConfig) -> None:
+    if len(dataset) < cfg.batch_size:
+        raise ConfigError(f"config key 'data.batch_size': {cfg.batch_size} is larger than the training set "
+                          f"({len(dataset)} samples)")
+
+
 def _loader_kwargs(cfg: DataConfig, device: torch.device, collate: Callable | None) -> dict:
     kw = {"num_workers": cfg.num_workers, "pin_memory": cfg.pin_memory and device.type == "cuda",
           "collate_fn": collate or batch.collate}
@@ -79,9 +85,7 @@ def _loader_kwargs(cfg: DataConfig, device: torch.device, collate: Callable | No
 def train_loader(dataset: Dataset, cfg: DataConfig, env: DistEnv, grad_accum_steps: int, seed: int,
                  device: torch.device, collate: Callable | None = None) -> tuple[DataLoader, ResumableSampler]:
     per_rank = micro_batch_size(cfg, env.world_size, grad_accum_steps)
-    if len(dataset) < cfg.batch_size:
-        raise ConfigError(f"config key 'data.batch_size': {cfg.batch_size} is larger than the training set "
-                          f"({len(dataset)} samples)")
+    check_batch_size(dataset, cfg)
     sampler = ResumableSampler(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True,
                                seed=seed, drop_last=True)
     # The loader draws its workers' base seed from its own generator (re-seeded every epoch by the

@@ -42,7 +42,8 @@ class CollectiveError(RuntimeError):
     """A collective failed or timed out: another rank died, stalled or cannot be reached."""
 
 
-def explain_failure(error: RuntimeError, env: DistEnv, phase: str, step: int, timeout_s: float) -> CollectiveError | None:
+def explain_failure(error: RuntimeError, env: DistEnv, phase: str, step: int,
+                    timeout: str = "dist.timeout_s=300") -> CollectiveError | None:
     """A collective's failure as one sentence that names the likely cause, or None if it is something else."""
     text = str(error)
     first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
@@ -50,7 +51,7 @@ def explain_failure(error: RuntimeError, env: DistEnv, phase: str, step: int, ti
             s in text for s in ("Timed out", "timed out", "Connection closed by peer", "Connection reset")):
         return CollectiveError(
             f"[rank {env.rank}] a collective failed during {phase} (step {step}): another rank "
-            f"died, stalled or is unreachable; the collective timeout is dist.timeout_s={timeout_s:g} s "
+            f"died, stalled or is unreachable; the timeout in force was {timeout} s "
             f"({first})")
     return None
 
@@ -101,9 +102,12 @@ class Dist:
     """
 
     def __init__(self, env: DistEnv, device: torch.device, backend: str, init_timeout_s: float,
-                 control_timeout_s: float):
+                 rank0_timeout_s: float):
         self.env, self.device, self.backend = env, device, backend
-        self.control = None  # a gloo group with its own (long) timeout, for waits on rank 0
+        self.control = None  # gloo, for objects and flags; the same timeout as the training collectives
+        self.patient = None  # gloo, only for waiting while rank 0 evaluates alone (val.mode: rank0)
+        self.timeout_key, self.timeout_s = "dist.init_timeout_s", init_timeout_s  # the one in force, for messages
+        self.rank0_timeout_s = rank0_timeout_s
         if env.world_size == 1:
             return
         timeout = datetime.timedelta(seconds=init_timeout_s)
@@ -127,17 +131,20 @@ class Dist:
                               "store; set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for every torchrun agent "
                               "(launch/ and slurm/ scripts do)", stacklevel=2)
         dist.init_process_group(**kwargs)
-        self.control = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=control_timeout_s))
+        self.control = dist.new_group(backend="gloo", timeout=timeout)
+        self.patient = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=rank0_timeout_s))
 
     @property
     def active(self) -> bool:
         return dist.is_available() and dist.is_initialized()
 
     def set_timeout(self, seconds: float) -> None:
-        """Shorten the collective timeout once start-up is over, so a dead rank is noticed sooner."""
+        """Shorten the collective timeout once start-up is over, so a dead or stalled rank is noticed sooner."""
+        self.timeout_key, self.timeout_s = "dist.timeout_s", seconds
         if self.active:
             from torch.distributed.distributed_c10d import _set_pg_timeout
             _set_pg_timeout(datetime.timedelta(seconds=seconds), None)
+            _set_pg_timeout(datetime.timedelta(seconds=seconds), self.control)
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum `tensor` over ranks in place. Call on all ranks."""
@@ -153,15 +160,22 @@ class Dist:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control)
         return bool(t.item())
 
-    def broadcast_object(self, obj):
+    def broadcast_object(self, obj, after_rank0_alone: bool = False):
         """Rank 0's `obj` on every rank. Call on all ranks; others pass anything.
 
-        Goes over the gloo control group, whose timeout is long enough for rank 0 to evaluate alone.
+        `after_rank0_alone`: the other ranks wait while rank 0 works alone (its solo evaluation), up to
+        `val.rank0_timeout_s`; every other wait ends after `dist.timeout_s`.
         """
         if not self.active:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=0, group=self.control)
+        if not after_rank0_alone:
+            dist.broadcast_object_list(box, src=0, group=self.control)
+            return box[0]
+        key, seconds = self.timeout_key, self.timeout_s
+        self.timeout_key, self.timeout_s = "val.rank0_timeout_s", self.rank0_timeout_s
+        dist.broadcast_object_list(box, src=0, group=self.patient)
+        self.timeout_key, self.timeout_s = key, seconds
         return box[0]
 
     def gather_object(self, obj) -> list | None:

@@ -5,7 +5,7 @@ import math
 
 
 class EarlyStopping:
-    """Tracks the best value; `should_stop` after `patience` validations without an improvement.
+    """Tracks the best value; `should_stop` after `patience` validations in a row without an improvement.
 
     A non-finite value never counts as an improvement. patience=None never stops, but still tracks the best.
     """
@@ -36,7 +36,8 @@ class EarlyStopping:
 
     @property
     def should_stop(self) -> bool:
-        return self.patience is not None and self.bad_validations > self.patience
+        # As Keras and Lightning: patience N stops at the Nth validation in a row without an improvement.
+        return self.patience is not None and self.bad_validations > 0 and self.bad_validations >= self.patience
 
     def state_dict(self) -> dict:
         return {"best": self.best, "best_epoch": self.best_epoch, "best_step": self.best_step,

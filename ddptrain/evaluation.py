@@ -1,8 +1,8 @@
 """Validation and test: the same numbers for any world size.
 
 `sharded`: each rank runs its disjoint, unpadded shard and one all-reduce adds the sums and counts.
-`rank0`: rank 0 runs the whole set alone while the others wait on the gloo control group, whose
-timeout is `val.rank0_timeout_s`, not the short training timeout. The unwrapped module is used, in
+`rank0`: rank 0 runs the whole set alone while the others wait for its result on a gloo group of its
+own, whose timeout is `val.rank0_timeout_s`; every other wait of the run ends after `dist.timeout_s`. The unwrapped module is used, in
 eval mode, so DDP issues no collective while only some ranks run it.
 """
 from __future__ import annotations
@@ -37,11 +37,11 @@ class Evaluator:
         if self.mode == "sharded" or env.is_main:
             sums = self._sums(module, eval_loader(dataset, self.data, rank, world, self.dist.device, self.collate))
             if self.mode == "sharded":
-                self.dist.all_reduce_sum(sums.tensor)
+                sums.reduce(self.dist)
             values = sums.values()
         module.train(was_training)
         # Rank 0's values go to everyone, so that every rank takes the same decisions from them.
-        return self.dist.broadcast_object(values)
+        return self.dist.broadcast_object(values, after_rank0_alone=self.mode == "rank0")
 
     @torch.no_grad()
     def _sums(self, module: nn.Module, loader) -> Sums:

@@ -102,10 +102,11 @@ def as_metric(m) -> Metric:
 
 
 class Sums:
-    """Running sums of a run's batches, kept on the device in one float64 tensor so that one all-reduce adds
-    them all up: the loss times its weight, the weight (tokens; 0 when the loss is a mean over samples),
-    samples, sequence tokens, each metric's stats, and a slot for the non-finite check that rides on the
-    same reduction. No host sync until `values()`.
+    """Running sums of a run's batches, reduced by one all-reduce: the loss times its weight, the weight
+    (tokens; 0 when the loss is a mean over samples), samples, sequence tokens, each metric's stats, and a
+    slot for the non-finite check that rides on the same reduction. The loss and metric sums stay on the
+    device (no host sync until `values()`); sample and token counts, known from shapes, are Python ints
+    until they are needed.
     """
 
     LOSS, WEIGHT, SAMPLES, TOKENS, FIRST_METRIC = range(5)
@@ -117,24 +118,42 @@ class Sums:
             offset += m.width
         self.nonfinite = offset
         self.tensor = torch.zeros(offset + 1, dtype=torch.float64, device=device)
+        self._loss, self._weight = self.tensor[self.LOSS], self.tensor[self.WEIGHT]  # views, made once
+        self._samples = self._tokens = 0
 
-    @torch.no_grad()
     def add(self, c) -> None:
         """Add one micro-batch's `batch.Computed`."""
-        t = self.tensor
         if isinstance(c.weight, int):
-            t[self.LOSS].add_(c.loss.detach(), alpha=c.weight)
+            self._loss.add_(c.loss.detach(), alpha=c.weight)
         else:
-            t[self.LOSS] += c.loss.detach().double() * c.weight
-            t[self.WEIGHT] += c.weight
-        t[self.SAMPLES] += c.samples
-        if c.tokens:
-            t[self.TOKENS] += c.tokens
-        for name, m in self.metrics.items():
-            t[self.slots[name]] += m.batch_stats(c.output, c.target).to(t)
+            self._loss.add_(c.loss.detach().double() * c.weight)
+            self._weight.add_(c.weight)
+        self._samples += c.samples
+        self._tokens += c.tokens
+        if self.metrics:
+            with torch.no_grad():
+                for name, m in self.metrics.items():
+                    self.tensor[self.slots[name]] += m.batch_stats(c.output, c.target).to(self.tensor)
+
+    def _flush(self) -> None:
+        if self._samples or self._tokens:
+            self.tensor[self.SAMPLES] += self._samples
+            self.tensor[self.TOKENS] += self._tokens
+            self._samples = self._tokens = 0
+
+    def reduce(self, dist, nonfinite: torch.Tensor | None = None) -> None:
+        """Sum over all ranks, in place; `nonfinite` (a count of non-finite weights) rides along. Call on all ranks."""
+        self._flush()
+        if nonfinite is not None:
+            self.tensor[self.nonfinite] = nonfinite
+        dist.all_reduce_sum(self.tensor)
+
+    def all_finite(self) -> torch.Tensor:
+        return self.tensor[self.nonfinite] == 0
 
     def values(self) -> dict:
         """{'loss': ..., <metric>: ...}: means over all samples (or tokens) added, of all ranks once reduced."""
+        self._flush()
         t = self.tensor.cpu()
         count = int(t[self.SAMPLES])
         weight = float(t[self.WEIGHT]) or count
@@ -144,12 +163,15 @@ class Sums:
         return values
 
     def tokens(self) -> int:
+        self._flush()
         return int(self.tensor[self.TOKENS])
 
     def zero(self) -> None:
         self.tensor.zero_()
+        self._samples = self._tokens = 0
 
     def state_dict(self) -> torch.Tensor:
+        self._flush()
         return self.tensor[:-1].cpu()  # the non-finite slot is filled just before a reduction, cleared after
 
     def load_other_world_size(self, states: list[torch.Tensor], rank: int) -> None:

@@ -32,15 +32,20 @@ class NullLogger:
 
 
 def write_json_atomic(path: Path, obj) -> None:
+    """Valid JSON (NaN and Infinity written as strings), replacing `path` at once."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.write_text(json.dumps(_clean(obj), indent=2, allow_nan=False) + "\n")
     os.replace(tmp, path)
 
 
 def _clean(value):
-    """JSON has no NaN or Infinity: write them as strings so every line stays valid JSON."""
+    """JSON has no NaN or Infinity: write them as strings (in nested values too) so every line stays valid JSON."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
     return value
 
 
@@ -75,7 +80,7 @@ class RunDirLogger:
         pass
 
     def summary(self, summary):
-        write_json_atomic(self.run_dir / "summary.json", {k: _clean(v) for k, v in summary.items()})
+        write_json_atomic(self.run_dir / "summary.json", summary)
 
     def close(self, failed=False):
         self._metrics.close()
@@ -155,7 +160,7 @@ class Loggers:
 
 def archive(run_dir: Path) -> Path | None:
     """Move an earlier run's files into run_dir/archive/<time>/ before starting over: nothing is lost."""
-    old = [p for p in run_dir.iterdir() if p.name != "archive"] if run_dir.is_dir() else []
+    old = [p for p in run_dir.iterdir() if p.name not in ("archive", ".lock")] if run_dir.is_dir() else []
     if not old:
         return None
     dest = run_dir / "archive" / time.strftime("%Y%m%d-%H%M%S")

@@ -21,7 +21,7 @@ from .sweep import SAMPLERS
 TEMPLATES = {"torchrun": "ddptrain.sbatch", "srun": "ddptrain_srun.sbatch"}
 SWEEP_TEMPLATE = "ddptrain_sweep.sbatch"
 SWEEP_OPTIONS = ("sampler", "trials", "storage", "study")  # passed on to `ddptrain sweep`
-SLURM_DIR = Path(__file__).resolve().parent.parent / "slurm"
+SLURM_DIR = Path(__file__).resolve().parent / "sbatch"  # shipped in the wheel; slurm/ in the checkout links here
 EXIT_USER_ERROR = 2
 EXIT_REJECTED = 1
 
@@ -201,15 +201,14 @@ def _submit(argv: list[str]) -> int:
 
     path = args.template or SLURM_DIR / (TEMPLATES[args.launcher] if args.sweep is None else SWEEP_TEMPLATE)
     if not path.is_file():
-        raise ConfigError(f"batch script template '{path}' not found (ddptrain submit uses the slurm/ folder "
-                          f"of a source checkout; give one with --template)")
+        raise ConfigError(f"batch script template '{path}' not found")
     template = path.read_text()
     array = [("array", f"0-{(args.tasks or 1) - 1}")] if args.sweep is not None else []
     options = merge(template_options(template), run_options(args, name), array, extra_options)
     env = {"PYTHON": f"${{PYTHON:-{shlex.quote(sys.executable)}}}"}
     if args.launcher == "torchrun" and args.nproc_per_node:
         env["NPROC_PER_NODE"] = str(args.nproc_per_node)
-    shown = path.relative_to(SLURM_DIR.parent) if path.is_relative_to(SLURM_DIR.parent) else path
+    shown = path.relative_to(SLURM_DIR.parent.parent) if path.is_relative_to(SLURM_DIR.parent.parent) else path
     script = render(template, options, command, env,
                     note=f"Written by `ddptrain submit` from {shown}: ddptrain submit "
                          f"{shlex.join(a for a in argv if a != '--dry-run')}")

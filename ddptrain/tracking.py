@@ -44,7 +44,7 @@ class WandbLogger:
                 project=w.project or os.environ.get("WANDB_PROJECT") or "ddptrain", entity=w.entity,
                 name=w.name or cfg.name, group=w.group, tags=w.tags or None, notes=w.notes,
                 config=to_dict(cfg), id=run_id, resume="allow" if run_id else None,
-                mode=resolve_mode(w.mode), dir=str(cfg.run_dir))
+                mode=resolve_mode(w.mode), dir=os.environ.get("WANDB_DIR") or str(cfg.run_dir))
         except Exception as e:
             self._fail(e)
 

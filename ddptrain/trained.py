@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 from typing import Callable
 
-import torch
 from torch import nn
 
 from . import checkpoint as ckpt

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import math
 import os
 import time
 import traceback
@@ -26,10 +27,11 @@ from . import config as config_mod
 from . import task as task_mod
 from .batch import Computed, Forward, to_device
 from .config import Config
-from .data import micro_batch_size, train_loader
+from .data import check_batch_size, micro_batch_size, train_loader
 from .dist import Dist, DistEnv, detect, explain_failure, pick_device
 from .early_stop import EarlyStopping
 from .evaluation import Evaluator
+from .lock import RunLock
 from .losses import Sums
 from .models import convert_sync_batchnorm
 from .optim import build_optimizer, build_scheduler, nonfinite_count
@@ -38,11 +40,6 @@ from .preempt import Preempted, Preemption
 from .runlog import Clock, ConsoleLogger, Loggers, NullLogger, RunDirLogger, archive, prefix_warnings
 from .state import Progress, RngState, RunState, check_compatible, rank_seed, resume_path, seed_everything
 from .step import TrainStep
-
-# Under fp16 a few overflowing steps are normal (the scaler is finding its scale); this many in a
-# row means the run has diverged.
-FP16_MAX_CONSECUTIVE_SKIPS = 20
-
 
 class NonFiniteError(RuntimeError):
     """Training hit NaN/Inf gradients with `train.nonfinite: stop`; raised on every rank at the same step."""
@@ -78,22 +75,28 @@ def prepare(cfg: Config, env: DistEnv, task_fn: Callable | None = None):
     return device, backend, task, forward, metrics
 
 
+def check_sync_batchnorm(cfg: Config, world_size: int) -> None:
+    if cfg.dist.sync_batchnorm and world_size > 1 and (cfg.dist.device == "cpu" or not torch.cuda.is_available()):
+        raise config_mod.ConfigError("config key 'dist.sync_batchnorm': torch's SyncBatchNorm runs on GPUs only; "
+                                     "set it to false on CPU")
+
+
 def run(cfg: Config, env: DistEnv, task_fn: Callable | None = None, hooks: dict | None = None) -> dict:
     """Train on this rank: the pre-flight work, then the loop. Call on all ranks.
 
     `hooks["before_micro_step"](step, micro_step, batch) -> batch` sees every micro-batch first (tests, benchmarks).
     """
     micro_batch_size(cfg.data, env.world_size, cfg.train.grad_accum_steps)  # fail before any process group
-    if cfg.dist.sync_batchnorm and env.world_size > 1 and (cfg.dist.device == "cpu" or not torch.cuda.is_available()):
-        raise config_mod.ConfigError("config key 'dist.sync_batchnorm': torch's SyncBatchNorm runs on GPUs only; "
-                                     "set it to false on CPU")
+    check_sync_batchnorm(cfg, env.world_size)
     device, backend, task, forward, metrics = prepare(cfg, env, task_fn)
+    check_batch_size(task.train, cfg.data)
     seed_everything(rank_seed(cfg.seed, env.rank))
     if not env.is_main:
         prefix_warnings(env.rank)
-    training = None
+    training, lock = None, RunLock(cfg.run_dir) if env.is_main else None
     try:
         dist = Dist(env, device, backend, cfg.dist.init_timeout_s, cfg.val.rank0_timeout_s)
+        _take_run_dir(cfg, dist, lock)
         training = Training(cfg, dist, task, forward, metrics)
         return training.fit((hooks or {}).get("before_micro_step"))
     except RuntimeError as e:
@@ -101,7 +104,9 @@ def run(cfg: Config, env: DistEnv, task_fn: Callable | None = None, hooks: dict 
         # destroy_process_group can deadlock in gloo (pytorch#56297), so free it first.
         traceback.clear_frames(e.__traceback__)
         phase, step = (training.phase, training.progress.step) if training else ("start-up", 0)
-        explained = explain_failure(e, env, phase, step, cfg.dist.timeout_s)
+        timeout = f"{training.dist.timeout_key}={training.dist.timeout_s:g}" if training else \
+            f"dist.init_timeout_s={cfg.dist.init_timeout_s:g}"
+        explained = explain_failure(e, env, phase, step, timeout)
         if explained is None:
             raise
         raise explained from e
@@ -110,9 +115,31 @@ def run(cfg: Config, env: DistEnv, task_fn: Callable | None = None, hooks: dict 
         raise
     finally:
         training = None
+        if lock is not None:
+            lock.release()
         gc.collect()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def _take_run_dir(cfg: Config, dist: Dist, lock: RunLock | None) -> None:
+    """Rank 0 locks the run directory and removes what a killed writer left; every rank learns whether it
+    may go on. Call on all ranks."""
+    problem = None
+    if lock is not None:
+        try:
+            holder = lock.acquire()
+        except OSError as e:
+            holder, problem = None, f"config key 'runs_dir': cannot create the run directory '{cfg.run_dir}' " \
+                                    f"({e.strerror})"
+        if holder is not None:
+            problem = f"run directory '{cfg.run_dir}' is in use by another run ({holder}); wait for it to end, " \
+                      f"or give this run another `name`"
+        elif problem is None:
+            ckpt.remove_temporaries(cfg.run_dir)
+    problem = dist.broadcast_object(problem)
+    if problem:
+        raise config_mod.ConfigError(problem)
 
 
 def _wrap(model: nn.Module, cfg: Config, dist: Dist) -> nn.Module:
@@ -267,10 +294,11 @@ class Training:
         self.first_step_time = self.first_step_time or self.clock()
         p.skipped_in_a_row = 0 if stepped else p.skipped_in_a_row + 1
         p.skipped_total += not stepped
-        limit = FP16_MAX_CONSECUTIVE_SKIPS if self.precision.scaler is not None else 0
-        if p.skipped_in_a_row > limit and tc.nonfinite == "stop":
-            self.nonfinite_stop(f"{p.skipped_in_a_row} steps in a row skipped by the fp16 gradient scaler for "
-                                f"non-finite gradients")
+        # A few skipped steps are normal under fp16 (the scaler is finding its scale) and the point of
+        # nonfinite=skip; many in a row mean the run has diverged.
+        if p.skipped_in_a_row >= tc.max_skips_in_a_row:
+            self.nonfinite_stop(f"{p.skipped_in_a_row} steps in a row skipped for non-finite gradients "
+                                f"(train.max_skips_in_a_row={tc.max_skips_in_a_row})")
         if log_now:
             self.log_train(epoch)
         preempted = self.preemption.poll()
@@ -284,8 +312,7 @@ class Training:
     def log_train(self, epoch: int) -> None:
         """Reduce the train sums (the loop's own collective, every log_every steps) and record them. Call on all ranks."""
         p, sums = self.progress, self.sums
-        sums.tensor[sums.nonfinite] = nonfinite_count(self.step.params)  # rides on the reduction: all ranks agree
-        self.dist.all_reduce_sum(sums.tensor)
+        sums.reduce(self.dist, nonfinite=nonfinite_count(self.step.params))  # all ranks agree on finiteness
         now = time.perf_counter()
         elapsed, tokens = now - self.last_log[0], sums.tokens()
         event = {"split": "train", "step": p.step, "epoch": epoch, **sums.values(),
@@ -300,7 +327,7 @@ class Training:
             event["gpu_mem_mb"] = torch.cuda.max_memory_allocated(self.dist.device) / 2**20
         self.log.record(event)
         self.log.progress(p.step, self.total_steps)
-        self.check_finite(sums.tensor[sums.nonfinite] == 0)
+        self.check_finite(sums.all_finite())
         sums.zero()
         self.last_log, self.data_wait[0] = (now, p.step), 0.0
 
@@ -334,24 +361,37 @@ class Training:
         self.stopper.load_state_dict(stopper_state)
         if not self.step.steps_schedule:
             self.scheduler.step(monitored)
-        if self.dist.env.is_main and cfg.checkpoint.save_best and improved and ckpt.finite(self.watched):
-            ckpt.save(self.ckpt_dir / "best.pt", {"model": self.module.state_dict(), "epoch": epoch,
-                                                  "step": p.step, "value": self.stopper.best})
+        if cfg.checkpoint.save_best and improved:
+            self._on_rank0(lambda: ckpt.finite(self.watched) and ckpt.save(self.ckpt_dir / "best.pt", {
+                "model": self.module.state_dict(), "epoch": epoch, "step": p.step, "value": self.stopper.best}))
 
     def save_checkpoint(self) -> None:
         """Write the whole run state as the newest step checkpoint. Call on all ranks."""
         self.progress.records = self.log.records
         state = self.state.state_dict()
-        if state is None:  # not rank 0
-            return
-        if not ckpt.finite(self.watched):
-            print(f"ddptrain: warning: step {self.progress.step}: the weights are not finite; keeping the previous "
-                  f"checkpoint", flush=True)
-            return
-        ckpt.save(self.ckpt_dir / f"step-{self.progress.step:09d}.pt", {
-            **state, "config": config_mod.to_dict(self.cfg), "world_size": self.dist.env.world_size,
-            "tracking": self.log.tracking})
-        ckpt.prune(self.ckpt_dir, self.cfg.checkpoint.keep_last)
+
+        def write():
+            if not ckpt.finite(self.watched):
+                print(f"ddptrain: warning: step {self.progress.step}: the weights are not finite; keeping the "
+                      f"previous checkpoint", flush=True)
+                return
+            ckpt.save(self.ckpt_dir / f"step-{self.progress.step:09d}.pt", {
+                **state, "config": config_mod.to_dict(self.cfg), "world_size": self.dist.env.world_size,
+                "tracking": self.log.tracking})
+            ckpt.prune(self.ckpt_dir, self.cfg.checkpoint.keep_last)
+        self._on_rank0(write)
+
+    def _on_rank0(self, write: Callable) -> None:
+        """Rank 0 writes; a CheckpointError (a full disk) stops every rank with the same message. Call on all ranks."""
+        error = None
+        if self.dist.env.is_main:
+            try:
+                write()
+            except ckpt.CheckpointError as e:
+                error = str(e)
+        error = self.dist.broadcast_object(error)
+        if error:
+            raise ckpt.CheckpointError(error)
 
     # ---- non-finite weights ---------------------------------------------------------------------
     def check_finite(self, finite: torch.Tensor) -> None:
@@ -388,11 +428,17 @@ class Training:
         if test is not None:
             self.log.record({"split": "test", "step": self.progress.step, "epoch": self.progress.epoch, **test,
                              "time": self.clock()})
-        summary = self.summary("completed", test=test, tested=weights)
+        # A metric may be undefined (R^2 of a constant target); a loss that is not finite means divergence.
+        bad = [f"the {split} loss" for split, values in (("val", self.progress.last_val), ("test", test))
+               if values and not math.isfinite(values["loss"])]
+        summary = self.summary("nonfinite" if bad else "completed", test=test, tested=weights)
         if why:
             summary["best_unusable"] = why
         self.log.summary(summary)
         self.log.close()
+        if bad:  # the values were broadcast from rank 0: every rank raises
+            raise NonFiniteError(f"training ended, but {', '.join(bad)} is not finite (NaN/Inf): the run diverged; "
+                                 f"lower optim.lr, clip gradients (train.clip_grad_norm) or use fp32")
         return summary
 
     def restore_best(self) -> tuple[str, str | None]:

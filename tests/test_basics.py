@@ -144,3 +144,11 @@ def test_train_loss_is_the_mean_over_all_ranks(tmp_path):
     two = run_ranks(losses, 2, tmp_path / "two")[0]
     assert len(one) == len(two) == 12
     assert two == pytest.approx(one, rel=1e-5)
+
+
+def test_train_sums_of_a_format_1_checkpoint_load_into_named_slots():
+    from ddptrain.losses import Sums
+    sums = Sums({"mse": as_metric(squared_error)}, torch.device("cpu"))
+    sums.load_state_dict(torch.tensor([6.0, 4.0, 2.0], dtype=torch.float64))  # [loss sum, samples, mse sum]
+    assert sums.values() == {"loss": 1.5, "mse": 0.5}
+    assert torch.equal(sums.state_dict(), torch.tensor([6.0, 0.0, 4.0, 0.0, 2.0], dtype=torch.float64))

@@ -89,18 +89,20 @@ def test_environment_detection():
 
 
 def test_early_stopping_logic():
-    es = EarlyStopping("min", patience=1, min_delta=0.1)
+    es = EarlyStopping("min", patience=2, min_delta=0.1)
     assert es.update(1.0, 0, 10) and es.best == 1.0
     assert not es.update(0.95, 1, 20)  # not better by min_delta
     assert not es.should_stop
     assert not es.update(float("nan"), 2, 30)  # NaN never improves
-    assert es.should_stop and es.best_epoch == 0
-    es2 = EarlyStopping("min", patience=1, min_delta=0.1)
+    assert es.should_stop and es.best_epoch == 0  # patience 2: two validations without improvement, as in Keras
+    es2 = EarlyStopping("min", patience=2, min_delta=0.1)
     es2.load_state_dict(es.state_dict())
     assert es2.should_stop and es2.best_step == 10
     es3 = EarlyStopping("max")
     assert es3.update(0.5, 0, 1) and es3.update(0.6, 1, 2) and not es3.update(0.55, 2, 3)
     assert not es3.should_stop  # patience None never stops
+    es4 = EarlyStopping("min", patience=1)
+    assert es4.update(1.0, 0, 1) and not es4.should_stop and not es4.update(1.0, 1, 2) and es4.should_stop
 
 
 def test_split_is_seeded_disjoint_and_complete():

@@ -178,3 +178,24 @@ def test_nonfinite_weights_never_replace_a_good_checkpoint(tmp_path):
     with torch.no_grad():
         model.weight[0, 0] = float("inf")
     assert not checkpoint.finite(checkpoint.watched(model))
+
+
+def test_a_damaged_best_checkpoint_is_not_used_and_the_run_still_ends_with_test_metrics(tmp_path, capfd):
+    """best.pt is written once (val_loss only falls, and the monitor wants it high); one byte of it is then
+    flipped. The run must not test silently wrong weights, nor fail: it tests the last weights and says so."""
+    def flip_a_byte_of_best(step, micro_step, batch):
+        best = tmp_path / "r" / "checkpoints" / "best.pt"
+        if step == 10 and micro_step % 2 == 0 and best.exists():
+            data = bytearray(best.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            best.write_bytes(bytes(data))
+        return batch
+    cfg = from_dict({**BASE, "task_args": {"n_test": 20}, "runs_dir": str(tmp_path), "name": "r",
+                     "early_stop": {"monitor": "val_loss", "mode": "max"}, "train": {**BASE["train"], "epochs": 2}})
+    summary = run(cfg, detect({}), hooks={"before_micro_step": flip_a_byte_of_best})
+    assert summary["status"] == "completed" and summary["best_epoch"] == 0
+    assert summary["tested_weights"] == "last" and not summary["restored_best"]
+    assert "content differs from what was written (corrupt)" in summary["best_unusable"]
+    final = [json.loads(line) for line in open(tmp_path / "r" / "metrics.jsonl")]
+    assert final[-1]["split"] == "test" and final[-1]["loss"] == summary["test"]["loss"]
+    assert "best.pt' cannot be used (content differs" in capfd.readouterr().out

@@ -1,4 +1,4 @@
-"""Mixed precision, clipping and non-finite gradients."""
+"""Mixed precision, clipping, non-finite gradients, and stalled ranks."""
 import json
 import os
 
@@ -13,6 +13,7 @@ from ddptrain.optim import optimizer_step
 from ddptrain.trainer import run
 
 from multirank import RankFailed, run_ranks
+import tasks_for_tests
 
 
 def train_losses(rank, cfg_dict, tmp, hooks=None):
@@ -121,4 +122,41 @@ def test_stalled_rank_fails_within_the_timeout_instead_of_hanging(tmp_path):
     assert info.value.exit_after[0] < 15  # start-up + 3 s timeout, long before rank 1 wakes up
     assert info.value.errors[0].startswith(
         "CollectiveError: [rank 0] a collective failed during training (step 2): another rank died, stalled or "
-        "is unreachable; the collective timeout is dist.timeout_s=3 s (")
+        "is unreachable; the timeout in force was dist.timeout_s=3 s (")
+
+
+class StopRank1:
+    """A metric whose compute() SIGSTOPs rank 1 at the first validation, between the evaluation's all-reduce
+    and the broadcast of its result; a child process SIGKILLs the stopped rank 12 s later."""
+    width = 1
+
+    def batch_stats(self, output, target):
+        return torch.zeros(1, dtype=torch.float64)
+
+    def compute(self, stats, count):
+        import signal
+        import subprocess
+        if os.environ.get("RANK") == "1":
+            subprocess.Popen(["sh", "-c", f"sleep 12; kill -9 {os.getpid()}"])
+            os.kill(os.getpid(), signal.SIGSTOP)
+        return 0.0
+
+
+def test_a_rank_stopped_right_after_a_validation_is_caught_within_the_collective_timeout(tmp_path):
+    """The long val.rank0_timeout_s (default 2 hours) is only for rank 0's solo evaluation: the broadcast
+    after a sharded validation fails within dist.timeout_s and says so."""
+    def per_rank(rank, tmp):
+        def task(cfg):
+            t = tasks_for_tests.classification(cfg)
+            t.metrics["stop"] = StopRank1()
+            return t
+        cfg = from_dict({"task": "tasks_for_tests:classification", "runs_dir": str(tmp), "train": {"epochs": 3},
+                         "dist": {"timeout_s": 3}})
+        return run(cfg, detect(os.environ), task)
+
+    with pytest.raises(RankFailed) as info:
+        run_ranks(per_rank, 2, tmp_path, timeout=60)
+    assert info.value.exit_after[0] < 11  # start-up + 3 s: not val.rank0_timeout_s, and before the stopped rank dies
+    assert info.value.errors[0].startswith(
+        "CollectiveError: [rank 0] a collective failed during validation (step 3): another rank died, stalled or "
+        "is unreachable; the timeout in force was dist.timeout_s=3 s ("), info.value.errors[0]

@@ -117,3 +117,12 @@ def test_plot_one_and_two_runs(tmp_path):
 def test_plot_names_a_directory_that_is_not_a_run(tmp_path, capsys):
     assert main(["plot", str(tmp_path), "-o", str(tmp_path / "x.png")]) == 2
     assert f"run directory '{tmp_path}': no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_wandb_dir_from_the_environment_is_honoured(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "elsewhere"))
+    (tmp_path / "elsewhere").mkdir()
+    run_ranks(train_rank, 1, tmp_path / "runs", {**BASE, "train": {"epochs": 1}}, timeout=120)
+    assert not (tmp_path / "runs" / "r" / "wandb").exists()
+    (wb,) = wandb_runs(tmp_path / "elsewhere")
+    assert wb["summary"]["status"] == "completed"

@@ -1,0 +1,46 @@
+"""torchrun's agent as `ddptrain launch` runs it: `python -m ddptrain.agent <torchrun arguments>`.
+
+torchrun exits 1 whatever its workers' status, after a 40-line ChildFailedError report. Here a worker's
+ddptrain status (2 a user mistake, 3 non-finite, 4 a collective failure, 75 preempted) comes through as
+the agent's own, and the worker's one-line message is all that is printed; a worker killed by a signal is
+one line and status 4 (a rank died), any other failure one line after the worker's own traceback.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+STATUSES = (2, 3, 4, 75)
+
+
+class _QuietAboutFailures(logging.Filter):
+    """Drops the agent's log lines about a failed worker and the others it stops: main() says it in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.msg.startswith("failed (exitcode: %s)") or record.msg.startswith("Sending process %s closing"))
+
+
+def main(argv: list[str]) -> int:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_QuietAboutFailures())
+    try:
+        torchrun(argv)
+    except ChildFailedError as e:
+        rank, first = e.get_first_failure()
+        known = [f.exitcode for _, f in [(rank, first), *sorted(e.failures.items())] if f.exitcode in STATUSES]
+        if known:  # the worker has said what went wrong, in one line
+            return known[0]
+        if first.exitcode < 0:  # killed: OOM, SIGKILL, a node lost
+            print(f"ddptrain: error: rank {rank} (pid {first.pid}) was killed by {first.signal_name()}; the run "
+                  f"resumes from its newest checkpoint when started again", file=sys.stderr, flush=True)
+            return 4
+        print(f"ddptrain: error: rank {rank} (pid {first.pid}) exited with status {first.exitcode} (its traceback "
+              f"is above)", file=sys.stderr, flush=True)
+        return first.exitcode or 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

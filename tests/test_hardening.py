@@ -1,0 +1,142 @@
+"""No clobbered run, nothing left behind, no endless divergence: the run-directory lock, temporaries of killed
+writers, a full disk, and non-finite steps in a row."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ddptrain import checkpoint
+from ddptrain.config import from_dict, to_dict
+from ddptrain.dist import detect
+from ddptrain.trainer import NonFiniteError, run
+
+import tasks_for_tests
+
+TESTS = Path(__file__).resolve().parent
+
+
+def strict_json(path: Path):
+    def refuse(name):
+        raise ValueError(f"{path}: {name} is not JSON")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def write_config(tmp_path: Path, name: str, **extra) -> Path:
+    f = tmp_path / f"{name}.yaml"
+    cfg = {"task": "tasks_for_tests:regression_for_launch", "name": "shared", "runs_dir": str(tmp_path / "runs"),
+           "data": {"batch_size": 16}, "train": {"epochs": 2}, **extra}
+    f.write_text(json.dumps(cfg))  # JSON is YAML
+    return f
+
+
+def test_a_second_run_in_the_same_directory_is_refused_while_the_first_runs(tmp_path):
+    first = subprocess.Popen([sys.executable, "-m", "ddptrain", "train", str(write_config(
+        tmp_path, "a", task_args={"delay": 0.02}))], cwd=TESTS, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lock = tmp_path / "runs" / ".shared.lock"
+    deadline = time.monotonic() + 60
+    while not (lock.exists() and lock.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # another config with the same name, as in a typo'd copy of a config
+    second = subprocess.run([sys.executable, "-m", "ddptrain", "train", str(write_config(tmp_path, "b", seed=1))],
+                            cwd=TESTS, capture_output=True, text=True, timeout=60)
+    out, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+    assert second.returncode == 2
+    assert second.stderr.startswith(f"ddptrain: error: run directory '{tmp_path / 'runs' / 'shared'}' is in use by "
+                                    f"another run (host ") and f"pid {first.pid}" in second.stderr
+    assert second.stderr.count("\n") == 1
+    summary = json.loads((tmp_path / "runs" / "shared" / "summary.json").read_text())
+    assert summary["status"] == "completed" and not (tmp_path / "runs" / "shared" / "archive").exists()
+    assert lock.read_text() == ""  # released
+
+
+def test_a_lock_left_by_a_dead_run_and_its_temporaries_are_taken_over(tmp_path, recwarn):
+    run_dir = tmp_path / "r"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (tmp_path / ".r.lock").write_text(json.dumps({"host": "node7", "pid": 999999, "slurm_job": "42", "since": "then"}))
+    orphan = run_dir / "checkpoints" / ".step-000000004.pt.tmp999999"
+    orphan.write_bytes(b"\0" * 2**20)  # what a writer killed mid-save leaves
+    (run_dir / "summary.json.tmp").write_text("{")
+    cfg = from_dict({"task": "tasks_for_tests:regression", "runs_dir": str(tmp_path), "name": "r",
+                     "data": {"batch_size": 16}, "train": {"epochs": 1}})
+    assert run(cfg, detect({}))["status"] == "completed"
+    assert not orphan.exists() and not (run_dir / "summary.json.tmp").exists()
+    assert any("taking over the lock of a run that ended without releasing it (host node7, pid 999999, SLURM job 42"
+               in str(w.message) for w in recwarn)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 700 KiB tmpfs (the SLURM and network-namespace tests need root too)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=700k", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(small_disk):
+    # each checkpoint is about 200 KiB (the model and AdamW's two moments); the third does not fit
+    args = [sys.executable, "-m", "ddptrain", "train", str(write_config(
+        small_disk.parent, "full", runs_dir=str(small_disk), task_args={"width": 2000},
+        checkpoint={"every_steps": 2, "keep_last": 2, "save_best": False}, train={"epochs": 3}))]
+    proc = subprocess.run(args, cwd=TESTS, capture_output=True, text=True, timeout=120)
+    ckpts = small_disk / "shared" / "checkpoints"
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"ddptrain: error: checkpoint '{ckpts / 'step-000000006.pt'}': no space left on "
+                                  f"the device (") and "MiB needed); the previous checkpoint is kept\n" in proc.stderr
+    assert proc.stderr.count("\n") == 1
+    kept = checkpoint.step_files(ckpts)
+    assert [p.name for p in kept] == ["step-000000002.pt", "step-000000004.pt"]
+    assert all(checkpoint.verify(p) is None for p in kept)
+    assert not list(ckpts.glob(".*tmp*"))  # nothing left to keep the disk full
+
+
+def diverging(max_skips):
+    return from_dict({"task": "tasks_for_tests:regression", "name": "d", "data": {"batch_size": 16},
+                      "optim": {"name": "sgd", "lr": 1e6, "momentum": 0.0}, "train": {
+                          "epochs": 4, "nonfinite": "skip", "max_skips_in_a_row": max_skips, "log_every": 1}})
+
+
+def test_skipping_non_finite_steps_gives_up_after_a_few_in_a_row(tmp_path):
+    cfg = from_dict({**to_dict(diverging(3)), "runs_dir": str(tmp_path)})
+    with pytest.raises(NonFiniteError, match=r"3 steps in a row skipped for non-finite gradients "
+                                             r"\(train.max_skips_in_a_row=3\)"):
+        run(cfg, detect({}))
+    diagnostic = strict_json(tmp_path / "d" / "nonfinite.json")  # valid JSON, though lr and losses may be inf
+    assert diagnostic["step"] < 24
+
+
+def test_a_run_that_ends_with_a_nan_loss_is_not_a_success(tmp_path):
+    def nan_in_val(cfg):
+        task = tasks_for_tests.regression(cfg)
+        task.val.tensors[0][3, 0] = float("nan")
+        return task
+    cfg = from_dict({"task": "tasks_for_tests:regression", "runs_dir": str(tmp_path), "name": "d",
+                     "data": {"batch_size": 16}, "train": {"epochs": 1}})
+    with pytest.raises(NonFiniteError, match="training ended, but the val loss is not finite"):
+        run(cfg, detect({}), nan_in_val)
+    summary = strict_json(tmp_path / "d" / "summary.json")
+    assert summary["status"] == "nonfinite" and summary["val"]["loss"] == "nan"
+
+
+@pytest.mark.parametrize("extra, status, message", [
+    ({"checkpoint": {"resume": "/no/such.pt"}}, 2, "checkpoint '/no/such.pt': not found"),
+    ({"optim": {"name": "sgd", "lr": 1e6}}, 3, "the weights became non-finite after step"),
+    ({"task_args": {"kill_after": 20}, "dist": {"timeout_s": 5}}, 4, "rank 1 (pid "),
+])
+def test_launch_passes_the_workers_status_through_with_one_line(tmp_path, extra, status, message):
+    proc = subprocess.run([sys.executable, "-m", "ddptrain", "launch", "--nproc-per-node", "2",
+                           str(write_config(tmp_path, "c", **extra))], cwd=TESTS, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == status, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if "ddptrain: error:" in line]
+    assert message in errors[0] and "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr
+    # a user mistake or a decision taken together is said once, by rank 0; a killed rank by the launcher
+    assert len(errors) == 1, proc.stderr
+    if status == 4:
+        assert errors[0].endswith("was killed by SIGKILL; the run resumes from its newest checkpoint when started again")
