@@ -14,10 +14,11 @@ import os
 import pickle
 import re
 import shutil
-import warnings
 from pathlib import Path
 
 import torch
+
+from .runlog import warn
 
 FORMAT_VERSION = 2  # 2: named train sums (losses.Sums); format 1 still loads
 STEP_FILE = re.compile(r"^step-(\d{9})\.pt$")
@@ -145,7 +146,7 @@ def latest_valid(directory: Path) -> Path | None:
         problem = verify(path)
         if problem is None:
             return path
-        warnings.warn(f"skipping checkpoint '{path}': {problem}", stacklevel=2)
+        warn(f"skipping checkpoint '{path}': {problem}")
     return None
 
 

@@ -93,7 +93,7 @@ def _train(args) -> int:
     if _is_main():
         test = summary.get("test") or {}
         shown = ", ".join(f"{k} {v:.4g}" for k, v in test.items())
-        if summary["samples_per_s"] is None:  # resumed from the final checkpoint: nothing left to train
+        if summary.get("already_trained") or summary["samples_per_s"] is None:  # nothing left to train
             trained = f"already trained ({summary['steps']} steps; checkpoint.resume=none starts over)"
         else:
             trained = f"{summary['steps']} steps, {summary['samples_per_s']:.0f} samples/s"
@@ -135,6 +135,8 @@ def _launch(args, command: str = "train", argv: list[str] = ()) -> int:
 
     if args.nproc_per_node < 1:
         raise config_mod.ConfigError(f"--nproc-per-node: expected a positive integer, got {args.nproc_per_node}")
+    if args.max_restarts < 0:
+        raise config_mod.ConfigError(f"--max-restarts: expected 0 or more, got {args.max_restarts}")
     if command == "eval":  # fail here, not once per rank
         from .trained import run_config
         parsed = _parser().parse_args(["eval", *argv])
@@ -226,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
         from .submit import main as submit
         return submit(_split_wandb_style((sys.argv[1:] if argv is None else argv)[1:]))
     argv = _split_wandb_style(sys.argv[1:] if argv is None else argv)
+    if "--debug" in argv:  # also for the workers that `launch` starts
+        argv = [a for a in argv if a != "--debug"]
+        os.environ["DDPTRAIN_DEBUG"] = "1"
     launched, launch_argv = "train", []
     if argv[:1] == ["launch"]:
         own, launched, launch_argv = _split_launch(argv[1:])
@@ -277,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ddptrain: error: {e}", file=sys.stderr, flush=True)
             return EXIT_COLLECTIVE
         if isinstance(e, (ConfigError, TaskError, CheckpointError, NonFiniteError)):
+            if os.environ.get("DDPTRAIN_DEBUG") == "1":
+                import traceback
+                traceback.print_exc()
             # Every rank meets these the same way (the config, the task, decisions taken together), so rank 0
             # says it once; an error only some ranks meet says which rank it is.
             if _is_main():

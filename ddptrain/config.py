@@ -38,6 +38,17 @@ def _fraction(x):
     return 0 <= x < 1
 
 
+def _seed(x):
+    return 0 <= x < 2**63
+
+
+def _timeout(x):
+    return 0 < x <= MAX_TIMEOUT_S
+
+
+MAX_TIMEOUT_S = 7 * 24 * 3600.0  # a week: beyond it the process group's millisecond timers misbehave
+
+
 def _positive_or_none(x):
     return x is None or x > 0
 
@@ -57,7 +68,7 @@ class DataConfig:
     eval_batch_size: int = _f(256, "batch size of each rank during validation and test", _positive, "> 0")
     val_fraction: float = _f(0.15, "share of the data held out for validation by the split helper", _fraction, "in [0, 1)")
     test_fraction: float = _f(0.15, "share of the data held out for test by the split helper", _fraction, "in [0, 1)")
-    split_seed: int = _f(0, "seed of the train/val/test split (independent of `seed`)")
+    split_seed: int = _f(0, "seed of the train/val/test split (independent of `seed`)", _seed, "an integer in [0, 2**63)")
     num_workers: int = _f(0, "DataLoader worker processes per rank", _non_negative, ">= 0")
     pin_memory: bool = _f(True, "pin host memory for faster copies (used only on CUDA)")
     persistent_workers: bool = _f(True, "keep workers alive between epochs (used only when num_workers > 0)")
@@ -126,7 +137,7 @@ class TrainConfig:
 class ValConfig:
     mode: Literal["sharded", "rank0"] = _f("sharded", "sharded: every rank evaluates a disjoint shard; rank0: rank 0 evaluates all")
     every: int = _f(1, "epochs between validations", _positive, "> 0")
-    rank0_timeout_s: float = _f(7200.0, "how long other ranks wait for rank 0 in rank0 mode", _positive, "> 0")
+    rank0_timeout_s: float = _f(7200.0, "how long other ranks wait for rank 0 in rank0 mode", _timeout, "in (0, 604800] (a week)")
 
 
 @dataclass
@@ -142,8 +153,8 @@ class EarlyStopConfig:
 class DistConfig:
     backend: Literal["auto", "gloo", "nccl"] = _f("auto", "process-group backend; auto: nccl with CUDA, else gloo")
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto: cuda:<local_rank> when CUDA is available, else cpu")
-    init_timeout_s: float = _f(600.0, "timeout of process-group start-up", _positive, "> 0")
-    timeout_s: float = _f(300.0, "timeout of each collective once training runs", _positive, "> 0")
+    init_timeout_s: float = _f(600.0, "timeout of process-group start-up", _timeout, "in (0, 604800] (a week)")
+    timeout_s: float = _f(300.0, "timeout of each collective once training runs", _timeout, "in (0, 604800] (a week)")
     find_unused_parameters: bool = _f(False, "DDP find_unused_parameters")
     static_graph: bool = _f(False, "DDP static_graph")
     gradient_as_bucket_view: bool = _f(False, "DDP gradient_as_bucket_view (true saves one gradient-sized buffer of memory)")
@@ -189,7 +200,7 @@ class Config:
     task_args: dict = _f({}, "free-form arguments for the task function (not validated by ddptrain)")
     name: str = _f("run", "run name: the run directory is <runs_dir>/<name> (the CLI defaults it to the config file's stem)")
     runs_dir: str = _f("runs", "where run directories are created")
-    seed: int = _f(0, "seed of model initialisation and data order; each rank derives its own seed for dropout")
+    seed: int = _f(0, "seed of model initialisation and data order; each rank derives its own seed for dropout", _seed, "an integer in [0, 2**63)")
     deterministic: bool = _f(False, "use deterministic algorithms (slower; errors on ops that have none)")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

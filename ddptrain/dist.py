@@ -42,13 +42,18 @@ class CollectiveError(RuntimeError):
     """A collective failed or timed out: another rank died, stalled or cannot be reached."""
 
 
+def is_collective_failure(error: BaseException) -> bool:
+    text = str(error)
+    return isinstance(error, dist.DistError) or any(
+        s in text for s in ("Timed out", "timed out", "Connection closed by peer", "Connection reset"))
+
+
 def explain_failure(error: RuntimeError, env: DistEnv, phase: str, step: int,
                     timeout: str = "dist.timeout_s=300") -> CollectiveError | None:
     """A collective's failure as one sentence that names the likely cause, or None if it is something else."""
     text = str(error)
     first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
-    if isinstance(error, dist.DistError) or any(
-            s in text for s in ("Timed out", "timed out", "Connection closed by peer", "Connection reset")):
+    if is_collective_failure(error):
         return CollectiveError(
             f"[rank {env.rank}] a collective failed during {phase} (step {step}): another rank "
             f"died, stalled or is unreachable; the timeout in force was {timeout} s "
@@ -58,6 +63,10 @@ def explain_failure(error: RuntimeError, env: DistEnv, phase: str, step: int,
 
 def detect(env: Mapping[str, str]) -> DistEnv:
     """Read the launcher's variables. torchrun's win over SLURM's: under `srun torchrun`, SLURM's describe nodes."""
+    if ("RANK" in env) != ("WORLD_SIZE" in env):
+        have, missing = ("RANK", "WORLD_SIZE") if "RANK" in env else ("WORLD_SIZE", "RANK")
+        raise ConfigError(f"environment variable {have} is set ({env[have]!r}) but {missing} is not: a launcher "
+                          f"sets both (torchrun does); unset {have} to run one process")
     if "RANK" in env and "WORLD_SIZE" in env:
         return DistEnv(
             rank=_int(env, "RANK"), world_size=_int(env, "WORLD_SIZE"),

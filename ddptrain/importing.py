@@ -13,6 +13,23 @@ from pathlib import Path
 from .config import ConfigError
 
 
+def user_frame(error: BaseException) -> str:
+    """`file:line` of the innermost frame of the error's traceback in the user's code (not torch's, ddptrain's
+    or the standard library's); the innermost frame if there is none."""
+    import traceback
+    frames = traceback.extract_tb(error.__traceback__)
+    if isinstance(error, SyntaxError) and error.filename:
+        return f"{os.path.relpath(error.filename)}:{error.lineno}"
+    ours = (str(Path(__file__).resolve().parent), str(Path(os.__file__).resolve().parent))
+    mine = [f for f in frames if not f.filename.startswith(ours) and "/torch/" not in f.filename and
+            not f.filename.startswith("<frozen")]
+    where = (mine or frames)[-1] if frames else None
+    if where is None:
+        return "unknown location"
+    shown = os.path.relpath(where.filename)
+    return f"{where.filename if shown.startswith('..') else shown}:{where.lineno}"
+
+
 def import_object(spec: str, key: str):
     """The object `spec` names; a ConfigError naming the config `key` when it cannot be imported."""
     if ":" in spec:
@@ -36,6 +53,9 @@ def import_object(spec: str, key: str):
         raise
     except ImportError as e:
         raise ConfigError(f"config key '{key}': cannot import '{target}': {e}") from None
+    except Exception as e:  # the user's module itself raised while it was imported
+        raise ConfigError(f"config key '{key}': importing '{target}' raised {type(e).__name__}: {e} "
+                          f"({user_frame(e)})") from e
     obj = getattr(module, name, None)
     if obj is None:
         raise ConfigError(f"config key '{key}': '{target}' has no '{name}'")

@@ -13,8 +13,9 @@ import json
 import os
 import socket
 import time
-import warnings
 from pathlib import Path
+
+from .runlog import warn
 
 
 def _describe(holder: dict) -> str:
@@ -24,6 +25,7 @@ def _describe(holder: dict) -> str:
 
 class RunLock:
     def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
         self.path = run_dir.parent / f".{run_dir.name}.lock"  # beside the run directory, which stays as it was
         self.fd: int | None = None
 
@@ -39,8 +41,8 @@ class RunLock:
             return _describe(holder) if holder else "another process"
         previous = self._read(fd)
         if previous:
-            warnings.warn(f"run directory '{self.path.parent}': taking over the lock of a run that ended without "
-                          f"releasing it ({_describe(previous)})", stacklevel=2)
+            warn(f"run directory '{self.run_dir}': taking over the lock of a run that ended without "
+                 f"releasing it ({_describe(previous)})")
         job = os.environ.get("SLURM_ARRAY_JOB_ID") and \
             f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID')}"
         me = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": job or os.environ.get("SLURM_JOB_ID"),

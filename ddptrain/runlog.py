@@ -6,12 +6,49 @@ training loop calls `log.record(...)` without asking who it is. A logger never c
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Protocol
+
+
+class _Format(logging.Formatter):
+    """`ddptrain: warning: ...` (from ranks other than 0: `[rank N] ddptrain: warning: ...`), as before logging."""
+
+    def format(self, record):
+        prefix = f"[rank {_rank}] " if _rank else ""
+        level = f"{record.levelname.lower()}: " if record.levelno >= logging.WARNING else ""
+        return f"{prefix}ddptrain: {level}{record.getMessage()}"
+
+
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record comes (a notebook or a test may replace it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+_rank = 0
+diagnostics = logging.getLogger("ddptrain")
+if not diagnostics.handlers:  # users silence or redirect them with the logging module
+    _handler = _Stderr()
+    _handler.setFormatter(_Format())
+    diagnostics.addHandler(_handler)
+    diagnostics.propagate = False
+    diagnostics.setLevel(logging.INFO)
+
+
+def warn(message: str) -> None:
+    """A diagnostic: `ddptrain: warning: ...` on stderr by default, through the `ddptrain` logger."""
+    diagnostics.warning(message)
 
 
 class Logger(Protocol):
@@ -172,6 +209,8 @@ def archive(run_dir: Path) -> Path | None:
 
 def prefix_warnings(rank: int) -> None:
     """Ranks other than 0 stay quiet unless they have something to say, and then say who they are."""
+    global _rank
+    _rank = rank
     import warnings
     show = warnings.showwarning
 

@@ -11,7 +11,6 @@ matches only statistically.
 from __future__ import annotations
 
 import random
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Protocol
@@ -154,14 +153,15 @@ def _get(d: dict, dotted: str):
     return d
 
 
-def check_compatible(saved: dict, current: dict, path) -> None:
-    """Refuse to continue a checkpoint under a config that would train differently."""
+def check_compatible(saved: dict, current: dict, path, model_keys_matter: bool = True) -> None:
+    """Refuse to continue a checkpoint under a config that would train differently (`model.*` only matters
+    to a task that reads it)."""
     from . import config as config_mod
     try:  # keys added since the checkpoint was made take their defaults, which is what it trained with
         saved = config_mod.to_dict(config_mod.from_dict(saved))
     except ConfigError:
         pass
-    pinned = list(PINNED)
+    pinned = [k for k in PINNED if model_keys_matter or k != "model"]
     if _get(current, "sched.name") in ("cosine", "linear", "onecycle"):
         pinned += ["train.epochs", "train.max_steps"]  # these schedules are laid out over the whole run
     diffs = [f"{k}: {_get(saved, k)!r} -> {_get(current, k)!r}" for k in pinned if _get(saved, k) != _get(current, k)]
@@ -177,11 +177,7 @@ def resume_path(cfg: Config, dist: Dist) -> Path | None:
     if cfg.checkpoint.resume not in ("auto", "none"):
         found = cfg.checkpoint.resume
     elif dist.env.is_main and cfg.checkpoint.resume == "auto":
-        with warnings.catch_warnings(record=True) as skipped:
-            warnings.simplefilter("always")
-            latest = ckpt.latest_valid(cfg.run_dir / "checkpoints")
-        for w in skipped:
-            print(f"ddptrain: warning: {w.message}", flush=True)
+        latest = ckpt.latest_valid(cfg.run_dir / "checkpoints")
         found = str(latest) if latest else None
     found = dist.broadcast_object(found)
     if found is not None and not Path(found).is_file():

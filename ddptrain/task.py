@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 
 from .batch import Forward, call, collate, describe
 from .config import Config, ConfigError
-from .importing import import_object
+from .importing import import_object, user_frame
 from .losses import ELEMENTWISE, as_metric, build_loss
 
 BUILTIN = {"digits": "ddptrain.tasks.digits:build", "diabetes": "ddptrain.tasks.diabetes:build"}
@@ -55,12 +55,32 @@ def resolve(spec: str) -> Callable[[Config], Task]:
     return fn
 
 
+class _Reads:
+    """A config section that records which of its keys are read."""
+
+    def __init__(self, section):
+        object.__setattr__(self, "_section", section)
+        object.__setattr__(self, "read", set())
+
+    def __getattr__(self, name):
+        self.read.add(name)
+        return getattr(self._section, name)
+
+
 def build(cfg: Config, fn: Callable[[Config], Task]) -> Task:
+    """The task, from its function; `task.reads_model_config` says whether it looked at `model.*`."""
+    import dataclasses
+    model_keys = _Reads(cfg.model)
     try:
-        task = fn(cfg)
+        task = fn(dataclasses.replace(cfg, model=model_keys))
     except ModuleNotFoundError as e:
         hint = " (pip install 'ddptrain[examples]')" if e.name == "sklearn" else ""
         raise TaskError(f"task '{cfg.task}' needs the module '{e.name}', which is not installed{hint}") from None
+    except (ConfigError, TaskError):
+        raise
+    except Exception as e:
+        raise TaskError(f"task '{cfg.task}': the task function raised {type(e).__name__}: {e} "
+                        f"({user_frame(e)})") from e
     if isinstance(task, dict):
         try:
             task = Task(**task)
@@ -74,6 +94,13 @@ def build(cfg: Config, fn: Callable[[Config], Task]) -> Task:
         ds = getattr(task, split)
         if ds is not None and len(ds) == 0:
             raise TaskError(f"task '{cfg.task}': the {split} dataset is empty")
+    task.reads_model_config = bool(model_keys.read)
+    from .config import ModelConfig
+    changed = [f"model.{k}" for k, v in vars(cfg.model).items() if getattr(ModelConfig(), k) != v]
+    if changed and not task.reads_model_config:
+        from .runlog import warn
+        warn(f"{', '.join(changed)} {'is' if len(changed) == 1 else 'are'} set, but task '{cfg.task}' does not read "
+             f"cfg.model (only the built-in tasks' MLP does): ignored, and not pinned when the run resumes")
     return task
 
 
@@ -117,11 +144,11 @@ def check(cfg: Config, task: Task, forward: Forward, metrics: dict) -> None:
             else:
                 c = _check_forward(name, cfg, forward, model, batch)
             try:
-                for m in metrics.values():
+                for metric_name, m in metrics.items():
                     if c.output is None or c.target is None:
                         raise TaskError(f"{name}: metrics need the output and the target; let the step return "
                                         f"(loss, output, target)")
-                    m.batch_stats(c.output, c.target)
+                    _check_metric(name, metric_name, m, c)
             except TaskError:
                 raise
             except Exception as e:
@@ -139,6 +166,25 @@ def check(cfg: Config, task: Task, forward: Forward, metrics: dict) -> None:
         raise ConfigError(f"config key 'early_stop.monitor': the task reports no {cfg.early_stop.monitor!r}{hint}")
 
 
+def _check_metric(name: str, metric_name: str, m, c) -> None:
+    from .losses import Mean
+    if isinstance(m, Mean):
+        values = m.fn(c.output, c.target)
+        if not (isinstance(values, torch.Tensor) and values.dim() >= 1 and len(values) == c.samples):
+            raise TaskError(f"{name}: metric '{metric_name}' must return one value per sample (first dimension "
+                            f"{c.samples} here), got {_shape(values)}; a batch mean would be weighted wrongly "
+                            f"(give an object with batch_stats/compute for a metric that is not a mean)")
+    m.batch_stats(c.output, c.target)
+
+
+def _broadcasts_up(a: torch.Tensor, b: torch.Tensor) -> bool:
+    try:
+        shape = torch.broadcast_shapes(a.shape, b.shape)
+    except RuntimeError:
+        return False
+    return shape != a.shape and shape != b.shape
+
+
 def _check_forward(name: str, cfg: Config, forward: Forward, model: nn.Module, batch):
     try:
         inputs, target = forward.split(batch)
@@ -151,10 +197,15 @@ def _check_forward(name: str, cfg: Config, forward: Forward, model: nn.Module, b
         out = call(model, inputs)
     except Exception as e:
         raise TaskError(f"{name}: the model fails on a training batch of input {describe(inputs)}: {e}") from None
-    if cfg.loss.name in ELEMENTWISE and isinstance(out, torch.Tensor) and isinstance(target, torch.Tensor) \
-            and out.shape != target.shape:
-        raise TaskError(f"{name}: loss '{cfg.loss.name}' expects the model output {_shape(out)} and the "
-                        f"target {_shape(target)} to have the same shape")
+    if isinstance(out, torch.Tensor) and isinstance(target, torch.Tensor) and out.shape != target.shape:
+        loss = f"loss '{cfg.loss.name}'" if cfg.loss.name != "task" else "the task's loss"
+        if cfg.loss.name in ELEMENTWISE:
+            raise TaskError(f"{name}: {loss} expects the model output {_shape(out)} and the target "
+                            f"{_shape(target)} to have the same shape")
+        if target.is_floating_point() and _broadcasts_up(out, target):
+            raise TaskError(f"{name}: the model output {_shape(out)} and the target {_shape(target)} broadcast to "
+                            f"{tuple(torch.broadcast_shapes(out.shape, target.shape))} in {loss}, which would "
+                            f"compare every output with every target; reshape the target to {_shape(out)}")
     try:
         return forward(lambda *a, **k: out, batch)  # the loss of the output just computed
     except Exception as e:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import netrc
 import os
-import sys
 from pathlib import Path
 
 from .config import Config, to_dict
@@ -53,9 +52,9 @@ class WandbLogger:
         return {"wandb_run_id": self.run.id} if self.run is not None else {}
 
     def _fail(self, error: Exception) -> None:
-        print(f"ddptrain: warning: wandb disabled for this run after an error ({type(error).__name__}: "
-              f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}); the local logs go on",
-              file=sys.stderr, flush=True)
+        from .runlog import warn
+        warn(f"wandb disabled for this run after an error ({type(error).__name__}: "
+             f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}); the local logs go on")
         self.run = None
 
     def record(self, event: dict) -> None:

@@ -10,8 +10,10 @@ and stop decisions come from rank 0.
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import itertools
+import json
 import math
 import os
 import time
@@ -28,7 +30,8 @@ from . import task as task_mod
 from .batch import Computed, Forward, to_device
 from .config import Config
 from .data import check_batch_size, micro_batch_size, train_loader
-from .dist import Dist, DistEnv, detect, explain_failure, pick_device
+from .dist import Dist, DistEnv, detect, explain_failure, is_collective_failure, pick_device
+from .importing import user_frame
 from .early_stop import EarlyStopping
 from .evaluation import Evaluator
 from .lock import RunLock
@@ -37,7 +40,7 @@ from .models import convert_sync_batchnorm
 from .optim import build_optimizer, build_scheduler, nonfinite_count
 from .precision import Precision
 from .preempt import Preempted, Preemption
-from .runlog import Clock, ConsoleLogger, Loggers, NullLogger, RunDirLogger, archive, prefix_warnings
+from .runlog import Clock, ConsoleLogger, Loggers, NullLogger, RunDirLogger, archive, prefix_warnings, warn
 from .state import Progress, RngState, RunState, check_compatible, rank_seed, resume_path, seed_everything
 from .step import TrainStep
 
@@ -69,7 +72,15 @@ def prepare(cfg: Config, env: DistEnv, task_fn: Callable | None = None):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
+    if cfg.train.compile:
+        from torch import _dynamo
+        backends = _dynamo.list_backends(exclude_tags=())
+        if cfg.train.compile_backend not in backends:
+            raise config_mod.ConfigError(f"config key 'train.compile_backend': expected one of {', '.join(backends)}, "
+                                         f"got {cfg.train.compile_backend!r}")
     seed_everything(cfg.seed)  # the same initial weights on every rank and for every world size
+    if task_fn is not None:  # messages name the function that was passed, not the config's `task`
+        cfg = dataclasses.replace(cfg, task=f"{task_fn.__module__}:{task_fn.__qualname__}")
     task = task_mod.build(cfg, task_fn or task_mod.resolve(cfg.task))
     forward, metrics = task_mod.prepare(cfg, task)
     return device, backend, task, forward, metrics
@@ -153,7 +164,8 @@ def _wrap(model: nn.Module, cfg: Config, dist: Dist) -> nn.Module:
 
 
 def _timed(iterable, waited: list[float]):
-    """Yield from iterable, adding the time spent waiting for each item to waited[0]."""
+    """Yield from iterable, adding the time spent waiting for each item to waited[0]; a failure of the
+    user's dataset is a TaskError that names it."""
     it = iter(iterable)
     while True:
         t = time.perf_counter()
@@ -161,8 +173,21 @@ def _timed(iterable, waited: list[float]):
             item = next(it)
         except StopIteration:
             return
+        except Exception as e:
+            raise user_error(e, "the training data") from e
         waited[0] += time.perf_counter() - t
         yield item
+
+
+def user_error(e: Exception, what: str) -> Exception:
+    """A failure of the user's data, model or loss met during the run, as one line naming the user's file:line
+    (only this rank may have met it); a collective failure or one of ddptrain's own errors stays as it is."""
+    if isinstance(e, (task_mod.TaskError, config_mod.ConfigError, ckpt.CheckpointError)) or is_collective_failure(e):
+        return e
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    error = task_mod.TaskError(f"{what} raised {type(e).__name__}: {first} ({user_frame(e)})")
+    error.rank_specific = True
+    return error
 
 
 class Training:
@@ -198,7 +223,8 @@ class Training:
         self.ckpt_dir = cfg.run_dir / "checkpoints"
         self.resumed_from = resume_path(cfg, dist)
         tracking = self._resume() if self.resumed_from is not None else None
-        self.log = self._loggers(tracking)
+        self.done = self.finished_summary()
+        self.log = NullLogger() if self.done is not None else self._loggers(tracking)
         self.preemption = Preemption(cfg.preempt.signals, dist)
         # timing and bookkeeping of this attempt
         self.start_step, self.train_time, self.first_step_time = self.progress.step, 0.0, None
@@ -213,7 +239,8 @@ class Training:
     def _resume(self) -> dict:
         """Load the checkpoint into every part; return its tracking ids (wandb's run)."""
         saved = ckpt.load(self.resumed_from)
-        check_compatible(saved["config"], config_mod.to_dict(self.cfg), self.resumed_from)
+        check_compatible(saved["config"], config_mod.to_dict(self.cfg), self.resumed_from,
+                         getattr(self.task, "reads_model_config", True))
         self.state.load_state_dict(saved, self.resumed_from)
         return saved.get("tracking", {})
 
@@ -238,6 +265,9 @@ class Training:
         """Train to the end (or an early stop), test, and return the summary. Call on all ranks."""
         self.dist.set_timeout(self.cfg.dist.timeout_s)
         p = self.progress
+        if self.done is not None:  # resumed at the end of a completed run: nothing to do, nothing to rewrite
+            self.preemption.close()
+            return self.done
         try:
             with warnings.catch_warnings():
                 # A step skipped by the gradient scaler makes torch warn that the schedule stepped first.
@@ -278,7 +308,10 @@ class Training:
             if before_micro_step is not None:
                 batch = before_micro_step(p.step, micro_step, batch)
             last = (micro_step + 1) % k == 0
-            self.last = self.step.micro_step(to_device(batch, device), last)
+            try:
+                self.last = self.step.micro_step(to_device(batch, device), last)
+            except Exception as e:
+                raise user_error(e, f"the model or the loss, at step {p.step + 1} on rank {self.dist.env.rank},") from e
             self.sums.add(self.last)
             if last and self.after_step(epoch):
                 break
@@ -372,8 +405,7 @@ class Training:
 
         def write():
             if not ckpt.finite(self.watched):
-                print(f"ddptrain: warning: step {self.progress.step}: the weights are not finite; keeping the "
-                      f"previous checkpoint", flush=True)
+                warn(f"step {self.progress.step}: the weights are not finite; keeping the previous checkpoint")
                 return
             ckpt.save(self.ckpt_dir / f"step-{self.progress.step:09d}.pt", {
                 **state, "config": config_mod.to_dict(self.cfg), "world_size": self.dist.env.world_size,
@@ -406,7 +438,7 @@ class Training:
     def nonfinite_stop(self, what: str) -> None:
         """Write a diagnostic (rank 0) and raise NonFiniteError on every rank. Call on all ranks."""
         p, cfg = self.progress, self.cfg
-        losses = self.dist.gather_object(float(self.last.loss))
+        losses = self.dist.gather_object(float(self.last.loss.detach()))
         message = (f"{what}; stopped at step {p.step}, epoch {p.epoch}; set train.nonfinite=skip to skip such "
                    f"steps (it checks every step), or lower optim.lr")
         if self.dist.env.is_main:
@@ -418,6 +450,22 @@ class Training:
                 "lr": self.optimizer.param_groups[0]["lr"], "last_loss_per_rank": [str(v) for v in losses],
                 "last_good_checkpoint": str(last[-1]) if last else None})
         raise NonFiniteError(message)
+
+    def finished_summary(self) -> dict | None:
+        """When resumed from the checkpoint at the end of a run that completed, its summary (unchanged, with
+        `already_trained`), else None. Call on all ranks."""
+        p, summary = self.progress, None
+        if self.resumed_from is None or not p.epoch_complete or not (p.stopped_early or p.step >= self.total_steps):
+            return None
+        if self.dist.env.is_main:
+            try:
+                summary = json.loads((self.cfg.run_dir / "summary.json").read_text())
+            except (OSError, ValueError):
+                summary = None
+            if summary is not None and (summary.get("status") != "completed" or summary.get("steps") != p.step):
+                summary = None
+        summary = self.dist.broadcast_object(summary)
+        return None if summary is None else {**summary, "already_trained": True}
 
     # ---- the end --------------------------------------------------------------------------------
     def finish(self) -> dict:
@@ -460,8 +508,7 @@ class Training:
             if why is None:
                 self.module.load_state_dict(weights)
             else:
-                print(f"ddptrain: warning: '{path}' cannot be used ({why}); the test runs on the last weights",
-                      flush=True)
+                warn(f"'{path}' cannot be used ({why}); the test runs on the last weights")
         why = self.dist.broadcast_object(why)
         if why is not None:
             return "last", why

@@ -77,6 +77,52 @@ def flat_targets(cfg) -> Task:
     return Task(model=nn.Linear(8, 1), train=TensorDataset(x, y), val=TensorDataset(x, y))
 
 
+def raises_in_build(cfg) -> Task:
+    raise FileNotFoundError("no data in /data/x")
+
+
+def flat_targets_own_loss(cfg) -> Task:
+    """As flat_targets, with the task's own MSE: it would broadcast silently."""
+    task = flat_targets(cfg)
+    task.loss = nn.functional.mse_loss
+    return task
+
+
+def batch_mean_metric(cfg) -> Task:
+    task = regression(cfg)
+    task.metrics = {"mse": lambda out, y: ((out - y) ** 2).mean()}  # a batch mean, not per-sample values
+    return task
+
+
+def label_out_of_range(cfg) -> Task:
+    """A class index the 4-class model does not have, in the second batch (the two-sample check misses it)."""
+    task = classification(cfg)
+    x, y = task.train.tensors
+    y = y.clone()
+    y[70] = 9
+    task.train = TensorDataset(x, y)
+    return task
+
+
+class Corrupt(Dataset):
+    def __init__(self, inner, bad):
+        self.inner, self.bad = inner, bad
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        if i == self.bad:
+            raise ValueError(f"sample {i} is corrupt")
+        return self.inner[i]
+
+
+def bad_sample(cfg) -> Task:
+    task = classification(cfg)
+    task.train = Corrupt(task.train, 41)
+    return task
+
+
 def needs_missing_module(cfg) -> Task:
     import no_such_package  # noqa: F401
 

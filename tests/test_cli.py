@@ -3,6 +3,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,17 @@ def write(tmp_path, text, name="exp.yaml"):
     ("task: tasks_for_tests:flat_targets\n", [], "config key 'loss.name': the task returns no loss"),
     ("task: digits\nearly_stop:\n  monitor: val_acc\n", [], "the task reports no 'val_acc'; did you mean 'val_accuracy'?"),
     ("data:\n  batch_size: 5000\n", [], "config key 'data.batch_size': 5000 is larger than the training set"),
+    ("seed: 18446744073709551616\n", [], "config key 'seed': expected an integer in [0, 2**63), got 18446744073709551616"),
+    ("", ["dist.timeout_s=inf"], "config key 'dist.timeout_s': expected in (0, 604800] (a week), got inf"),
+    ("", ["dist.timeout_s=1e10"], "config key 'dist.timeout_s': expected in (0, 604800] (a week), got 10000000000.0"),
+    ("", ["train.compile=true", "train.compile_backend=nope"], "config key 'train.compile_backend': expected one of "),
+    ("task: tasks_for_tests:raises_in_build\n", [], "task 'tasks_for_tests:raises_in_build': the task function raised "
+     "FileNotFoundError: no data in /data/x ("),
+    ("task: tasks_for_tests:flat_targets_own_loss\n", [], "the model output (2, 1) and the target (2,) broadcast to "
+     "(2, 2) in the task's loss"),
+    ("task: tasks_for_tests:batch_mean_metric\n", [], "metric 'mse' must return one value per sample (first "
+     "dimension 2 here), got ()"),
+    ("runs_dir: exp.yaml\n", [], "config key 'runs_dir': cannot create the run directory 'exp.yaml/exp'"),
 ])
 def test_bad_input_gives_one_line_and_exit_2(tmp_path, capsys, monkeypatch, config, overrides, message):
     monkeypatch.chdir(tmp_path)
@@ -97,11 +109,11 @@ def test_readme_main_command_trains_digits_on_two_processes():
     """The README's main command, exactly as written, run from the repository root."""
     cmd = readme_command("main-command")
     run_dir = ROOT / "runs" / "digits"
-    before = (run_dir / "summary.json").stat().st_mtime if (run_dir / "summary.json").exists() else None
+    if run_dir.exists():  # as on a fresh checkout: an earlier run here would only be reported as trained
+        run_dir.rename(run_dir.with_name(f"digits-before-{time.time_ns()}"))
     proc = subprocess.run(["bash", "-c", cmd], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert (run_dir / "summary.json").stat().st_mtime != before
     assert summary["world_size"] == 2 and summary["steps"] > 0
     assert summary["test"]["accuracy"] >= 0.98
     assert (run_dir / "checkpoints" / "best.pt").exists() and (run_dir / "metrics.jsonl").exists()

@@ -1,4 +1,6 @@
 """Pure units: config loading and errors, environment detection, early stopping, splits, schedules."""
+import re
+
 import pytest
 import torch
 
@@ -86,6 +88,14 @@ def test_environment_detection():
     assert detect({k: v for k, v in slurm.items() if k != "SLURM_STEP_ID"}) == DistEnv()
     with pytest.raises(ConfigError, match="RANK: expected an integer"):
         detect({"RANK": "x", "WORLD_SIZE": "2"})
+
+
+def test_rank_without_world_size_is_refused():
+    for env, message in (({"RANK": "0"}, "environment variable RANK is set ('0') but WORLD_SIZE is not"),
+                         ({"WORLD_SIZE": "2"}, "environment variable WORLD_SIZE is set ('2') but RANK is not"),
+                         ({"RANK": "0", "WORLD_SIZE": "two"}, "environment variable WORLD_SIZE: expected an integer")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            detect(env)
 
 
 def test_early_stopping_logic():

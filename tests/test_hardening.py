@@ -1,7 +1,6 @@
 """No clobbered run, nothing left behind, no endless divergence: the run-directory lock, temporaries of killed
 writers, a full disk, and non-finite steps in a row."""
 import json
-import os
 import subprocess
 import sys
 import time
@@ -54,7 +53,7 @@ def test_a_second_run_in_the_same_directory_is_refused_while_the_first_runs(tmp_
     assert lock.read_text() == ""  # released
 
 
-def test_a_lock_left_by_a_dead_run_and_its_temporaries_are_taken_over(tmp_path, recwarn):
+def test_a_lock_left_by_a_dead_run_and_its_temporaries_are_taken_over(tmp_path, diagnostics):
     run_dir = tmp_path / "r"
     (run_dir / "checkpoints").mkdir(parents=True)
     (tmp_path / ".r.lock").write_text(json.dumps({"host": "node7", "pid": 999999, "slurm_job": "42", "since": "then"}))
@@ -66,7 +65,7 @@ def test_a_lock_left_by_a_dead_run_and_its_temporaries_are_taken_over(tmp_path, 
     assert run(cfg, detect({}))["status"] == "completed"
     assert not orphan.exists() and not (run_dir / "summary.json.tmp").exists()
     assert any("taking over the lock of a run that ended without releasing it (host node7, pid 999999, SLURM job 42"
-               in str(w.message) for w in recwarn)
+               in m for m in diagnostics)
 
 
 @pytest.fixture
@@ -140,3 +139,59 @@ def test_launch_passes_the_workers_status_through_with_one_line(tmp_path, extra,
     assert len(errors) == 1, proc.stderr
     if status == 4:
         assert errors[0].endswith("was killed by SIGKILL; the run resumes from its newest checkpoint when started again")
+
+
+def test_a_task_module_that_raises_on_import_is_one_line_with_its_file_and_line(tmp_path):
+    (tmp_path / "broken.py").write_text("import torch\n\nSETTINGS = {}['missing']\n")
+    (tmp_path / "c.yaml").write_text("task: broken.py:build\n")
+    proc = subprocess.run([sys.executable, "-m", "ddptrain", "train", "c.yaml"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr == (
+        "ddptrain: error: config key 'task': importing 'broken.py' raised KeyError: 'missing' (broken.py:3)\n")
+    debug = subprocess.run([sys.executable, "-m", "ddptrain", "train", "c.yaml", "--debug"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=60)
+    assert debug.returncode == 2 and "Traceback (most recent call last)" in debug.stderr
+
+
+def test_running_a_finished_run_again_leaves_its_results_as_they_were(tmp_path):
+    args = [sys.executable, "-m", "ddptrain", "train", str(write_config(tmp_path, "again"))]
+    assert subprocess.run(args, cwd=TESTS, capture_output=True, timeout=120).returncode == 0
+    run_dir = tmp_path / "runs" / "shared"
+    before = {f: (run_dir / f).read_bytes() for f in ("summary.json", "metrics.jsonl", "config.yaml")}
+    again = subprocess.run(args, cwd=TESTS, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "already trained" in again.stdout
+    assert {f: (run_dir / f).read_bytes() for f in before} == before
+
+
+def test_model_keys_that_the_task_does_not_read_are_reported_and_not_pinned(tmp_path, diagnostics):
+    base = {"task": "tasks_for_tests:regression", "runs_dir": str(tmp_path), "name": "m", "data": {"batch_size": 16},
+            "train": {"epochs": 1}}
+    run(from_dict({**base, "model": {"hidden": [8]}}), detect({}))
+    assert diagnostics == ["model.hidden is set, but task 'tasks_for_tests:regression' does not read cfg.model (only "
+                           "the built-in tasks' MLP does): ignored, and not pinned when the run resumes"]
+    resumed = run(from_dict({**base, "model": {"hidden": [4, 4]}, "train": {"epochs": 2}}), detect({}))
+    assert resumed["resumed_at_step"] == 6 and resumed["steps"] == 12  # not refused for model.hidden
+    built_in = {"task": "diabetes", "runs_dir": str(tmp_path), "name": "b", "train": {"epochs": 1}}
+    run(from_dict(built_in), detect({}))
+    with pytest.raises(Exception, match=r"model: .*'hidden': \[256, 128\].* -> .*'hidden': \[8\]"):
+        run(from_dict({**built_in, "model": {"hidden": [8]}, "train": {"epochs": 2}}), detect({}))
+
+
+def test_diagnostics_go_through_the_ddptrain_logger(tmp_path, diagnostics):
+    (tmp_path / ".r.lock").write_text(json.dumps({"host": "h", "pid": 1, "since": "t"}))
+    cfg = from_dict({"task": "tasks_for_tests:regression", "runs_dir": str(tmp_path), "name": "r",
+                     "data": {"batch_size": 16}, "train": {"epochs": 1}})
+    run(cfg, detect({}))
+    assert diagnostics == [f"run directory '{tmp_path / 'r'}': taking over the lock of a run that ended without "
+                           f"releasing it (host h, pid 1, since t)"]
+
+
+@pytest.mark.parametrize("task, message", [
+    ("label_out_of_range", "on rank 0, raised IndexError: Target 9 is out of bounds. ("),
+    ("bad_sample", "ddptrain: error: the training data raised ValueError: sample 41 is corrupt (tasks_for_tests.py:"),
+])
+def test_bad_data_met_mid_run_is_one_line(tmp_path, task, message):
+    (tmp_path / "c.yaml").write_text(f"task: tasks_for_tests:{task}\nruns_dir: {tmp_path}\ntrain: {{epochs: 2}}\n")
+    proc = subprocess.run([sys.executable, "-m", "ddptrain", "train", str(tmp_path / "c.yaml")], cwd=TESTS,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
