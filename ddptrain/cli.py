@@ -145,7 +145,7 @@ def _launch(args, command: str = "train", argv: list[str] = ()) -> int:
         argv = [args.config, *args.overrides]
         cfg = config_mod.load(args.config, args.overrides)
         micro_batch_size(cfg.data, args.nproc_per_node, cfg.train.grad_accum_steps)
-        from .trainer import check_sync_batchnorm
+        from .preflight import check_sync_batchnorm
         check_sync_batchnorm(cfg, args.nproc_per_node)
     resolve(cfg.task)
     # ddptrain.agent is torchrun's own agent, passing the workers' exit status through (see agent.py)

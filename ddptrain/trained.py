@@ -77,7 +77,7 @@ def evaluate(run: str | os.PathLike, checkpoint: str = "auto", split: str = "tes
     """
     from .evaluation import Evaluator
     from .precision import Precision
-    from .trainer import prepare
+    from .preflight import prepare
 
     if split not in ("val", "test"):
         raise ConfigError(f"--split: expected val or test, got {split!r}")

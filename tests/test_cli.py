@@ -147,3 +147,27 @@ def test_python_api_takes_a_task_function(tmp_path):
 def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     assert readme_command("test-command") in ci.splitlines()
+
+
+def test_launch_refuses_a_negative_max_restarts_before_starting_torchrun(tmp_path, capsys):
+    assert main(["launch", "--max-restarts", "-1", str(write(tmp_path, "train:\n  epochs: 1\n"))]) == 2
+    assert capsys.readouterr().err == "ddptrain: error: --max-restarts: expected 0 or more, got -1\n"
+
+
+def test_errors_name_the_task_function_that_was_passed(tmp_path):
+    import tasks_for_tests
+    from ddptrain import train
+    from ddptrain.task import TaskError
+    with pytest.raises(TaskError, match=r"^task 'tasks_for_tests:batch_mean_metric': metric 'mse' must return one "
+                                        r"value per sample"):
+        train({"runs_dir": str(tmp_path)}, task=tasks_for_tests.batch_mean_metric)
+
+
+def test_launch_refuses_sync_batchnorm_on_cpu_before_starting_torchrun(tmp_path, capsys, monkeypatch):
+    def no_torchrun(*args, **kwargs):
+        raise AssertionError(f"torchrun was started: {args}")
+    monkeypatch.setattr(subprocess, "Popen", no_torchrun)
+    f = write(tmp_path, "dist:\n  sync_batchnorm: true\n  device: cpu\n")
+    assert main(["launch", "--nproc-per-node", "2", str(f)]) == 2
+    assert capsys.readouterr().err == "ddptrain: error: config key 'dist.sync_batchnorm': torch's SyncBatchNorm runs " \
+                                      "on GPUs only; set it to false on CPU\n"

@@ -1,0 +1,77 @@
+"""Before the loop: the device, seeds, the task and its pre-flight check (no process group yet), the run
+directory's lock, and the DDP wrapping of the model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Callable
+
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt
+from . import config as config_mod
+from . import task as task_mod
+from .config import Config
+from .dist import Dist, DistEnv, pick_device
+from .lock import RunLock
+from .state import seed_everything
+
+
+def prepare(cfg: Config, env: DistEnv, task_fn: Callable | None = None):
+    """What training and evaluation do before a process group: device, seeds, the task and its pre-flight
+    check. Returns (device, backend, task, forward, metrics)."""
+    device, backend = pick_device(env, cfg.dist.device, cfg.dist.backend)
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    if cfg.train.compile:
+        from torch import _dynamo
+        backends = _dynamo.list_backends(exclude_tags=())
+        if cfg.train.compile_backend not in backends:
+            raise config_mod.ConfigError(f"config key 'train.compile_backend': expected one of {', '.join(backends)}, "
+                                         f"got {cfg.train.compile_backend!r}")
+    seed_everything(cfg.seed)  # the same initial weights on every rank and for every world size
+    if task_fn is not None:  # messages name the function that was passed, not the config's `task`
+        cfg = dataclasses.replace(cfg, task=f"{task_fn.__module__}:{task_fn.__qualname__}")
+    task = task_mod.build(cfg, task_fn or task_mod.resolve(cfg.task))
+    forward, metrics = task_mod.prepare(cfg, task)
+    return device, backend, task, forward, metrics
+
+
+def check_sync_batchnorm(cfg: Config, world_size: int) -> None:
+    if cfg.dist.sync_batchnorm and world_size > 1 and (cfg.dist.device == "cpu" or not torch.cuda.is_available()):
+        raise config_mod.ConfigError("config key 'dist.sync_batchnorm': torch's SyncBatchNorm runs on GPUs only; "
+                                     "set it to false on CPU")
+
+
+def take_run_dir(cfg: Config, dist: Dist, lock: RunLock | None) -> None:
+    """Rank 0 locks the run directory and removes what a killed writer left; every rank learns whether it
+    may go on. Call on all ranks."""
+    problem = None
+    if lock is not None:
+        try:
+            holder = lock.acquire()
+        except OSError as e:
+            holder, problem = None, f"config key 'runs_dir': cannot create the run directory '{cfg.run_dir}' " \
+                                    f"({e.strerror})"
+        if holder is not None:
+            problem = f"run directory '{cfg.run_dir}' is in use by another run ({holder}); wait for it to end, " \
+                      f"or give this run another `name`"
+        elif problem is None:
+            ckpt.remove_temporaries(cfg.run_dir)
+    problem = dist.broadcast_object(problem)
+    if problem:
+        raise config_mod.ConfigError(problem)
+
+
+def wrap(model: nn.Module, cfg: Config, dist: Dist) -> nn.Module:
+    if not dist.active:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    d = cfg.dist
+    return DDP(model, device_ids=[dist.device] if dist.device.type == "cuda" else None,
+               find_unused_parameters=d.find_unused_parameters, static_graph=d.static_graph,
+               gradient_as_bucket_view=d.gradient_as_bucket_view, bucket_cap_mb=d.bucket_cap_mb)
