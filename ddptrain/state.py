@@ -18,6 +18,7 @@ from typing import Callable, Protocol
 import torch
 
 from . import checkpoint as ckpt
+from . import config as config_mod
 from .config import Config, ConfigError
 from .dist import Dist
 
@@ -156,7 +157,6 @@ def _get(d: dict, dotted: str):
 def check_compatible(saved: dict, current: dict, path, model_keys_matter: bool = True) -> None:
     """Refuse to continue a checkpoint under a config that would train differently (`model.*` only matters
     to a task that reads it)."""
-    from . import config as config_mod
     try:  # keys added since the checkpoint was made take their defaults, which is what it trained with
         saved = config_mod.to_dict(config_mod.from_dict(saved))
     except ConfigError:

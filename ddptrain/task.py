@@ -15,9 +15,10 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .batch import Forward, call, collate, describe
-from .config import Config, ConfigError
+from .config import Config, ConfigError, ModelConfig
 from .importing import import_object, user_frame
 from .losses import ELEMENTWISE, as_metric, build_loss
+from .runlog import warn
 
 BUILTIN = {"digits": "ddptrain.tasks.digits:build", "diabetes": "ddptrain.tasks.diabetes:build"}
 
@@ -41,6 +42,7 @@ class Task:
     scheduler: Callable[[torch.optim.Optimizer, int], Any] | None = None    # (optimizer, total steps) -> schedule
     collate: Callable[[list], Any] | None = None  # the DataLoaders' collate_fn (default: torch's, plus dataclasses)
     target_key: str = "labels"  # the target's field in dict, dataclass and named-tuple items
+    reads_model_config: bool = field(default=True, init=False, repr=False)  # set by build(): does it read model.*?
 
 
 def resolve(spec: str) -> Callable[[Config], Task]:
@@ -95,10 +97,8 @@ def build(cfg: Config, fn: Callable[[Config], Task]) -> Task:
         if ds is not None and len(ds) == 0:
             raise TaskError(f"task '{cfg.task}': the {split} dataset is empty")
     task.reads_model_config = bool(model_keys.read)
-    from .config import ModelConfig
     changed = [f"model.{k}" for k, v in vars(cfg.model).items() if getattr(ModelConfig(), k) != v]
     if changed and not task.reads_model_config:
-        from .runlog import warn
         warn(f"{', '.join(changed)} {'is' if len(changed) == 1 else 'are'} set, but task '{cfg.task}' does not read "
              f"cfg.model (only the built-in tasks' MLP does): ignored, and not pinned when the run resumes")
     return task

@@ -49,12 +49,13 @@ def checkpoint_path(cfg: Config, which: str = "auto") -> Path:
     return last
 
 
-def _weights(path: Path) -> tuple[dict, int | None]:
+def _load_weights(model: nn.Module, path: Path) -> int | None:
+    """Load a checkpoint's weights (best.pt or a step checkpoint) into `model`; return its step."""
     state = ckpt.load(path)
     if "model" not in state:
         raise ckpt.CheckpointError(f"checkpoint '{path}': it holds no model weights")
-    step = state.get("step", (state.get("progress") or {}).get("step"))
-    return state["model"], step
+    ckpt.load_model_state(model, state, path)
+    return state.get("step", (state.get("progress") or {}).get("step"))
 
 
 def load_model(run: str | os.PathLike, which: str = "best", task: Callable | None = None) -> nn.Module:
@@ -64,7 +65,7 @@ def load_model(run: str | os.PathLike, which: str = "best", task: Callable | Non
     seed_everything(cfg.seed)
     model = task_mod.build(cfg, task or task_mod.resolve(cfg.task)).model
     path = checkpoint_path(cfg, which)
-    ckpt.load_model_state(model, {"model": _weights(path)[0]}, path)
+    _load_weights(model, path)
     return model.cpu().eval()
 
 
@@ -99,8 +100,7 @@ def evaluate(run: str | os.PathLike, checkpoint: str = "auto", split: str = "tes
         found, error = dist.broadcast_object((found, error))
         if error:
             raise ckpt.CheckpointError(error)
-        weights, step = _weights(Path(found))
-        ckpt.load_model_state(built.model, {"model": weights}, found)
+        step = _load_weights(built.model, Path(found))
         module = built.model.to(device)
         values = Evaluator(dist, forward, metrics, Precision(cfg.train.precision, device), cfg.val.mode, cfg.data,
                            built.collate)(module, dataset)

@@ -181,7 +181,7 @@ class Training:
         """Load the checkpoint into every part; return its tracking ids (wandb's run)."""
         saved = ckpt.load(self.resumed_from)
         check_compatible(saved["config"], config_mod.to_dict(self.cfg), self.resumed_from,
-                         getattr(self.task, "reads_model_config", True))
+                         self.task.reads_model_config)
         self.state.load_state_dict(saved, self.resumed_from)
         return saved.get("tracking", {})
 
