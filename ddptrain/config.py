@@ -55,6 +55,7 @@ def _positive_or_none(x):
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 SCHEDULES = ("constant", "step", "cosine", "linear", "onecycle", "plateau")
+SPANS_RUN = ("cosine", "linear", "onecycle")  # schedules laid out over the run's whole length
 
 
 def _import_path(v: str) -> bool:
@@ -72,6 +73,10 @@ class DataConfig:
     num_workers: int = _f(0, "DataLoader worker processes per rank", _non_negative, ">= 0")
     pin_memory: bool = _f(True, "pin host memory for faster copies (used only on CUDA)")
     persistent_workers: bool = _f(True, "keep workers alive between epochs (used only when num_workers > 0)")
+    prefetch_factor: int | None = _f(None, "batches each worker loads ahead (None: torch's default, 2; used only when num_workers > 0)", _positive_or_none, "> 0 or null")
+    stream_sharding: Literal["auto", "dataset"] = _f(
+        "auto", "how a stream (IterableDataset) is split over ranks and workers; auto: by the stream's ddptrain.shard() "
+                "call, else every (ranks x workers)-th item per part; dataset: the stream splits itself")
 
 
 @dataclass
@@ -137,6 +142,7 @@ class TrainConfig:
 class ValConfig:
     mode: Literal["sharded", "rank0"] = _f("sharded", "sharded: every rank evaluates a disjoint shard; rank0: rank 0 evaluates all")
     every: int = _f(1, "epochs between validations", _positive, "> 0")
+    every_steps: int | None = _f(None, "also validate every this many optimizer steps (for long or endless streams)", _positive_or_none, "> 0 or null")
     rank0_timeout_s: float = _f(7200.0, "how long other ranks wait for rank 0 in rank0 mode", _timeout, "in (0, 604800] (a week)")
 
 

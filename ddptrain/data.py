@@ -4,16 +4,20 @@ Training batches are sharded with DistributedSampler (also at world size 1, so o
 Each rank's batch is batch_size / (world_size * grad_accum_steps), and incomplete global batches
 are dropped: rank r's batch b is then exactly its slice of global batch b, whatever the world size.
 Evaluation uses ShardSampler: disjoint and unpadded, so no sample is counted twice.
+A stream (IterableDataset) is split by stream.py instead, and read through torchdata's StatefulDataLoader;
+its passes end on all ranks at the same step (`whole_steps`).
 """
 from __future__ import annotations
 
 import itertools
-from typing import Callable, Iterator, Sequence
+import warnings
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler, Subset
 
 from . import batch
+from . import stream as stream_mod
 from .config import DataConfig, ConfigError
 from .dist import DistEnv
 
@@ -69,6 +73,8 @@ def micro_batch_size(cfg: DataConfig, world_size: int, grad_accum_steps: int) ->
 
 
 def check_batch_size(dataset: Dataset, cfg: DataConfig) -> None:
+    if stream_mod.is_stream(dataset):
+        return  # known only when read: a pass without one whole step is an error then (trainer.py)
     if len(dataset) < cfg.batch_size:
         raise ConfigError(f"config key 'data.batch_size': {cfg.batch_size} is larger than the training set "
                           f"({len(dataset)} samples)")
@@ -79,6 +85,8 @@ def _loader_kwargs(cfg: DataConfig, device: torch.device, collate: Callable | No
           "collate_fn": collate or batch.collate}
     if cfg.num_workers > 0:
         kw["persistent_workers"] = cfg.persistent_workers
+        if cfg.prefetch_factor is not None:
+            kw["prefetch_factor"] = cfg.prefetch_factor
     return kw
 
 
@@ -95,7 +103,65 @@ def train_loader(dataset: Dataset, cfg: DataConfig, env: DistEnv, grad_accum_ste
     return loader, sampler
 
 
+def stream_train_loader(stream: IterableDataset, cfg: DataConfig, env: DistEnv, grad_accum_steps: int,
+                        device: torch.device, collate: Callable | None = None):
+    """This rank's part of a training stream, in micro-batches, through a StatefulDataLoader (its state is
+    this rank's place in the pass); the incomplete last batch of each worker is dropped."""
+    from torchdata.stateful_dataloader import StatefulDataLoader
+    part = stream_mod.rank_stream(stream, env.rank, env.world_size, split=cfg.stream_sharding == "auto")
+    with warnings.catch_warnings():  # torchdata 0.11 calls an API that torch >= 2.9 deprecates; nothing for the user to do
+        warnings.filterwarnings("ignore", message=".*'set_vital' is deprecated")
+        return StatefulDataLoader(part, batch_size=micro_batch_size(cfg, env.world_size, grad_accum_steps),
+                                  drop_last=True, generator=torch.Generator(), **_loader_kwargs(cfg, device, collate))
+
+
+def stream_length(stream: IterableDataset) -> int | None:
+    """The samples in one pass of a stream, when it says (`__len__`), else None."""
+    try:
+        return len(stream)
+    except TypeError:
+        return None
+
+
+def whole_steps(batches: Iterable, k: int, dist) -> Iterator:
+    """The micro-batches of whole optimizer steps (k each) for as long as every rank has a whole step.
+
+    Each step's k micro-batches are read first, then one int is all-reduced on the gloo control group
+    (no device sync), so a pass that ends on one rank ends on all at the same step, before any of them
+    enters that step's gradient all-reduce.
+    """
+    it = iter(batches)
+    while True:
+        step = list(itertools.islice(it, k))
+        if dist.any(len(step) < k):
+            return
+        yield from step
+
+
+class StreamPosition:
+    """This rank's place in the training stream's pass, as a per-rank checkpoint part (None between passes)."""
+
+    def __init__(self, loader, progress):
+        self.loader, self.progress = loader, progress
+
+    def state_dict(self) -> dict | None:
+        return None if self.progress.epoch_complete else self.loader.state_dict()
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if state is not None and not self.progress.epoch_complete:
+            self.loader.load_state_dict(state)
+
+    def load_other_world_size(self, states: list, rank: int) -> None:
+        if any(s is not None for s in states) and not self.progress.epoch_complete and rank == 0:
+            from .runlog import warn
+            warn(f"the checkpoint was made on {len(states)} ranks: a stream's place in a pass cannot move to another "
+                 f"world size, so pass {self.progress.epoch} starts again from its beginning")
+
+
 def eval_loader(dataset: Dataset, cfg: DataConfig, rank: int, world_size: int, device: torch.device,
                 collate: Callable | None = None) -> DataLoader:
+    if stream_mod.is_stream(dataset):  # every part's every sample, the last batches incomplete
+        part = stream_mod.rank_stream(dataset, rank, world_size, split=cfg.stream_sharding == "auto")
+        return DataLoader(part, batch_size=cfg.eval_batch_size, **_loader_kwargs(cfg, device, collate))
     return DataLoader(dataset, batch_size=cfg.eval_batch_size, sampler=ShardSampler(len(dataset), rank, world_size),
                       **_loader_kwargs(cfg, device, collate))

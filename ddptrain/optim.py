@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.optim import lr_scheduler as sch
 
-from .config import OPTIMIZERS, SCHEDULES, OptimConfig, SchedConfig, TrainConfig
+from .config import OPTIMIZERS, SCHEDULES, SPANS_RUN, ConfigError, OptimConfig, SchedConfig, TrainConfig
 from .importing import import_object
 from .precision import Precision
 
@@ -57,17 +57,25 @@ def l1_penalty(model: nn.Module, strength: float) -> torch.Tensor | float:
     return strength * sum(p.abs().sum() for p in decay)
 
 
+def unknown_length(name: str) -> ConfigError:
+    return ConfigError(f"config key 'sched.name': {name} is laid out over the whole run, whose length is unknown (the "
+                       f"training set is a stream without __len__); set train.max_steps, or give the stream a __len__")
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedConfig, total_steps: int, lr: float,
                     task_scheduler: Callable | None = None):
-    """Return the scheduler; `total_steps` is the number of optimizer steps the run will take."""
+    """Return the scheduler; `total_steps` is the number of optimizer steps the run will take (None: unknown,
+    a stream without a length and no train.max_steps)."""
     if task_scheduler is not None:
         return task_scheduler(optimizer, total_steps)
+    if total_steps is None and cfg.name in SPANS_RUN:
+        raise unknown_length(cfg.name)
     if cfg.name == "plateau":
         return sch.ReduceLROnPlateau(optimizer, factor=cfg.gamma, patience=cfg.plateau_patience)
     if cfg.name == "onecycle":
         return sch.OneCycleLR(optimizer, max_lr=lr, total_steps=max(total_steps, 2), pct_start=cfg.pct_start)
-    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
-    rest = max(total_steps - warmup, 1)
+    warmup = cfg.warmup_steps if total_steps is None else min(cfg.warmup_steps, max(total_steps - 1, 0))
+    rest = None if total_steps is None else max(total_steps - warmup, 1)  # only the schedules that span the run use it
     if cfg.name not in SCHEDULES:
         main = import_object(cfg.name, "sched.name")(optimizer, **cfg.args)
         if isinstance(main, sch.ReduceLROnPlateau):

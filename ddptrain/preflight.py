@@ -47,6 +47,16 @@ def check_sync_batchnorm(cfg: Config, world_size: int) -> None:
                                      "set it to false on CPU")
 
 
+def check_run_length(cfg: Config, task: task_mod.Task) -> None:
+    """A schedule laid out over the whole run needs the run's length: a stream without one needs max_steps."""
+    from .data import stream_length
+    from .optim import unknown_length
+    from .stream import is_stream
+    if (is_stream(task.train) and cfg.train.max_steps is None and task.scheduler is None
+            and cfg.sched.name in config_mod.SPANS_RUN and stream_length(task.train) is None):
+        raise unknown_length(cfg.sched.name)
+
+
 def take_run_dir(cfg: Config, dist: Dist, lock: RunLock | None) -> None:
     """Rank 0 locks the run directory and removes what a killed writer left; every rank learns whether it
     may go on. Call on all ranks."""

@@ -33,6 +33,7 @@ class Progress:
     skipped_total: int = 0     # steps skipped for non-finite gradients
     skipped_in_a_row: int = 0
     records: int = 0           # lines of metrics.jsonl written up to this point
+    passes: int = 0            # complete passes over the training data
     last_val: dict | None = None  # the latest validation metrics
 
     def state_dict(self) -> dict:
@@ -162,7 +163,7 @@ def check_compatible(saved: dict, current: dict, path, model_keys_matter: bool =
     except ConfigError:
         pass
     pinned = [k for k in PINNED if model_keys_matter or k != "model"]
-    if _get(current, "sched.name") in ("cosine", "linear", "onecycle"):
+    if _get(current, "sched.name") in config_mod.SPANS_RUN:
         pinned += ["train.epochs", "train.max_steps"]  # these schedules are laid out over the whole run
     diffs = [f"{k}: {_get(saved, k)!r} -> {_get(current, k)!r}" for k in pinned if _get(saved, k) != _get(current, k)]
     if diffs:

@@ -7,12 +7,13 @@ How a batch reaches the model is batch.py's business; a task can take it over wi
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
 
 from .batch import Forward, call, collate, describe
 from .config import Config, ConfigError, ModelConfig
@@ -30,7 +31,7 @@ class TaskError(ValueError):
 @dataclass
 class Task:
     model: nn.Module
-    train: Dataset
+    train: Dataset  # map-style, or a stream (IterableDataset): see stream.py
     val: Dataset | None = None
     test: Dataset | None = None
     # (output, target) -> mean loss; "model": the model returns its own loss; None: the config's loss.name
@@ -93,15 +94,25 @@ def build(cfg: Config, fn: Callable[[Config], Task]) -> Task:
     if not isinstance(task.model, nn.Module):
         raise TaskError(f"task '{cfg.task}': model must be a torch.nn.Module, got {type(task.model).__name__}")
     for split in ("train", "val", "test"):
-        ds = getattr(task, split)
-        if ds is not None and len(ds) == 0:
-            raise TaskError(f"task '{cfg.task}': the {split} dataset is empty")
+        _check_dataset(cfg.task, split, getattr(task, split))
     task.reads_model_config = bool(model_keys.read)
     changed = [f"model.{k}" for k, v in vars(cfg.model).items() if getattr(ModelConfig(), k) != v]
     if changed and not task.reads_model_config:
         warn(f"{', '.join(changed)} {'is' if len(changed) == 1 else 'are'} set, but task '{cfg.task}' does not read "
              f"cfg.model (only the built-in tasks' MLP does): ignored, and not pinned when the run resumes")
     return task
+
+
+def _check_dataset(task: str, split: str, ds) -> None:
+    """A map-style dataset (`__getitem__` and `__len__`, not empty) or a stream (an IterableDataset)."""
+    if ds is None or isinstance(ds, IterableDataset):
+        return
+    getitem = getattr(type(ds), "__getitem__", None)
+    if getitem is None or getitem is Dataset.__getitem__ or not hasattr(ds, "__len__"):
+        raise TaskError(f"task '{task}': the {split} set ({type(ds).__name__}) must be a map-style dataset (with "
+                        f"__getitem__ and __len__) or a stream (a subclass of torch.utils.data.IterableDataset)")
+    if len(ds) == 0:
+        raise TaskError(f"task '{task}': the {split} dataset is empty")
 
 
 def _shape(t) -> str:
@@ -126,7 +137,15 @@ def prepare(cfg: Config, task: Task) -> tuple[Forward, dict]:
 def check(cfg: Config, task: Task, forward: Forward, metrics: dict) -> None:
     """Run the model on a batch of two training samples: it must fit the model, the loss and the metrics."""
     name = f"task '{cfg.task}'"
-    items = [task.train[i] for i in range(min(2, len(task.train)))]
+    if isinstance(task.train, IterableDataset):
+        try:
+            items = list(itertools.islice(task.train, 2))
+        except Exception as e:
+            raise TaskError(f"{name}: reading the training stream raised {type(e).__name__}: {e} ({user_frame(e)})") from None
+        if not items:
+            raise TaskError(f"{name}: the training stream is empty")
+    else:
+        items = [task.train[i] for i in range(min(2, len(task.train)))]
     try:
         batch = (task.collate or collate)(items)
     except Exception as e:

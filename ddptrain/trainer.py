@@ -27,9 +27,11 @@ from . import config as config_mod
 from . import task as task_mod
 from .batch import Computed, Forward, to_device
 from .config import Config
-from .data import check_batch_size, micro_batch_size, train_loader
+from .data import (StreamPosition, check_batch_size, micro_batch_size, stream_length, stream_train_loader,
+                   train_loader, whole_steps)
+from .stream import is_stream
 from .dist import Dist, DistEnv, detect, explain_failure, is_collective_failure
-from .preflight import check_sync_batchnorm, prepare, take_run_dir, wrap
+from .preflight import check_run_length, check_sync_batchnorm, prepare, take_run_dir, wrap
 from .importing import user_frame
 from .early_stop import EarlyStopping
 from .evaluation import Evaluator
@@ -72,6 +74,7 @@ def run(cfg: Config, env: DistEnv, task_fn: Callable | None = None, hooks: dict 
     check_sync_batchnorm(cfg, env.world_size)
     device, backend, task, forward, metrics = prepare(cfg, env, task_fn)
     check_batch_size(task.train, cfg.data)
+    check_run_length(cfg, task)
     seed_everything(rank_seed(cfg.seed, env.rank))
     if not env.is_main:
         prefix_warnings(env.rank)
@@ -102,6 +105,14 @@ def run(cfg: Config, env: DistEnv, task_fn: Callable | None = None, hooks: dict 
         gc.collect()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def planned_steps(tc: config_mod.TrainConfig, steps_per_epoch: int | None) -> int | None:
+    """The run's optimizer steps: epochs x steps per epoch, at most train.max_steps; None when unknown (a stream
+    without a length, and no max_steps)."""
+    if steps_per_epoch is None:
+        return tc.max_steps
+    return min(tc.epochs * steps_per_epoch, tc.max_steps or tc.epochs * steps_per_epoch)
 
 
 def _timed(iterable, waited: list[float]):
@@ -144,14 +155,21 @@ class Training:
         model = wrap(self.module, cfg, dist)
         self.model = model
         self.optimizer = build_optimizer(self.module, cfg.optim, task.optimizer)
-        self.loader, self.sampler = train_loader(task.train, cfg.data, env, tc.grad_accum_steps, cfg.seed, device,
-                                                 task.collate)
-        self.steps_per_epoch = self.sampler.num_samples // self.loader.batch_size // tc.grad_accum_steps
-        self.total_steps = min(tc.epochs * self.steps_per_epoch, tc.max_steps or tc.epochs * self.steps_per_epoch)
+        self.progress = Progress()
+        self.stream = is_stream(task.train)
+        if self.stream:  # an epoch is one pass, as long as the stream lasts; its length only when it says
+            self.loader, self.sampler = stream_train_loader(task.train, cfg.data, env, tc.grad_accum_steps, device,
+                                                            task.collate), None
+            length = stream_length(task.train)
+            self.steps_per_epoch = None if length is None else length // cfg.data.batch_size
+        else:
+            self.loader, self.sampler = train_loader(task.train, cfg.data, env, tc.grad_accum_steps, cfg.seed, device,
+                                                     task.collate)
+            self.steps_per_epoch = self.sampler.num_samples // self.loader.batch_size // tc.grad_accum_steps
+        self.total_steps = planned_steps(tc, self.steps_per_epoch)
         self.scheduler = build_scheduler(self.optimizer, cfg.sched, self.total_steps, cfg.optim.lr, task.scheduler)
         self.precision = Precision(tc.precision, device)
         self.stopper = EarlyStopping(cfg.early_stop.mode, cfg.early_stop.patience, cfg.early_stop.min_delta)
-        self.progress = Progress()
         self.sums = Sums(metrics, device)
         self.step = TrainStep(torch.compile(model, backend=tc.compile_backend) if tc.compile else model,
                               self.module, forward, self.optimizer, self.scheduler, self.precision, tc,
@@ -160,7 +178,8 @@ class Training:
         self.state = RunState(
             shared={"model": self.module, "optimizer": self.optimizer, "scheduler": self.scheduler,
                     "precision": self.precision, "early_stop": self.stopper, "progress": self.progress},
-            per_rank={"rng": RngState(device, self._reseed), "running": self.sums}, dist=dist)
+            per_rank={"rng": RngState(device, self._reseed), "running": self.sums,
+                      **({"stream": StreamPosition(self.loader, self.progress)} if self.stream else {})}, dist=dist)
         self.ckpt_dir = cfg.run_dir / "checkpoints"
         self.resumed_from = resume_path(cfg, dist)
         tracking = self._resume() if self.resumed_from is not None else None
@@ -173,6 +192,7 @@ class Training:
         self.last_log, self.data_wait, self.tokens = (time.perf_counter(), self.progress.step), [0.0], 0
         self.norm: torch.Tensor | None = torch.zeros(())
         self.last: Computed | None = None  # the latest micro-batch's result
+        self.validated_at = -1  # the step of this attempt's latest validation
 
     def _reseed(self, rank: int) -> None:
         seed_everything(rank_seed(self.cfg.seed, rank) + self.progress.step)
@@ -214,7 +234,7 @@ class Training:
                 # A step skipped by the gradient scaler makes torch warn that the schedule stepped first.
                 warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
                 for epoch in range(p.epoch + 1 if p.epoch_complete else p.epoch, self.cfg.train.epochs):
-                    if p.stopped_early or p.step >= self.total_steps:
+                    if self.reached_end():
                         break
                     self.phase = "training"
                     self.train_epoch(epoch, before_micro_step)
@@ -239,12 +259,16 @@ class Training:
         p, k, device = self.progress, self.cfg.train.grad_accum_steps, self.dist.device
         if epoch != p.epoch:
             p.epoch, p.step_in_epoch, p.epoch_complete = epoch, 0, False
-        self.sampler.set_epoch(epoch)
-        self.sampler.start = p.step_in_epoch * k * self.loader.batch_size
+        resumed_mid_pass = p.step_in_epoch > 0
         self.loader.generator.manual_seed(rank_seed(self.cfg.seed, self.dist.env.rank) + epoch)
+        if self.stream:  # the pass ends where the first rank's part of the stream does
+            batches = whole_steps(_timed(self.loader, self.data_wait), k, self.dist)
+        else:
+            self.sampler.set_epoch(epoch)
+            self.sampler.start = p.step_in_epoch * k * self.loader.batch_size
+            batches = _timed(itertools.islice(self.loader, (self.steps_per_epoch - p.step_in_epoch) * k), self.data_wait)
         self.model.train()
         started = time.perf_counter()
-        batches = _timed(itertools.islice(self.loader, (self.steps_per_epoch - p.step_in_epoch) * k), self.data_wait)
         for micro_step, batch in enumerate(batches):
             if before_micro_step is not None:
                 batch = before_micro_step(p.step, micro_step, batch)
@@ -256,7 +280,20 @@ class Training:
             self.sums.add(self.last)
             if last and self.after_step(epoch):
                 break
+        else:  # the data ran out: one whole pass
+            p.passes += 1
+            if self.stream and p.step_in_epoch == 0 and not resumed_mid_pass:
+                raise task_mod.TaskError(
+                    f"the training stream gave no whole step in pass {epoch}: each rank needs {k} x "
+                    f"{self.loader.batch_size} samples per step (data.batch_size={self.cfg.data.batch_size} over "
+                    f"{self.dist.env.world_size} ranks and train.grad_accum_steps={k})")
         self.train_time += time.perf_counter() - started
+
+    def reached_end(self) -> bool:
+        """Stopped early, or all planned steps or epochs done."""
+        p = self.progress
+        return (p.stopped_early or (self.total_steps is not None and p.step >= self.total_steps)
+                or (p.epoch_complete and p.epoch >= self.cfg.train.epochs - 1))
 
     def after_step(self, epoch: int) -> bool:
         """The optimizer step, then its bookkeeping: log, preemption, checkpoint. True when training is done."""
@@ -275,13 +312,24 @@ class Training:
                                 f"(train.max_skips_in_a_row={tc.max_skips_in_a_row})")
         if log_now:
             self.log_train(epoch)
+        every_val, done = self.cfg.val.every_steps, self.total_steps is not None and p.step >= self.total_steps
+        if every_val and self.task.val is not None and p.step % every_val == 0 and not done:
+            self.validate_mid_epoch(epoch)
         preempted = self.preemption.poll()
         every = self.cfg.checkpoint.every_steps
         if preempted or (every and p.step % every == 0):
             self.save_checkpoint()
         if preempted:
             raise Preempted(f"{self.preemption.signal_name}: checkpoint written at step {p.step}")
-        return p.step >= self.total_steps
+        return done or p.stopped_early
+
+    def validate_mid_epoch(self, epoch: int) -> None:
+        """val.every_steps: validate within the epoch; its time counts neither as training nor in the next log."""
+        started = time.perf_counter()
+        self.validate(epoch)
+        self.phase = "training"
+        self.train_time -= time.perf_counter() - started
+        self.last_log, self.data_wait[0] = (time.perf_counter(), self.progress.step), 0.0
 
     def log_train(self, epoch: int) -> None:
         """Reduce the train sums (the loop's own collective, every log_every steps) and record them. Call on all ranks."""
@@ -311,8 +359,9 @@ class Training:
         if cfg.train.nonfinite == "stop" and self.finite_at != p.step:  # validation would hide it
             count = nonfinite_count(self.step.params).double().reshape(1)
             self.check_finite(self.dist.all_reduce_sum(count)[0] == 0)
-        last_epoch = p.step >= self.total_steps or epoch == cfg.train.epochs - 1
-        if self.task.val is not None and ((epoch + 1) % cfg.val.every == 0 or last_epoch):
+        last_epoch = (self.total_steps is not None and p.step >= self.total_steps) or epoch == cfg.train.epochs - 1
+        validated = p.last_val is not None and self.validated_at == p.step  # by val.every_steps, at this step
+        if self.task.val is not None and ((epoch + 1) % cfg.val.every == 0 or last_epoch) and not validated:
             self.validate(epoch)
         p.epoch_complete = True
         every = cfg.checkpoint.every_epochs
@@ -326,6 +375,7 @@ class Training:
         p, cfg = self.progress, self.cfg
         self.phase = "validation"
         p.last_val = values = self.evaluate(self.module, self.task.val)
+        self.validated_at = p.step
         self.log.record({"split": "val", "step": p.step, "epoch": epoch, **values, "time": self.clock()})
         monitored = values[cfg.early_stop.monitor[4:]]
         improved = self.stopper.update(monitored, epoch, p.step)
@@ -396,7 +446,7 @@ class Training:
         """When resumed from the checkpoint at the end of a run that completed, its summary (unchanged, with
         `already_trained`), else None. Call on all ranks."""
         p, summary = self.progress, None
-        if self.resumed_from is None or not p.epoch_complete or not (p.stopped_early or p.step >= self.total_steps):
+        if self.resumed_from is None or not p.epoch_complete or not self.reached_end():
             return None
         if self.dist.env.is_main:
             try:
@@ -460,7 +510,7 @@ class Training:
         p, s, trained = self.progress, self.stopper, self.progress.step - self.start_step
         out = {
             "status": status, "world_size": self.dist.env.world_size,
-            "epochs_completed": p.step // self.steps_per_epoch, "steps": p.step, "stopped_early": p.stopped_early,
+            "epochs_completed": p.passes if self.stream else p.step // self.steps_per_epoch, "steps": p.step, "stopped_early": p.stopped_early,
             "monitor": self.cfg.early_stop.monitor, "best_value": s.best, "best_epoch": s.best_epoch,
             "best_step": s.best_step, "restored_best": tested == "best", "tested_weights": tested,
             "val": p.last_val, "test": test, "skipped_steps": p.skipped_total,
