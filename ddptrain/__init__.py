@@ -4,7 +4,7 @@
 """
 __version__ = "0.1.0"
 
-__all__ = ["train", "evaluate", "load_model", "Task", "Config", "load_config", "split"]
+__all__ = ["train", "evaluate", "load_model", "Task", "Config", "load_config", "split", "shard"]
 
 
 def __getattr__(name):
@@ -23,6 +23,9 @@ def __getattr__(name):
     if name == "load_config":
         from .config import load
         return load
+    if name == "shard":
+        from .stream import shard
+        return shard
     if name == "split":
         from .data import split
         return split

@@ -19,6 +19,7 @@ from .data import eval_loader
 from .dist import Dist
 from .losses import Sums
 from .precision import Precision
+from .task import user_error
 
 
 class Evaluator:
@@ -35,7 +36,10 @@ class Evaluator:
         module.eval()
         values = None
         if self.mode == "sharded" or env.is_main:
-            sums = self._sums(module, eval_loader(dataset, self.data, rank, world, self.dist.device, self.collate))
+            try:
+                sums = self._sums(module, eval_loader(dataset, self.data, rank, world, self.dist.device, self.collate))
+            except Exception as e:
+                raise user_error(e, f"evaluation (its data, the model or a metric) on rank {env.rank}") from e
             if self.mode == "sharded":
                 sums.reduce(self.dist)
             values = sums.values()

@@ -16,7 +16,9 @@ from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 
 from .batch import Forward, call, collate, describe
+from .checkpoint import CheckpointError
 from .config import Config, ConfigError, ModelConfig
+from .dist import is_collective_failure
 from .importing import import_object, user_frame
 from .losses import ELEMENTWISE, as_metric, build_loss
 from .runlog import warn
@@ -26,6 +28,17 @@ BUILTIN = {"digits": "ddptrain.tasks.digits:build", "diabetes": "ddptrain.tasks.
 
 class TaskError(ValueError):
     """The task or its data does not fit what training needs; a plain user mistake."""
+
+
+def user_error(e: Exception, what: str) -> Exception:
+    """A failure of the user's data, model or loss met during the run, as one line naming the user's file:line
+    (only this rank may have met it); a collective failure or one of ddptrain's own errors stays as it is."""
+    if isinstance(e, (TaskError, ConfigError, CheckpointError)) or is_collective_failure(e):
+        return e
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    error = TaskError(f"{what} raised {type(e).__name__}: {first} ({user_frame(e)})")
+    error.rank_specific = True
+    return error
 
 
 @dataclass

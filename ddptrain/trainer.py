@@ -26,13 +26,13 @@ from . import checkpoint as ckpt
 from . import config as config_mod
 from . import task as task_mod
 from .batch import Computed, Forward, to_device
+from .task import user_error
 from .config import Config
 from .data import (StreamPosition, check_batch_size, micro_batch_size, stream_length, stream_train_loader,
                    train_loader, whole_steps)
 from .stream import is_stream
-from .dist import Dist, DistEnv, detect, explain_failure, is_collective_failure
+from .dist import Dist, DistEnv, detect, explain_failure
 from .preflight import check_run_length, check_sync_batchnorm, prepare, take_run_dir, wrap
-from .importing import user_frame
 from .early_stop import EarlyStopping
 from .evaluation import Evaluator
 from .lock import RunLock
@@ -131,17 +131,6 @@ def _timed(iterable, waited: list[float]):
         yield item
 
 
-def user_error(e: Exception, what: str) -> Exception:
-    """A failure of the user's data, model or loss met during the run, as one line naming the user's file:line
-    (only this rank may have met it); a collective failure or one of ddptrain's own errors stays as it is."""
-    if isinstance(e, (task_mod.TaskError, config_mod.ConfigError, ckpt.CheckpointError)) or is_collective_failure(e):
-        return e
-    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    error = task_mod.TaskError(f"{what} raised {type(e).__name__}: {first} ({user_frame(e)})")
-    error.rank_specific = True
-    return error
-
-
 class Training:
     """One run on this rank: its parts (built here), its loop (`fit`) and its end (`finish`)."""
 
@@ -190,6 +179,7 @@ class Training:
         self.start_step, self.train_time, self.first_step_time = self.progress.step, 0.0, None
         self.finite_at = self.progress.step  # the last step at which the weights were seen finite
         self.last_log, self.data_wait, self.tokens = (time.perf_counter(), self.progress.step), [0.0], 0
+        self.paused = 0.0  # seconds since the last train log spent in validation and epoch-end saving
         self.norm: torch.Tensor | None = torch.zeros(())
         self.last: Computed | None = None  # the latest micro-batch's result
         self.validated_at = -1  # the step of this attempt's latest validation
@@ -329,14 +319,14 @@ class Training:
         self.validate(epoch)
         self.phase = "training"
         self.train_time -= time.perf_counter() - started
-        self.last_log, self.data_wait[0] = (time.perf_counter(), self.progress.step), 0.0
+        self.paused += time.perf_counter() - started
 
     def log_train(self, epoch: int) -> None:
         """Reduce the train sums (the loop's own collective, every log_every steps) and record them. Call on all ranks."""
         p, sums = self.progress, self.sums
         sums.reduce(self.dist, nonfinite=nonfinite_count(self.step.params))  # all ranks agree on finiteness
         now = time.perf_counter()
-        elapsed, tokens = now - self.last_log[0], sums.tokens()
+        elapsed, tokens = now - self.last_log[0] - self.paused, sums.tokens()
         event = {"split": "train", "step": p.step, "epoch": epoch, **sums.values(),
                  "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": float(self.norm),
                  "skipped_steps": p.skipped_total,
@@ -351,11 +341,11 @@ class Training:
         self.log.progress(p.step, self.total_steps)
         self.check_finite(sums.all_finite())
         sums.zero()
-        self.last_log, self.data_wait[0] = (now, p.step), 0.0
+        self.last_log, self.data_wait[0], self.paused = (now, p.step), 0.0, 0.0
 
     def end_epoch(self, epoch: int) -> None:
         """After an epoch's steps: the finite check, validation, early stopping, the epoch checkpoint."""
-        p, cfg = self.progress, self.cfg
+        p, cfg, started = self.progress, self.cfg, time.perf_counter()
         if cfg.train.nonfinite == "stop" and self.finite_at != p.step:  # validation would hide it
             count = nonfinite_count(self.step.params).double().reshape(1)
             self.check_finite(self.dist.all_reduce_sum(count)[0] == 0)
@@ -368,7 +358,7 @@ class Training:
         if every and ((epoch + 1) % every == 0 or last_epoch or p.stopped_early):
             self.phase = "checkpointing"
             self.save_checkpoint()
-        self.last_log, self.data_wait[0] = (time.perf_counter(), p.step), 0.0  # excludes validation, saving
+        self.paused += time.perf_counter() - started  # the train log's rates exclude validation and saving
 
     def validate(self, epoch: int) -> None:
         """Validate, then early stopping and best.pt from rank 0's decision. Call on all ranks."""

@@ -1,8 +1,6 @@
 """Any model, any batch: tuple, dict, nested, record and HF-style batches, a model's own loss, a custom
 step, sequence models with a causal mask, optimizers by import path; all on real gloo ranks."""
 import json
-import os
-import signal
 
 import pytest
 import torch
@@ -14,8 +12,8 @@ from ddptrain.dist import detect
 from ddptrain.task import TaskError
 from ddptrain.trainer import run
 
-from multirank import RankFailed, run_ranks
-import tasks_any_batch
+from killing import kill_and_resume, train_rank
+from multirank import run_ranks
 
 BASE = {"task": "tasks_any_batch:shapes", "data": {"batch_size": 16}, "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
         "train": {"epochs": 3, "log_every": 2}, "checkpoint": {"every_epochs": 0, "save_best": False}}
@@ -26,17 +24,6 @@ def with_(base, **sections):
     for section, values in sections.items():
         out[section] = {**out.get(section, {}), **values} if isinstance(values, dict) else values
     return out
-
-
-def train_rank(rank, runs_dir, cfg_dict, kill_at=None):
-    """Train; with kill_at, rank 1 kills itself with SIGKILL when it reaches that step."""
-    def hook(step, micro_step, batch):
-        if kill_at is not None and rank == 1 and step == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return batch
-    cfg = from_dict({"name": "r", **cfg_dict, "runs_dir": str(runs_dir)})
-    summary = run(cfg, detect(os.environ), hooks={"before_micro_step": hook})
-    return {"summary": summary, "weights": {k: v.clone() for k, v in tasks_any_batch.MODELS[-1].state_dict().items()}}
 
 
 def every_shape(rank, runs_dir, shapes):
@@ -80,26 +67,6 @@ def test_a_custom_step_with_a_frozen_teacher_accumulates_like_one_big_batch(tmp_
     assert_close_runs(both[0], big)
     plain = run_ranks(train_rank, 1, tmp_path / "plain", with_(BASE, task_args={"shape": "tuple"}))[0]
     assert (big["weights"]["head.weight"] - plain["weights"]["head.weight"]).abs().max() > 1e-4  # the step mattered
-
-
-def kill_and_resume(tmp_path, cfg, kill_at):
-    """An uninterrupted run, and one whose rank 1 is SIGKILLed at `kill_at` then resumed: their results."""
-    straight = run_ranks(train_rank, 2, tmp_path / "straight", cfg, timeout=120)
-    with pytest.raises(RankFailed):
-        run_ranks(train_rank, 2, tmp_path / "killed", cfg, kill_at, timeout=120)
-    last = checkpoint.step_files(tmp_path / "killed" / "r" / "checkpoints")[-1]
-    assert 0 < int(last.stem.split("-")[1]) < kill_at
-    resumed = run_ranks(train_rank, 2, tmp_path / "killed", cfg, timeout=120)
-    assert resumed[0]["summary"]["resumed_from"] == str(last)
-    for k, v in straight[0]["weights"].items():
-        assert torch.equal(resumed[0]["weights"][k], v) and torch.equal(resumed[1]["weights"][k], v), k
-
-    def records(d):
-        return [{k: v for k, v in json.loads(line).items() if k not in ("time", "samples_per_s", "tokens_per_s",
-                                                                          "data_wait_share")}
-                for line in open(d / "r" / "metrics.jsonl")]
-    assert records(tmp_path / "killed") == records(tmp_path / "straight")
-    return resumed[0]["summary"]
 
 
 LM = {"task": "tasks_any_batch:causal_lm", "data": {"batch_size": 16}, "loss": {"name": "cross_entropy"},

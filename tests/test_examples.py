@@ -5,6 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
+from killing import kill_and_resume
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -29,3 +33,14 @@ def test_the_character_lm_learns_checkpoints_its_masked_model_and_reports_tokens
 def test_the_two_input_model_trains_unmodified(tmp_path):
     summary = launch("tabular", tmp_path)
     assert summary["test"]["r2"] > 0.4, summary
+
+
+def test_the_token_stream_trains_on_2_ranks_with_2_workers_each_and_resumes_mid_pass_bitwise(tmp_path):
+    # A small model, 30 steps (a pass is about 124): killed at step 17, resumed from step 10's checkpoint.
+    cfg = yaml.safe_load((ROOT / "examples" / "tokenstream.yaml").read_text())
+    cfg.update(task=f"{ROOT}/examples/tokenstream.py:build", task_args={"block": 32, "n_layer": 1, "n_embd": 32},
+               train={**cfg["train"], "max_steps": 30, "log_every": 5}, val={"every_steps": 20},
+               checkpoint={"every_steps": 10}, sched={**cfg["sched"], "warmup_steps": 5})
+    summary = kill_and_resume(tmp_path, cfg, kill_at=17, models=None)
+    assert summary["steps"] == 30 and summary["resumed_at_step"] == 10 and summary["epochs_completed"] == 0
+    assert summary["test"]["bpb"] < 6.5 and summary["tokens_per_s"] > 0, summary  # uniform bytes: 8 bits
