@@ -1,13 +1,21 @@
-"""Checkpoint files: written atomically by one writer, found again only when whole, read as untrusted input.
+"""Checkpoint files: written atomically, found again only when whole, read as untrusted input.
 
 `checkpoints/step-000000120.pt` is written to a temporary file, fsynced and renamed; then a marker
 `step-000000120.pt.done` with its size and SHA-256 is written the same way. A checkpoint without its
 marker, or whose size or hash differs, is incomplete or corrupt and is skipped when resuming. Loading
 uses `torch.load(weights_only=True)`: a file that needs arbitrary pickled objects is refused.
+
+Under FSDP (`dist.strategy: fsdp`) a checkpoint is a directory, `step-000000120/`: every rank writes its
+shards of the model and optimizer there with Distributed Checkpoint (DCP), rank 0 adds `state.pt` (the
+rest, as above); it is written as `.step-000000120.tmp/` and renamed once every rank's shards are written,
+and only then its marker `step-000000120.done` lists every file's size. DCP's metadata and non-tensor
+values are read with restricted unpicklers: no pickled code runs.
 """
 from __future__ import annotations
 
+import collections
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -21,7 +29,8 @@ import torch
 from .runlog import warn
 
 FORMAT_VERSION = 2  # 2: named train sums (losses.Sums); format 1 still loads
-STEP_FILE = re.compile(r"^step-(\d{9})\.pt$")
+STEP_FILE = re.compile(r"^step-(\d{9})(\.pt)?$")  # a file, or a directory of shards (FSDP)
+STATE = "state.pt"  # in a directory checkpoint: what is not sharded
 
 
 class CheckpointError(ValueError):
@@ -106,29 +115,48 @@ def remove_temporaries(run_dir: Path) -> list[Path]:
     found = [p for p in (run_dir / "checkpoints").glob(".*.tmp*")] if (run_dir / "checkpoints").is_dir() else []
     found += [p for p in run_dir.glob("*.tmp") if p.is_file()]
     for p in found:
-        p.unlink(missing_ok=True)
+        _remove(p)
     return found
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def marker(path: Path) -> Path:
+    """The completeness marker: `step-N.pt.done` beside a file, `step-N.done` beside a directory."""
     return path.with_name(path.name + ".done")
 
 
+def _sha256(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
 def verify(path: Path) -> str | None:
-    """None if the file is whole (its marker exists and size and hash match), else what is wrong."""
-    if not path.is_file():
+    """None if the checkpoint is whole (its marker exists; sizes, and the hash of what is not sharded, match),
+    else what is wrong."""
+    if not path.exists():
         return "missing"
     try:
         meta = json.loads(marker(path).read_text())
     except (OSError, ValueError):
         return "no completeness marker (the write did not finish)"
+    if path.is_dir():
+        for name, size in meta.get("files", {}).items():
+            f = path / name
+            if not f.is_file() or f.stat().st_size != size:
+                return f"shard '{name}' is missing or not the {size} bytes written (truncated?)"
+        path, meta = path / STATE, meta.get(STATE, {})
     if path.stat().st_size != meta.get("size"):
         return f"size {path.stat().st_size} differs from the {meta.get('size')} bytes written (truncated?)"
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            sha.update(block)
-    if sha.hexdigest() != meta.get("sha256"):
+    if _sha256(path) != meta.get("sha256"):
         return "content differs from what was written (corrupt)"
     return None
 
@@ -154,16 +182,23 @@ def prune(directory: Path, keep_last: int) -> None:
     """Delete all but the newest `keep_last` step checkpoints (and their markers)."""
     for path in step_files(directory)[:-keep_last]:
         marker(path).unlink(missing_ok=True)
-        path.unlink(missing_ok=True)
+        _remove(path)
 
 
 def load(path: Path) -> dict:
     """Read a checkpoint onto the CPU with weights_only=True; raise CheckpointError naming the file."""
     path = Path(path)
+    if path.is_dir():  # FSDP: the shards are read by the strategy, the rest is here
+        return _read(path / STATE, path)
+    return _read(path, path)
+
+
+def _read(path: Path, name: Path) -> dict:
     if not path.is_file():
-        raise CheckpointError(f"checkpoint '{path}': not found")
+        raise CheckpointError(f"checkpoint '{name}': not found")
+    path, file = name, path
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint '{path}': refused, it holds objects that safe (weights-only) loading "
@@ -214,3 +249,116 @@ def watched(module: torch.nn.Module) -> list[torch.Tensor]:
 def finite(tensors: list[torch.Tensor]) -> bool:
     """True if every tensor is finite: only such weights may replace a checkpoint."""
     return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+# ---- directory checkpoints (FSDP): Distributed Checkpoint, read without unpickling code ----------------------
+def save_sharded(path: Path, tensors: dict, rest: dict | None, dist) -> None:
+    """Every rank writes its shards of `tensors` (DCP), rank 0 `rest` (state.pt); the directory is renamed into
+    place and marked complete only after all ranks wrote theirs. Call on all ranks; raises CheckpointError
+    on the ranks that failed (the caller makes it collective)."""
+    import torch.distributed.checkpoint as dcp
+    tmp = path.with_name(f".{path.name}.tmp")
+    if dist.env.is_main:
+        _remove(tmp)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    try:
+        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp))  # returns once every rank's shards are written
+    except Exception as e:
+        if dist.env.is_main:
+            _remove(tmp)
+        raise CheckpointError(f"checkpoint '{path}': writing the shards failed ({_first_line(e)}); the previous "
+                              f"checkpoint is kept") from None
+    if dist.env.is_main:
+        try:
+            with open(tmp / STATE, "wb") as f:
+                torch.save({"format_version": FORMAT_VERSION, **rest}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.name != STATE}
+            meta = {"files": files, STATE: {"size": (tmp / STATE).stat().st_size, "sha256": _sha256(tmp / STATE)},
+                    "step": rest.get("progress", {}).get("step")}
+            _remove(path)
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+            _write_atomic(marker(path), lambda f: f.write(json.dumps(meta).encode()))
+        except OSError as e:
+            _remove(tmp)
+            raise CheckpointError(f"checkpoint '{path}': {e.strerror or e}; the previous checkpoint is kept") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
+def load_sharded(path: Path, tensors: dict, no_dist: bool = False) -> None:
+    """Fill `tensors` (a state dict of DTensors, or of whole tensors with no_dist) from the shards in `path`."""
+    import torch.distributed.checkpoint as dcp
+    try:
+        dcp.load(tensors, storage_reader=_SafeReader(path), planner=_SafePlanner(), no_dist=no_dist)
+    except (CheckpointError, pickle.UnpicklingError) as e:
+        raise CheckpointError(f"checkpoint '{path}': refused, its metadata holds objects that safe loading does not "
+                              f"allow ({_first_line(e)})") from None
+    except Exception as e:
+        raise CheckpointError(f"checkpoint '{path}': its shards do not fit this model ({_first_line(e)})") from None
+
+
+def _safe_globals() -> dict:
+    """What DCP metadata may name: its own metadata classes, torch's sizes, dtypes and layouts, paths."""
+    import pathlib
+    from torch.distributed.checkpoint import filesystem, metadata
+    allowed = {("torch", "Size"): torch.Size, ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
+               ("pathlib", "PosixPath"): pathlib.PosixPath, ("pathlib", "PurePosixPath"): pathlib.PurePosixPath,
+               ("collections", "OrderedDict"): collections.OrderedDict,
+               ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): filesystem._StorageInfo}
+    for name in dir(metadata):
+        value = getattr(metadata, name)
+        if isinstance(value, type):
+            allowed[("torch.distributed.checkpoint.metadata", name)] = value
+    for name in dir(torch):
+        if isinstance(getattr(torch, name, None), torch.dtype):
+            allowed[("torch", name)] = getattr(torch, name)
+    return allowed
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    allowed: dict = {}
+
+    def find_class(self, module, name):
+        try:
+            return self.allowed[(module, name)]
+        except KeyError:
+            raise CheckpointError(f"{module}.{name} is not allowed") from None
+
+
+@functools.lru_cache(maxsize=None)
+def _reader_classes():
+    from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+
+    _MetadataUnpickler.allowed = _safe_globals()
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            with open(Path(self.path) / ".metadata", "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+            if getattr(metadata, "storage_meta", None) is not None:
+                metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    class SafePlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value):  # DCP's own reads these with weights_only=False
+            loaded = torch.load(value, weights_only=True)
+            if self.flatten_state_dict:
+                from torch.distributed.checkpoint._traverse import set_element
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = loaded
+    return SafeReader, SafePlanner
+
+
+def _SafeReader(path):
+    return _reader_classes()[0](path)
+
+
+def _SafePlanner():
+    return _reader_classes()[1]()

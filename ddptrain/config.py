@@ -166,6 +166,11 @@ class DistConfig:
     gradient_as_bucket_view: bool = _f(False, "DDP gradient_as_bucket_view (true saves one gradient-sized buffer of memory)")
     bucket_cap_mb: float = _f(25.0, "DDP all-reduce bucket size in MiB", _positive, "> 0")
     sync_batchnorm: bool = _f(False, "convert every BatchNorm of the model to SyncBatchNorm")
+    strategy: Literal["ddp", "fsdp"] = _f("ddp", "ddp: a whole copy of the model per rank; fsdp: parameters, gradients and optimizer state sharded over the ranks (FSDP2), sharded checkpoints (DCP)")
+    blocks: list[str] = _f([], "class names of the modules sharded (fsdp) and checkpointed (activation_checkpointing) one by one; []: every direct child with parameters (each layer of a ModuleList)")
+    reshard_after_forward: bool = _f(True, "fsdp: free each block's gathered weights after its forward (less memory, one more all-gather in backward)")
+    cpu_offload: bool = _f(False, "fsdp: keep the sharded parameters, gradients and optimizer state in CPU memory")
+    activation_checkpointing: bool = _f(False, "recompute each block's activations in backward instead of keeping them (ddp and fsdp)")
 
 
 @dataclass

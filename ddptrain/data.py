@@ -5,7 +5,7 @@ Each rank's batch is batch_size / (world_size * grad_accum_steps), and incomplet
 are dropped: rank r's batch b is then exactly its slice of global batch b, whatever the world size.
 Evaluation uses ShardSampler: disjoint and unpadded, so no sample is counted twice.
 A stream (IterableDataset) is split by stream.py instead, and read through torchdata's StatefulDataLoader;
-its passes end on all ranks at the same step (`whole_steps`).
+its passes end on all ranks at the same step (`StreamSteps`).
 """
 from __future__ import annotations
 
@@ -123,29 +123,72 @@ def stream_length(stream: IterableDataset) -> int | None:
         return None
 
 
-def whole_steps(batches: Iterable, k: int, dist) -> Iterator:
-    """The micro-batches of whole optimizer steps (k each) for as long as every rank has a whole step.
+class Steps:
+    """The micro-batches of a map-style epoch in whole optimizer steps of k: lists of k."""
 
-    Each step's k micro-batches are read first, then one int is all-reduced on the gloo control group
-    (no device sync), so a pass that ends on one rank ends on all at the same step, before any of them
-    enters that step's gradient all-reduce.
+    def __init__(self, batches: Iterable, k: int):
+        self.batches, self.k = batches, k
+
+    def __iter__(self) -> Iterator[list]:
+        it = iter(self.batches)
+        while step := list(itertools.islice(it, self.k)):
+            yield step
+
+    def read_ahead(self) -> None:
+        """Called between a step's backward and its optimizer step; a stream reads its next step there."""
+
+    def settle(self) -> None:
+        """Called when the loop leaves the epoch early."""
+
+
+class StreamSteps(Steps):
+    """A stream's micro-batches in whole steps, for as long as every rank has a whole step: a pass that ends
+    on one rank ends on all at the same step, before any of them enters that step's gradient all-reduce.
+
+    The next step's k micro-batches are read right after this step's backward, and one int ("I am
+    short") is all-reduced in the background on the gloo control group (no device sync) while the
+    optimizer steps; the loop waits for it only before the next step. A checkpoint written in between
+    takes the loader's state and the RNG from just before that read (`snapshot`), so a resumed run
+    reads the same batches again and draws the same random numbers.
     """
-    it = iter(batches)
-    while True:
-        step = list(itertools.islice(it, k))
-        if dist.any(len(step) < k):
-            return
-        yield from step
+
+    def __init__(self, batches: Iterable, k: int, dist, loader, rng: Callable[[], dict]):
+        super().__init__(batches, k)
+        self.dist, self.loader, self.rng = dist, loader, rng
+        self.it, self.ahead, self.short = None, None, None
+        self.snapshot: tuple[dict, dict] | None = None  # (loader state, RNG) before the step read ahead
+
+    def __iter__(self) -> Iterator[list]:
+        self.it = iter(self.batches)
+        self.read_ahead()
+        while not self.short():
+            self.short, step = None, self.ahead
+            yield step
+        self.short, self.snapshot = None, None  # the pass is over: nothing read ahead belongs to it
+
+    def read_ahead(self) -> None:
+        self.snapshot = (self.loader.state_dict(), self.rng())
+        self.ahead = list(itertools.islice(self.it, self.k))
+        self.short = self.dist.any_later(len(self.ahead) < self.k)
+
+    def settle(self) -> None:
+        if self.short is not None:  # every rank posted this agreement: finish it, so the next one pairs up
+            self.short()
+            self.short = None
 
 
 class StreamPosition:
-    """This rank's place in the training stream's pass, as a per-rank checkpoint part (None between passes)."""
+    """This rank's place in the training stream's pass, as a per-rank checkpoint part (None between passes):
+    the loader's state before the step that was read ahead (`StreamSteps`)."""
 
-    def __init__(self, loader, progress):
-        self.loader, self.progress = loader, progress
+    def __init__(self, loader, progress, steps: Callable[[], StreamSteps | None]):
+        self.loader, self.progress, self.steps = loader, progress, steps
 
     def state_dict(self) -> dict | None:
-        return None if self.progress.epoch_complete else self.loader.state_dict()
+        steps = self.steps()
+        if self.progress.epoch_complete or steps is None or steps.snapshot is None:
+            return None
+        return steps.snapshot[0]
 
     def load_state_dict(self, state: dict | None) -> None:
         if state is not None and not self.progress.epoch_complete:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -168,6 +168,18 @@ class Dist:
         t = torch.tensor([1 if flag else 0], dtype=torch.int32)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control)
         return bool(t.item())
+
+    def any_later(self, flag: bool) -> Callable[[], bool]:
+        """Start `any` in the background; the returned function waits for it and gives the answer. Call on all ranks."""
+        if not self.active:
+            return lambda: flag
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        work = dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control, async_op=True)
+
+        def answer() -> bool:
+            work.wait()
+            return bool(t[0])
+        return answer
 
     def broadcast_object(self, obj, after_rank0_alone: bool = False):
         """Rank 0's `obj` on every rank. Call on all ranks; others pass anything.

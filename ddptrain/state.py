@@ -84,11 +84,13 @@ class RunState:
 class RngState:
     """This rank's RNG streams (torch, CUDA, Python, NumPy) as a checkpoint part."""
 
-    def __init__(self, device: torch.device, reseed: Callable[[int], None]):
-        self.device, self.reseed = device, reseed
+    def __init__(self, device: torch.device, reseed: Callable[[int], None],
+                 snapshot: Callable[[], dict | None] = lambda: None):
+        """`snapshot()`: the state to save instead of the current one, if any (a stream's step read ahead)."""
+        self.device, self.reseed, self.snapshot = device, reseed, snapshot
 
     def state_dict(self) -> dict:
-        return rng_state(self.device)
+        return self.snapshot() or rng_state(self.device)
 
     def load_state_dict(self, state: dict) -> None:
         set_rng_state(state, self.device)

@@ -28,8 +28,8 @@ from . import task as task_mod
 from .batch import Computed, Forward, to_device
 from .task import user_error
 from .config import Config
-from .data import (StreamPosition, check_batch_size, micro_batch_size, stream_length, stream_train_loader,
-                   train_loader, whole_steps)
+from .data import (Steps, StreamPosition, StreamSteps, check_batch_size, micro_batch_size, stream_length,
+                   stream_train_loader, train_loader)
 from .stream import is_stream
 from .dist import Dist, DistEnv, detect, explain_failure
 from .preflight import check_run_length, check_sync_batchnorm, prepare, take_run_dir, wrap
@@ -42,7 +42,8 @@ from .optim import build_optimizer, build_scheduler, nonfinite_count
 from .precision import Precision
 from .preempt import Preempted, Preemption
 from .runlog import Clock, ConsoleLogger, Loggers, NullLogger, RunDirLogger, archive, prefix_warnings, warn
-from .state import Progress, RngState, RunState, check_compatible, rank_seed, resume_path, seed_everything
+from .state import (Progress, RngState, RunState, check_compatible, rank_seed, resume_path, rng_state,
+                    seed_everything)
 from .step import TrainStep
 
 class NonFiniteError(RuntimeError):
@@ -167,8 +168,9 @@ class Training:
         self.state = RunState(
             shared={"model": self.module, "optimizer": self.optimizer, "scheduler": self.scheduler,
                     "precision": self.precision, "early_stop": self.stopper, "progress": self.progress},
-            per_rank={"rng": RngState(device, self._reseed), "running": self.sums,
-                      **({"stream": StreamPosition(self.loader, self.progress)} if self.stream else {})}, dist=dist)
+            per_rank={"rng": RngState(device, self._reseed, self._rng_snapshot), "running": self.sums,
+                      **({"stream": StreamPosition(self.loader, self.progress, lambda: self.steps)}
+                         if self.stream else {})}, dist=dist)
         self.ckpt_dir = cfg.run_dir / "checkpoints"
         self.resumed_from = resume_path(cfg, dist)
         tracking = self._resume() if self.resumed_from is not None else None
@@ -183,6 +185,12 @@ class Training:
         self.norm: torch.Tensor | None = torch.zeros(())
         self.last: Computed | None = None  # the latest micro-batch's result
         self.validated_at = -1  # the step of this attempt's latest validation
+        self.steps: Steps | None = None  # the epoch in progress, in whole steps
+
+    def _rng_snapshot(self) -> dict | None:
+        """Mid-pass on a stream, the RNG as it was before the step read ahead (StreamSteps), else None."""
+        steps = self.steps if self.stream else None
+        return None if steps is None or steps.snapshot is None else steps.snapshot[1]
 
     def _reseed(self, rank: int) -> None:
         seed_everything(rank_seed(self.cfg.seed, rank) + self.progress.step)
@@ -252,31 +260,39 @@ class Training:
         resumed_mid_pass = p.step_in_epoch > 0
         self.loader.generator.manual_seed(rank_seed(self.cfg.seed, self.dist.env.rank) + epoch)
         if self.stream:  # the pass ends where the first rank's part of the stream does
-            batches = whole_steps(_timed(self.loader, self.data_wait), k, self.dist)
+            self.steps = StreamSteps(_timed(self.loader, self.data_wait), k, self.dist, self.loader,
+                                     lambda: rng_state(device))
         else:
             self.sampler.set_epoch(epoch)
             self.sampler.start = p.step_in_epoch * k * self.loader.batch_size
-            batches = _timed(itertools.islice(self.loader, (self.steps_per_epoch - p.step_in_epoch) * k), self.data_wait)
+            left = (self.steps_per_epoch - p.step_in_epoch) * k
+            self.steps = Steps(_timed(itertools.islice(self.loader, left), self.data_wait), k)
         self.model.train()
-        started = time.perf_counter()
-        for micro_step, batch in enumerate(batches):
-            if before_micro_step is not None:
-                batch = before_micro_step(p.step, micro_step, batch)
-            last = (micro_step + 1) % k == 0
-            try:
-                self.last = self.step.micro_step(to_device(batch, device), last)
-            except Exception as e:
-                raise user_error(e, f"the model or the loss, at step {p.step + 1} on rank {self.dist.env.rank},") from e
-            self.sums.add(self.last)
-            if last and self.after_step(epoch):
-                break
-        else:  # the data ran out: one whole pass
-            p.passes += 1
-            if self.stream and p.step_in_epoch == 0 and not resumed_mid_pass:
-                raise task_mod.TaskError(
-                    f"the training stream gave no whole step in pass {epoch}: each rank needs {k} x "
-                    f"{self.loader.batch_size} samples per step (data.batch_size={self.cfg.data.batch_size} over "
-                    f"{self.dist.env.world_size} ranks and train.grad_accum_steps={k})")
+        started, micro_step = time.perf_counter(), 0
+        try:
+            for batches in self.steps:
+                for i, batch in enumerate(batches):
+                    if before_micro_step is not None:
+                        batch = before_micro_step(p.step, micro_step, batch)
+                    try:
+                        self.last = self.step.micro_step(to_device(batch, device), i == k - 1)
+                    except Exception as e:
+                        raise user_error(e, f"the model or the loss, at step {p.step + 1} on rank "
+                                            f"{self.dist.env.rank},") from e
+                    self.sums.add(self.last)
+                    micro_step += 1
+                self.steps.read_ahead()  # a stream reads its next step while this one's optimizer steps
+                if self.after_step(epoch):
+                    break
+            else:  # the data ran out: one whole pass
+                p.passes += 1
+                if self.stream and p.step_in_epoch == 0 and not resumed_mid_pass:
+                    raise task_mod.TaskError(
+                        f"the training stream gave no whole step in pass {epoch}: each rank needs {k} x "
+                        f"{self.loader.batch_size} samples per step (data.batch_size={self.cfg.data.batch_size} over "
+                        f"{self.dist.env.world_size} ranks and train.grad_accum_steps={k})")
+        finally:
+            self.steps.settle()
         self.train_time += time.perf_counter() - started
 
     def reached_end(self) -> bool:

@@ -39,7 +39,7 @@ def test_the_token_stream_trains_on_2_ranks_with_2_workers_each_and_resumes_mid_
     # A small model, 30 steps (a pass is about 124): killed at step 17, resumed from step 10's checkpoint.
     cfg = yaml.safe_load((ROOT / "examples" / "tokenstream.yaml").read_text())
     cfg.update(task=f"{ROOT}/examples/tokenstream.py:build", task_args={"block": 32, "n_layer": 1, "n_embd": 32},
-               train={**cfg["train"], "max_steps": 30, "log_every": 5}, val={"every_steps": 20},
+               train={**cfg["train"], "max_steps": 30, "log_every": 5}, val={"every_steps": None},
                checkpoint={"every_steps": 10}, sched={**cfg["sched"], "warmup_steps": 5})
     summary = kill_and_resume(tmp_path, cfg, kill_at=17, models=None)
     assert summary["steps"] == 30 and summary["resumed_at_step"] == 10 and summary["epochs_completed"] == 0

@@ -14,7 +14,7 @@ from ddptrain.dist import detect
 from ddptrain.trainer import run
 
 from killing import kill_and_resume, records, train_rank
-from multirank import run_ranks
+from multirank import RankFailed, run_ranks
 
 TESTS = Path(__file__).resolve().parent
 BASE = {"task": "tasks_stream:stream", "data": {"batch_size": 16}, "optim": {"name": "adamw", "lr": 0.01},
@@ -64,11 +64,11 @@ def test_shards_of_unequal_length_end_the_pass_on_every_rank_at_the_same_step(tm
     assert [e["step"] for e in records(tmp_path / "r") if e["split"] == "train"] == list(range(2, 21, 2))
 
 
-@pytest.mark.parametrize("kind", ["stateful", "files"])
-def test_a_rank_killed_mid_pass_resumes_with_the_next_unread_items_bitwise(tmp_path, kind):
-    # 2 ranks x 2 workers, 12 steps per pass: killed at step 8 of the first pass, resumed from step 6's
-    # checkpoint. A stream with a state continues where it was; one without is read again up to there.
-    cfg = config({"kind": kind, "lengths": [24] * 8, "val_n": 40}, data={"num_workers": 2},
+@pytest.mark.parametrize("kind,workers", [("stateful", 2), ("files", 0)])
+def test_a_rank_killed_mid_pass_resumes_with_the_next_unread_items_bitwise(tmp_path, kind, workers):
+    # 2 ranks, 12 steps per pass: killed at step 8 of the first pass, resumed from step 6's checkpoint. A
+    # stream with a state continues where it was (in each of 2 workers); one without is read again up to there.
+    cfg = config({"kind": kind, "lengths": [24] * 8, "val_n": 40}, data={"num_workers": workers},
                  checkpoint={"every_steps": 3})
     summary = kill_and_resume(tmp_path, cfg, kill_at=8, models="tasks_stream")
     assert summary["steps"] == 24 and summary["resumed_at_step"] == 6 and summary["epochs_completed"] == 2
@@ -138,3 +138,15 @@ def test_endless_stream_validates_every_n_steps_and_stops_at_max_steps(tmp_path)
     summary = run(cfg, detect({}))
     assert summary["steps"] == 9 and summary["epochs_completed"] == 0
     assert [e["step"] for e in records(tmp_path / "e") if e["split"] == "val"] == [4, 8, 9]
+
+
+def test_a_pass_resumed_on_another_world_size_starts_again_from_its_beginning(tmp_path):
+    cfg = config({"kind": "items", "lengths": [192]}, checkpoint={"every_steps": 3})
+    with pytest.raises(RankFailed):
+        run_ranks(train_rank, 2, tmp_path, cfg, 8, "tasks_stream", timeout=60)  # killed at step 8 of pass 0
+    resumed = run_ranks(train_rank, 1, tmp_path, cfg, None, "tasks_stream", True, timeout=60)[0]
+    assert resumed["summary"]["resumed_at_step"] == 6
+    # pass 0 again from its first item (12 steps of 16 on one rank), then pass 1
+    assert resumed["summary"]["steps"] == 6 + 12 + 12 and resumed["summary"]["epochs_completed"] == 2
+    first = [i for step, ids in resumed["seen"] if step < 18 for i in ids]
+    assert sorted(first) == list(range(192))

@@ -1,0 +1,260 @@
+"""Streams: where the time goes when training reads many small files, with 0, 1 and 2 DataLoader workers.
+
+A. One process trains an MLP on a stream of CSV files (each rank's each worker parses its own files, split
+   with ddptrain.shard). For each worker count: the stream read alone (one pass through ddptrain's
+   loader, no model), training on it (samples/s and the mean `data_wait_share` of the train events), and,
+   as the ceiling, training on the same samples held in memory (a map-style TensorDataset).
+B. The per-step cost of the end-of-pass agreement: the one-int all-reduce on the gloo control group that
+   every step of a stream makes, timed alone on 2 real ranks, and 2-rank training on an even stream with
+   and without it (interleaved rounds, the ratio of samples/s).
+C. The cost of a mid-pass resume: the time to the first batch after loading a checkpointed loader state
+   at the middle of a pass, for a stream with a state (it seeks) and one without (torchdata re-reads
+   the batches already trained and skips them).
+
+Run from the repository root:  .venv/bin/python benchmarks/bench_stream.py [--files 1000]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import IterableDataset, TensorDataset
+
+import ddptrain
+from ddptrain.config import DataConfig
+from ddptrain.data import stream_train_loader
+from ddptrain.dist import DistEnv
+
+HERE = Path(__file__).resolve().parent
+FEATURES, ROWS, CLASSES = 32, 64, 10
+
+
+class CsvFiles(IterableDataset):
+    """Rows `label,f1,...,f32` of CSV files, this part's files (ddptrain.shard) parsed one by one."""
+
+    def __init__(self, paths: list[str]):
+        self.paths, self.at, self.start = paths, (0, 0), (0, 0)  # (files of this part done, rows of the next)
+
+    def __iter__(self):
+        (files_done, rows_done), self.start = self.start, (0, 0)
+        for j, path in enumerate(ddptrain.shard(self.paths)):
+            if j < files_done:
+                continue
+            with open(path) as f:
+                rows = [[float(v) for v in line.split(",")] for line in f]
+            for i in range(rows_done if j == files_done else 0, len(rows)):
+                self.at = (j, i + 1)
+                yield torch.tensor(rows[i][1:]), int(rows[i][0])
+
+
+class StatefulCsvFiles(CsvFiles):
+    """With a state: a resume opens the file it stopped in, and no other before it."""
+
+    def state_dict(self) -> dict:
+        return {"files_done": self.at[0], "rows_done": self.at[1]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.start = self.at = (state["files_done"], state["rows_done"])
+
+
+def write_files(d: Path, n: int) -> list[str]:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(FEATURES, CLASSES, generator=g)
+    paths = []
+    for i in range(n):
+        x = torch.randn(ROWS, FEATURES, generator=g)
+        y = (x @ w).argmax(1)
+        path = d / f"part-{i:05d}.csv"
+        path.write_text("".join(f"{int(c)}," + ",".join(f"{v:.5f}" for v in row) + "\n" for c, row in zip(y, x.tolist())))
+        paths.append(str(path))
+    return paths
+
+
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(FEATURES, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, CLASSES))
+
+
+def config(workers: int, batch: int, runs: Path, name: str) -> dict:
+    return {"name": name, "runs_dir": str(runs), "loss": {"name": "cross_entropy"}, "optim": {"name": "sgd", "lr": 0.05},
+            "data": {"batch_size": batch, "num_workers": workers}, "train": {"epochs": 1, "log_every": 20},
+            "checkpoint": {"every_epochs": 0, "save_best": False}}
+
+
+def train(train_set, cfg: dict) -> dict:
+    summary = ddptrain.train(cfg, task=lambda c: ddptrain.Task(model=model(), train=train_set))
+    events = [json.loads(line) for line in open(Path(cfg["runs_dir"]) / cfg["name"] / "metrics.jsonl")]
+    waits = [e["data_wait_share"] for e in events if e["split"] == "train"]
+    return {"samples_per_s": summary["samples_per_s"], "data_wait_share": statistics.mean(waits)}
+
+
+def read_only(paths: list[str], workers: int, batch: int) -> float:
+    loader = stream_train_loader(CsvFiles(paths), DataConfig(batch_size=batch, num_workers=workers),
+                                 DistEnv(), 1, torch.device("cpu"))
+    start, n = time.perf_counter(), 0
+    for x, _ in loader:
+        n += len(x)
+    return n / (time.perf_counter() - start)
+
+
+def part_a(paths: list[str], batch: int, runs: Path) -> dict:
+    out = {}
+    for workers in (0, 1, 2):
+        out[f"{workers} workers"] = {"read_only_samples_per_s": read_only(paths, workers, batch),
+                                     **train(CsvFiles(paths), config(workers, batch, runs, f"a{workers}"))}
+    xs, ys = zip(*CsvFiles(paths))
+    out["in memory (map-style)"] = train(TensorDataset(torch.stack(xs), torch.tensor(ys)),
+                                         config(0, batch, runs, "mem"))
+    return out
+
+
+def agreement_rank(rank: int, port: int, calls: int, queue) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from ddptrain.dist import Dist, detect
+    dist = Dist(detect(os.environ), torch.device("cpu"), "gloo", 60, 60)
+    for _ in range(100):
+        dist.any(False)
+    times = []
+    for _ in range(calls):
+        t = time.perf_counter()
+        dist.any(False)
+        times.append(time.perf_counter() - t)
+    dist.close()
+    if rank == 0:
+        queue.put(statistics.median(times) * 1e6)
+
+
+def part_b(calls: int = 2000) -> dict:
+    return {"agreement_median_us": two_ranks(agreement_rank, calls), "calls": calls}
+
+
+class Even(IterableDataset):
+    """An in-memory stream that every rank reads to the same length: the agreement never ends a pass early."""
+
+    def __init__(self, n: int):
+        g = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.randn(n, FEATURES, generator=g), torch.randint(0, CLASSES, (n,), generator=g)
+
+    def __iter__(self):
+        for i in ddptrain.shard(range(len(self.x))):
+            yield self.x[i], self.y[i]
+
+
+def step_rank(rank: int, port: int, agree: bool, batch: int, runs: str, queue) -> None:
+    """2-rank training on an even stream, with or without the end-of-pass agreement (without it, the
+    pass ends on each rank when its part does, which is safe only because the parts are equal)."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from ddptrain import trainer
+    if not agree:
+        trainer.whole_steps = lambda batches, k, dist: batches
+    cfg = config(0, batch, Path(runs), f"b{int(agree)}-{port}")
+    cfg["train"]["log_every"] = 50
+    summary = ddptrain.train(cfg, task=lambda c: ddptrain.Task(model=model(), train=Even(batch * 600)))
+    if rank == 0:
+        queue.put(summary["samples_per_s"])
+
+
+def two_ranks(target, *args):
+    import multiprocessing as mp
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(r, port, *args, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    result = queue.get(timeout=300)
+    for p in procs:
+        p.join(60)
+    return result
+
+
+def part_b2(runs: Path, rounds: int, batch: int = 64) -> dict:
+    """Interleaved rounds of 2-rank training with and without the agreement: the ratio of samples/s."""
+    ratios = []
+    for _ in range(rounds):
+        without = two_ranks(step_rank, False, batch, str(runs))
+        with_ = two_ranks(step_rank, True, batch, str(runs))
+        ratios.append(with_ / without)
+    return {"with_over_without": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
+            "rounds": rounds, "batch": batch, "steps": 300}
+
+
+def part_c(paths: list[str], batch: int) -> dict:
+    out = {}
+    for stateful in (True, False):
+        cfg = DataConfig(batch_size=batch, num_workers=0)
+        kind = StatefulCsvFiles if stateful else CsvFiles
+        first = stream_train_loader(kind(paths), cfg, DistEnv(), 1, torch.device("cpu"))
+        it = iter(first)
+        half = len(paths) * ROWS // batch // 2
+        for _ in range(half):
+            next(it)
+        state = first.state_dict()
+        resumed = stream_train_loader(kind(paths), cfg, DistEnv(), 1, torch.device("cpu"))
+        start = time.perf_counter()
+        resumed.load_state_dict(state)
+        next(iter(resumed))
+        out["with a state (seeks)" if stateful else "without a state (re-reads)"] = {
+            "resume_to_first_batch_s": time.perf_counter() - start, "batches_skipped": half}
+    return out
+
+
+def report(results: dict) -> str:
+    lines = [f"Stream benchmark {results['date']}: {results['files']} CSV files x {ROWS} rows, batch {results['batch']}, "
+             f"1 process, {results['machine']}", "",
+             "| data | read only (samples/s) | training (samples/s) | data_wait_share |", "|---|---|---|---|"]
+    for name, r in results["A"].items():
+        read = f"{r['read_only_samples_per_s']:.0f}" if "read_only_samples_per_s" in r else "-"
+        lines.append(f"| {name} | {read} | {r['samples_per_s']:.0f} | {r['data_wait_share']:.2f} |")
+    b = results["B"]
+    b2 = results["B2"]
+    lines += ["", f"End-of-pass agreement (2 gloo ranks): median {b['agreement_median_us']:.0f} us per call "
+                  f"({b['calls']} calls); 2-rank training on an even in-memory stream (MLP, batch {b2['batch']}, "
+                  f"{b2['steps']} steps) runs at {b2['with_over_without']:.3f}x the samples/s of the same loop "
+                  f"without it (median of {b2['rounds']} interleaved rounds, range {b2['min']:.3f}-{b2['max']:.3f})",
+              "", "| mid-pass resume | time to the first batch (s) | batches skipped |",
+              "|---|---|---|"]
+    for name, r in results["C"].items():
+        lines.append(f"| {name} | {r['resume_to_first_batch_s']:.3f} | {r['batches_skipped']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--files", type=int, default=1000)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--rounds", type=int, default=5, help="rounds of the with/without agreement comparison")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/stream_<date>.json)")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as d:
+        paths = write_files(Path(d), args.files)
+        results = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "files": args.files,
+                   "batch": args.batch, "machine": f"{os.cpu_count()} CPUs, {platform.python_version()}, torch "
+                                                   f"{torch.__version__}",
+                   "A": part_a(paths, args.batch, Path(d) / "runs"), "B": part_b(),
+                   "B2": part_b2(Path(d) / "runs", args.rounds), "C": part_c(paths, args.batch)}
+    out = Path(args.out or HERE / "results" / f"stream_{results['date'][:10]}.json")
+    out.write_text(json.dumps(results, indent=2))
+    print(report(results))
+    print(f"\nwritten: {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

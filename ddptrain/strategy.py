@@ -1,0 +1,159 @@
+"""How the model is spread over the ranks (`dist.strategy`), one small object per kind, so that the loop never
+branches on it.
+
+- `Replicated` (ddp): every rank holds the whole model; DDP all-reduces the gradients during backward.
+  Its model and optimizer state are part of rank 0's checkpoint file.
+- `Sharded` (fsdp): PyTorch's FSDP2 (`fully_shard` on each block, then on the root, over a 1-D device
+  mesh): each rank holds 1/N of the parameters, gradients and optimizer state, gathers a block's weights
+  for its forward and backward and reduce-scatters its gradients. Its model and optimizer state are
+  written by every rank, its own shards, with Distributed Checkpoint (checkpoint.py).
+
+Each one wraps the model, turns gradient sync off for all micro-batches of a step but the last, says
+whether the weights are finite (on every rank alike), and moves the model and optimizer state in and out.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt
+from .config import Config, ConfigError
+from .dist import Dist
+
+
+def build(cfg: Config, dist: Dist) -> "Replicated | Sharded":
+    return Sharded(cfg, dist) if cfg.dist.strategy == "fsdp" else Replicated(cfg, dist)
+
+
+def checkpoint_blocks(module: nn.Module, is_block: Callable[[nn.Module], bool]) -> None:
+    """Recompute each block's activations in the backward pass instead of keeping them (less memory)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+    apply_activation_checkpointing(module, check_fn=is_block)
+
+
+class Replicated:
+    """DDP: a whole copy of the model per rank (or the bare model in one process)."""
+
+    sharded = False
+
+    def __init__(self, cfg: Config, dist: Dist):
+        self.cfg, self.dist = cfg, dist
+        self.model: nn.Module | None = None
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        if self.cfg.dist.activation_checkpointing:
+            checkpoint_blocks(module, lambda m: m in set(blocks(module, self.cfg.dist.blocks)))
+        if not self.dist.active:
+            self.model = module
+            return module
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        d, device = self.cfg.dist, self.dist.device
+        self.model = DDP(module, device_ids=[device] if device.type == "cuda" else None,
+                         find_unused_parameters=d.find_unused_parameters, static_graph=d.static_graph,
+                         gradient_as_bucket_view=d.gradient_as_bucket_view, bucket_cap_mb=d.bucket_cap_mb)
+        return self.model
+
+    def no_sync(self) -> Callable | None:
+        """A context manager factory for the micro-batches whose gradients are not reduced yet."""
+        return self.model.no_sync if self.dist.active else None
+
+    def finite(self, watched: list[torch.Tensor]) -> bool:
+        """Every rank holds the same weights: each can tell alone."""
+        return ckpt.finite(watched)
+
+    def state_parts(self, module: nn.Module, optimizer) -> dict:
+        """The parts that go into rank 0's checkpoint file: here the model and the optimizer too."""
+        return {"model": module, "optimizer": optimizer}
+
+    def save(self, path: Path, state: dict | None, module: nn.Module, optimizer) -> None:
+        """Write the checkpoint (rank 0; the others wait for the outcome in the caller)."""
+        if state is not None:
+            ckpt.save(path, state)
+
+    def load(self, path: Path, module: nn.Module, optimizer) -> None:
+        """Nothing to do: the model and optimizer came with the checkpoint file's parts."""
+
+
+class Sharded:
+    """FSDP2: each rank holds a shard of every parameter, gradient and optimizer state."""
+
+    sharded = True
+
+    def __init__(self, cfg: Config, dist: Dist):
+        self.cfg, self.dist = cfg, dist
+        self.model: nn.Module | None = None
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+        d, tc = self.cfg.dist, self.cfg.train
+        mesh = init_device_mesh(self.dist.device.type, (self.dist.env.world_size,))
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.precision)
+        kwargs = {"mesh": mesh, "reshard_after_forward": d.reshard_after_forward,
+                  "mp_policy": MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)}
+        if d.cpu_offload:
+            kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=self.dist.device.type == "cuda")
+        found = blocks(module, d.blocks)
+        if d.activation_checkpointing:
+            checkpoint_blocks(module, lambda m: m in set(found))
+            found = blocks(module, d.blocks)  # the wrappers now stand where the blocks were
+        for block in found:
+            fully_shard(block, **kwargs)
+        fully_shard(module, **kwargs)
+        self.model = module
+        return module
+
+    def no_sync(self) -> Callable:
+        @contextlib.contextmanager
+        def without_sync():
+            self.model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                self.model.set_requires_gradient_sync(True)
+        return without_sync
+
+    def finite(self, watched: list[torch.Tensor]) -> bool:
+        """Each rank sees its own shards: all must agree. Call on all ranks."""
+        local = ckpt.finite([getattr(t, "_local_tensor", t) for t in watched])
+        return not self.dist.any(not local)
+
+    def state_parts(self, module: nn.Module, optimizer) -> dict:
+        return {}  # the model and optimizer go to Distributed Checkpoint, every rank its shards
+
+    def _states(self, module: nn.Module, optimizer) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        model_state, optimizer_state = get_state_dict(module, optimizer)
+        return {"model": model_state, "optimizer": optimizer_state}
+
+    def save(self, path: Path, state: dict | None, module: nn.Module, optimizer) -> None:
+        """Every rank writes its shards, rank 0 the rest; the directory counts only once all are whole.
+        Call on all ranks."""
+        ckpt.save_sharded(path, self._states(module, optimizer), state, self.dist)
+
+    def load(self, path: Path, module: nn.Module, optimizer) -> None:
+        """Every rank reads its shards (resharded by DCP when the world size changed). Call on all ranks."""
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+        states = self._states(module, optimizer)
+        ckpt.load_sharded(path, states)
+        set_state_dict(module, optimizer, model_state_dict=states["model"], optim_state_dict=states["optimizer"])
+
+
+def blocks(module: nn.Module, names: list[str]) -> list[nn.Module]:
+    """The modules to shard (or checkpoint) one by one: those whose class is named in `names`, or, when
+    none is, every direct child that holds parameters (the layers of a ModuleList or ModuleDict child)."""
+    if names:
+        found = [m for m in module.modules() if type(m).__name__ in names and m is not module]
+        if not found:
+            present = sorted({type(m).__name__ for m in module.modules()})
+            raise ConfigError(f"config key 'dist.blocks': no module of the model is a {' or '.join(names)}; its "
+                              f"classes are {', '.join(present[:12])}")
+        return found
+    found = []
+    for child in module.children():  # a ModuleList or ModuleDict of layers: each layer
+        found += list(child.children()) if isinstance(child, (nn.ModuleList, nn.ModuleDict)) else [child]
+    return [m for m in found if any(True for _ in m.parameters())]
