@@ -22,6 +22,7 @@ import os
 import pickle
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -295,7 +296,9 @@ def load_sharded(path: Path, tensors: dict, no_dist: bool = False) -> None:
     """Fill `tensors` (a state dict of DTensors, or of whole tensors with no_dist) from the shards in `path`."""
     import torch.distributed.checkpoint as dcp
     try:
-        dcp.load(tensors, storage_reader=_SafeReader(path), planner=_SafePlanner(), no_dist=no_dist)
+        with warnings.catch_warnings():  # no_dist: DCP warns that it loads in one process, which is the point
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(tensors, storage_reader=_SafeReader(path), planner=_SafePlanner(), no_dist=no_dist)
     except (CheckpointError, pickle.UnpicklingError) as e:
         raise CheckpointError(f"checkpoint '{path}': refused, its metadata holds objects that safe loading does not "
                               f"allow ({_first_line(e)})") from None

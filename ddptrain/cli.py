@@ -1,4 +1,4 @@
-"""The `ddptrain` command: train, eval, launch, sweep, plot, submit, keys.
+"""The `ddptrain` command: train, eval, export, launch, sweep, plot, submit, keys.
 
 Plain user mistakes (config, task, data, checkpoint) print one line, `ddptrain: error: ...`, on rank 0
 and exit with status 2; a run stopped by non-finite gradients exits with 3. Anything else is a bug
@@ -32,6 +32,12 @@ def _parser() -> argparse.ArgumentParser:
                     help="auto (best.pt if whole, else the newest step checkpoint; default), best, last, or a file")
     ev.add_argument("--split", choices=["val", "test"], default="test", help="default test")
     ev.add_argument("-o", "--output", default=None, help="also write the result as JSON to this file")
+
+    ex = sub.add_parser("export", help="write a run's trained weights as one plain state dict (from a sharded "
+                                       "checkpoint too), for inference on one device")
+    ex.add_argument("run", help="run directory (with its config.yaml) or the run's config file")
+    ex.add_argument("--checkpoint", default="auto", help="auto (default), best, last, or a checkpoint's path")
+    ex.add_argument("-o", "--output", default=None, help="the file to write (default: RUN_DIR/model.pt)")
 
     la = sub.add_parser("launch", help="start torchrun with N processes on this node (`launch ... eval RUN` evaluates)")
     la.add_argument("--nproc-per-node", "--nproc_per_node", type=int, default=2, help="processes to start (default 2)")
@@ -124,6 +130,19 @@ def _eval(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from pathlib import Path
+    import torch
+    from .trained import checkpoint_path, load_model, run_config
+    cfg = run_config(args.run)
+    source = checkpoint_path(cfg, args.checkpoint)
+    model = load_model(args.run, str(source))
+    out = Path(args.output) if args.output else cfg.run_dir / "model.pt"
+    torch.save(model.state_dict(), out)
+    print(f"wrote {out} ({sum(t.numel() for t in model.state_dict().values())} values, from {source})")
+    return 0
+
+
 def _launch(args, command: str = "train", argv: list[str] = ()) -> int:
     """torchrun with N workers running `ddptrain <command> <argv>`, once the arguments are checked here."""
     import signal
@@ -145,8 +164,9 @@ def _launch(args, command: str = "train", argv: list[str] = ()) -> int:
         argv = [args.config, *args.overrides]
         cfg = config_mod.load(args.config, args.overrides)
         micro_batch_size(cfg.data, args.nproc_per_node, cfg.train.grad_accum_steps)
-        from .preflight import check_sync_batchnorm
+        from .preflight import check_strategy, check_sync_batchnorm
         check_sync_batchnorm(cfg, args.nproc_per_node)
+        check_strategy(cfg, args.nproc_per_node)
     resolve(cfg.task)
     # ddptrain.agent is torchrun's own agent, passing the workers' exit status through (see agent.py)
     cmd = [sys.executable, "-m", "ddptrain.agent", "--standalone", f"--nproc-per-node={args.nproc_per_node}",
@@ -265,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
             return _launch(args, launched, launch_argv)
         if args.command == "eval":
             return _eval(args)
+        if args.command == "export":
+            return _export(args)
         return _train(args)
     except KeyboardInterrupt:
         return 130

@@ -4,6 +4,8 @@
 `rank0`: rank 0 runs the whole set alone while the others wait for its result on a gloo group of its
 own, whose timeout is `val.rank0_timeout_s`; every other wait of the run ends after `dist.timeout_s`. The unwrapped module is used, in
 eval mode, so DDP issues no collective while only some ranks run it.
+Under FSDP every forward gathers weights from all ranks, so every rank must run as many batches
+(`lockstep`): a rank whose shard has run out repeats its last batch, uncounted, until all are done.
 """
 from __future__ import annotations
 
@@ -19,14 +21,14 @@ from .data import eval_loader
 from .dist import Dist
 from .losses import Sums
 from .precision import Precision
-from .task import user_error
+from .task import TaskError, user_error
 
 
 class Evaluator:
     def __init__(self, dist: Dist, forward: Forward, metrics: dict, precision: Precision, mode: str,
-                 data: DataConfig, collate: Callable | None = None):
+                 data: DataConfig, collate: Callable | None = None, lockstep: bool = False):
         self.dist, self.forward, self.metrics, self.precision = dist, forward, metrics, precision
-        self.mode, self.data, self.collate = mode, data, collate
+        self.mode, self.data, self.collate, self.lockstep = mode, data, collate, lockstep
 
     def __call__(self, module: nn.Module, dataset: Dataset) -> dict:
         """Metrics of `dataset` on every rank: {'loss': ..., <metric>: ...}. Call on all ranks."""
@@ -50,10 +52,27 @@ class Evaluator:
     @torch.no_grad()
     def _sums(self, module: nn.Module, loader) -> Sums:
         sums = Sums(self.metrics, self.dist.device)
-        for batch in loader:
+        for batch, counted in (self._in_lockstep(loader) if self.lockstep else ((b, True) for b in loader)):
             with self.precision.autocast():
                 # The loss is taken in float64, so its sum over batches and shards does not depend (to
                 # ~1e-15) on how the samples were cut into batches.
                 computed = self.forward(module, to_device(batch, self.dist.device), precise=True)
-            sums.add(computed)
+            if counted:
+                sums.add(computed)
         return sums
+
+    def _in_lockstep(self, loader):
+        """(batch, counted) for as long as any rank has a batch; a rank that has none repeats its last one."""
+        it, spare = iter(loader), None
+        while True:
+            batch = next(it, None)
+            if spare is None and self.dist.any(batch is None):  # the first round: a rank with nothing at all
+                raise TaskError(f"evaluation under dist.strategy=fsdp: a rank's shard of the set is empty (it has "
+                                f"fewer samples than the {self.dist.env.world_size} ranks); use fewer ranks")
+            if not self.dist.any(batch is not None):
+                return
+            if batch is None:
+                yield spare, False
+            else:
+                spare = batch
+                yield batch, True

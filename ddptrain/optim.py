@@ -110,6 +110,8 @@ def optimizer_step(params: list[nn.Parameter], optimizer, precision: Precision, 
         norm = nn.utils.clip_grad_norm_(with_grad, tc.clip_grad_norm)
     elif measure or tc.nonfinite == "skip":
         norm = nn.utils.get_total_norm([p.grad for p in with_grad])
+    if hasattr(norm, "full_tensor"):  # FSDP: the global norm over all shards, the same on every rank
+        norm = norm.full_tensor()
     if tc.clip_grad_value is not None:
         nn.utils.clip_grad_value_(with_grad, tc.clip_grad_value)
     # The gradients were all-reduced, so the norm (and the decision) is the same on every rank
@@ -123,5 +125,11 @@ def optimizer_step(params: list[nn.Parameter], optimizer, precision: Precision, 
 
 
 def nonfinite_count(params: list[nn.Parameter]) -> torch.Tensor:
-    """How many of the tensors hold a NaN or Inf, as a device tensor (no host sync)."""
-    return torch.stack([torch.isfinite(p).all() for p in params]).logical_not().sum()
+    """How many of the tensors (this rank's shards of them, under FSDP) hold a NaN or Inf, as a device tensor
+    (no host sync)."""
+    return torch.stack([torch.isfinite(local(p)).all() for p in params]).logical_not().sum()
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a sharded tensor (a DTensor under FSDP); any other tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t

@@ -1,5 +1,5 @@
 """Before the loop: the device, seeds, the task and its pre-flight check (no process group yet), the run
-directory's lock, and the DDP wrapping of the model.
+directory's lock. (How the model is spread over the ranks is strategy.py's.)
 """
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import os
 from typing import Callable
 
 import torch
-from torch import nn
 
 from . import checkpoint as ckpt
 from . import config as config_mod
@@ -47,6 +46,17 @@ def check_sync_batchnorm(cfg: Config, world_size: int) -> None:
                                      "set it to false on CPU")
 
 
+def check_strategy(cfg: Config, world_size: int) -> None:
+    if cfg.dist.strategy != "fsdp":
+        return
+    if world_size < 2:
+        raise config_mod.ConfigError("config key 'dist.strategy': fsdp shards the model over 2 or more ranks; this run "
+                                     "has 1 (use ddp, or launch more ranks)")
+    if cfg.val.mode == "rank0":
+        raise config_mod.ConfigError("config key 'val.mode': rank0 needs the whole model on rank 0, which fsdp does not "
+                                     "keep; use sharded (the same numbers, for any world size)")
+
+
 def check_run_length(cfg: Config, task: task_mod.Task) -> None:
     """A schedule laid out over the whole run needs the run's length: a stream without one needs max_steps."""
     from .data import stream_length
@@ -75,13 +85,3 @@ def take_run_dir(cfg: Config, dist: Dist, lock: RunLock | None) -> None:
     problem = dist.broadcast_object(problem)
     if problem:
         raise config_mod.ConfigError(problem)
-
-
-def wrap(model: nn.Module, cfg: Config, dist: Dist) -> nn.Module:
-    if not dist.active:
-        return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    d = cfg.dist
-    return DDP(model, device_ids=[dist.device] if dist.device.type == "cuda" else None,
-               find_unused_parameters=d.find_unused_parameters, static_graph=d.static_graph,
-               gradient_as_bucket_view=d.gradient_as_bucket_view, bucket_cap_mb=d.bucket_cap_mb)

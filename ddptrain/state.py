@@ -148,7 +148,8 @@ def _tuples(x):
 # Everything else (logging, timeouts, validation mode, world size...) may change, and so may epochs and
 # max_steps, which extends a run, unless the schedule is laid out over the run's length.
 PINNED = ["task", "task_args", "seed", "data.batch_size", "data.val_fraction", "data.test_fraction",
-          "data.split_seed", "model", "loss", "optim", "sched", "train.grad_accum_steps", "train.precision"]
+          "data.split_seed", "model", "loss", "optim", "sched", "train.grad_accum_steps", "train.precision",
+          "dist.strategy"]  # ddp saves one file, fsdp a directory of shards: `ddptrain export` turns one into a model
 
 
 def _get(d: dict, dotted: str):
@@ -183,7 +184,7 @@ def resume_path(cfg: Config, dist: Dist) -> Path | None:
         latest = ckpt.latest_valid(cfg.run_dir / "checkpoints")
         found = str(latest) if latest else None
     found = dist.broadcast_object(found)
-    if found is not None and not Path(found).is_file():
+    if found is not None and not Path(found).exists():  # a file, or a directory of shards (fsdp)
         error = f"checkpoint '{found}': not found (on rank {dist.env.rank}: the run directory must be on a " \
                 f"filesystem that every node sees)"
     errors = dist.gather_object(error)

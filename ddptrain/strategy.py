@@ -77,6 +77,33 @@ class Replicated:
     def load(self, path: Path, module: nn.Module, optimizer) -> None:
         """Nothing to do: the model and optimizer came with the checkpoint file's parts."""
 
+    def name(self, stem: str) -> str:
+        return stem + ".pt"  # a file
+
+    def save_weights(self, path: Path, module: nn.Module, extra: dict) -> None:
+        """best.pt: the model's weights alone (rank 0)."""
+        if self.dist.env.is_main:
+            ckpt.save(path, {"model": module.state_dict(), **extra})
+
+    def load_weights(self, path: Path, module: nn.Module) -> str | None:
+        """Rank 0 loads the weights if whole and fitting, then sends them to every rank; else why not.
+        Call on all ranks."""
+        why = None
+        if self.dist.env.is_main:
+            why = ckpt.verify(path)
+            if why is None:
+                try:
+                    weights = ckpt.load(path)["model"]
+                    why = ckpt.fits(module, weights)
+                except (ckpt.CheckpointError, KeyError) as e:
+                    why = str(e)
+            if why is None:
+                module.load_state_dict(weights)
+        why = self.dist.broadcast_object(why)
+        if why is None:
+            self.dist.broadcast_module(module)
+        return why
+
 
 class Sharded:
     """FSDP2: each rank holds a shard of every parameter, gradient and optimizer state."""
@@ -119,8 +146,8 @@ class Sharded:
 
     def finite(self, watched: list[torch.Tensor]) -> bool:
         """Each rank sees its own shards: all must agree. Call on all ranks."""
-        local = ckpt.finite([getattr(t, "_local_tensor", t) for t in watched])
-        return not self.dist.any(not local)
+        from .optim import local
+        return not self.dist.any(not ckpt.finite([local(t) for t in watched]))
 
     def state_parts(self, module: nn.Module, optimizer) -> dict:
         return {}  # the model and optimizer go to Distributed Checkpoint, every rank its shards
@@ -141,6 +168,31 @@ class Sharded:
         states = self._states(module, optimizer)
         ckpt.load_sharded(path, states)
         set_state_dict(module, optimizer, model_state_dict=states["model"], optim_state_dict=states["optimizer"])
+
+    def name(self, stem: str) -> str:
+        return stem  # a directory of shards
+
+    def save_weights(self, path: Path, module: nn.Module, extra: dict) -> None:
+        """best/: the model's shards alone, and `extra`. Call on all ranks."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+        ckpt.save_sharded(path, {"model": get_model_state_dict(module)}, extra if self.dist.env.is_main else None,
+                          self.dist)
+
+    def load_weights(self, path: Path, module: nn.Module) -> str | None:
+        """Every rank reads its shards of the weights if the directory is whole; else why not. Call on all ranks."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+        why = self.dist.broadcast_object(ckpt.verify(path) if self.dist.env.is_main else None)
+        if why is not None:
+            return why
+        error = None
+        try:
+            weights = {"model": get_model_state_dict(module)}
+            ckpt.load_sharded(path, weights)
+            set_model_state_dict(module, weights["model"])
+        except ckpt.CheckpointError as e:
+            error = str(e)
+        errors = self.dist.gather_object(error)
+        return self.dist.broadcast_object(next((e for e in errors if e), None) if errors else None)
 
 
 def blocks(module: nn.Module, names: list[str]) -> list[nn.Module]:

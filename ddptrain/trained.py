@@ -37,12 +37,13 @@ def checkpoint_path(cfg: Config, which: str = "auto") -> Path:
     if which not in ("auto", "best", "last"):
         return Path(which)
     if which in ("auto", "best"):
-        problem = ckpt.verify(directory / "best.pt")
+        best = directory / ("best" if cfg.dist.strategy == "fsdp" else "best.pt")  # shards, or one file
+        problem = ckpt.verify(best)
         if problem is None:
-            return directory / "best.pt"
+            return best
         if which == "best":
-            raise ckpt.CheckpointError(f"checkpoint '{directory / 'best.pt'}': {problem}; --checkpoint last takes "
-                                       f"the newest step checkpoint")
+            raise ckpt.CheckpointError(f"checkpoint '{best}': {problem}; --checkpoint last takes the newest step "
+                                       f"checkpoint")
     last = ckpt.latest_valid(directory)
     if last is None:
         raise ckpt.CheckpointError(f"'{directory}': no whole checkpoint to evaluate")
@@ -50,8 +51,13 @@ def checkpoint_path(cfg: Config, which: str = "auto") -> Path:
 
 
 def _load_weights(model: nn.Module, path: Path) -> int | None:
-    """Load a checkpoint's weights (best.pt or a step checkpoint) into `model`; return its step."""
+    """Load a checkpoint's weights (best.pt or a step checkpoint, a file or a directory of shards) into `model`;
+    return its step."""
     state = ckpt.load(path)
+    if path.is_dir():  # FSDP's shards, put together into the whole tensors of this process's model
+        weights = {"model": model.state_dict()}
+        ckpt.load_sharded(path, weights, no_dist=True)
+        state = {**state, "model": weights["model"]}
     if "model" not in state:
         raise ckpt.CheckpointError(f"checkpoint '{path}': it holds no model weights")
     ckpt.load_model_state(model, state, path)

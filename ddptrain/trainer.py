@@ -24,6 +24,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import config as config_mod
+from . import strategy as strategy_mod
 from . import task as task_mod
 from .batch import Computed, Forward, to_device
 from .task import user_error
@@ -32,7 +33,7 @@ from .data import (Steps, StreamPosition, StreamSteps, check_batch_size, micro_b
                    stream_train_loader, train_loader)
 from .stream import is_stream
 from .dist import Dist, DistEnv, detect, explain_failure
-from .preflight import check_run_length, check_sync_batchnorm, prepare, take_run_dir, wrap
+from .preflight import check_run_length, check_strategy, check_sync_batchnorm, prepare, take_run_dir
 from .early_stop import EarlyStopping
 from .evaluation import Evaluator
 from .lock import RunLock
@@ -73,6 +74,7 @@ def run(cfg: Config, env: DistEnv, task_fn: Callable | None = None, hooks: dict 
     """
     micro_batch_size(cfg.data, env.world_size, cfg.train.grad_accum_steps)  # fail before any process group
     check_sync_batchnorm(cfg, env.world_size)
+    check_strategy(cfg, env.world_size)
     device, backend, task, forward, metrics = prepare(cfg, env, task_fn)
     check_batch_size(task.train, cfg.data)
     check_run_length(cfg, task)
@@ -142,7 +144,8 @@ class Training:
         if cfg.dist.sync_batchnorm:
             self.module = convert_sync_batchnorm(self.module)
         self.watched = ckpt.watched(self.module)  # what "the weights are finite" means (checkpoint.py)
-        model = wrap(self.module, cfg, dist)
+        self.strategy = strategy_mod.build(cfg, dist)  # ddp or fsdp: everything the loop must not branch on
+        model = self.strategy.wrap(self.module)
         self.model = model
         self.optimizer = build_optimizer(self.module, cfg.optim, task.optimizer)
         self.progress = Progress()
@@ -163,10 +166,11 @@ class Training:
         self.sums = Sums(metrics, device)
         self.step = TrainStep(torch.compile(model, backend=tc.compile_backend) if tc.compile else model,
                               self.module, forward, self.optimizer, self.scheduler, self.precision, tc,
-                              cfg.optim.l1, model.no_sync if dist.active else None)
-        self.evaluate = Evaluator(dist, forward, metrics, self.precision, cfg.val.mode, cfg.data, task.collate)
+                              cfg.optim.l1, self.strategy.no_sync())
+        self.evaluate = Evaluator(dist, forward, metrics, self.precision, cfg.val.mode, cfg.data, task.collate,
+                                  lockstep=self.strategy.sharded)
         self.state = RunState(
-            shared={"model": self.module, "optimizer": self.optimizer, "scheduler": self.scheduler,
+            shared={**self.strategy.state_parts(self.module, self.optimizer), "scheduler": self.scheduler,
                     "precision": self.precision, "early_stop": self.stopper, "progress": self.progress},
             per_rank={"rng": RngState(device, self._reseed, self._rng_snapshot), "running": self.sums,
                       **({"stream": StreamPosition(self.loader, self.progress, lambda: self.steps)}
@@ -201,6 +205,7 @@ class Training:
         check_compatible(saved["config"], config_mod.to_dict(self.cfg), self.resumed_from,
                          self.task.reads_model_config)
         self.state.load_state_dict(saved, self.resumed_from)
+        self.strategy.load(self.resumed_from, self.module, self.optimizer)
         return saved.get("tracking", {})
 
     def _loggers(self, tracking: dict | None):
@@ -391,34 +396,41 @@ class Training:
         self.stopper.load_state_dict(stopper_state)
         if not self.step.steps_schedule:
             self.scheduler.step(monitored)
-        if cfg.checkpoint.save_best and improved:
-            self._on_rank0(lambda: ckpt.finite(self.watched) and ckpt.save(self.ckpt_dir / "best.pt", {
-                "model": self.module.state_dict(), "epoch": epoch, "step": p.step, "value": self.stopper.best}))
+        if cfg.checkpoint.save_best and improved and self.strategy.finite(self.watched):
+            self._collectively(lambda: self.strategy.save_weights(
+                self.ckpt_dir / self.strategy.name("best"), self.module,
+                {"epoch": epoch, "step": p.step, "value": self.stopper.best}))
 
     def save_checkpoint(self) -> None:
         """Write the whole run state as the newest step checkpoint. Call on all ranks."""
-        self.progress.records = self.log.records
+        p = self.progress
+        p.records = self.log.records
         state = self.state.state_dict()
+        if not self.strategy.finite(self.watched):
+            if self.dist.env.is_main:
+                warn(f"step {p.step}: the weights are not finite; keeping the previous checkpoint")
+            return
+        if state is not None:
+            state.update(config=config_mod.to_dict(self.cfg), world_size=self.dist.env.world_size,
+                         tracking=self.log.tracking)
 
         def write():
-            if not ckpt.finite(self.watched):
-                warn(f"step {self.progress.step}: the weights are not finite; keeping the previous checkpoint")
-                return
-            ckpt.save(self.ckpt_dir / f"step-{self.progress.step:09d}.pt", {
-                **state, "config": config_mod.to_dict(self.cfg), "world_size": self.dist.env.world_size,
-                "tracking": self.log.tracking})
-            ckpt.prune(self.ckpt_dir, self.cfg.checkpoint.keep_last)
-        self._on_rank0(write)
+            self.strategy.save(self.ckpt_dir / self.strategy.name(f"step-{p.step:09d}"), state, self.module,
+                               self.optimizer)
+            if self.dist.env.is_main:
+                ckpt.prune(self.ckpt_dir, self.cfg.checkpoint.keep_last)
+        self._collectively(write)
 
-    def _on_rank0(self, write: Callable) -> None:
-        """Rank 0 writes; a CheckpointError (a full disk) stops every rank with the same message. Call on all ranks."""
+    def _collectively(self, write: Callable) -> None:
+        """Every rank runs `write` (only what is its to write); a CheckpointError (a full disk) on any rank stops
+        every rank with the same message. Call on all ranks."""
         error = None
-        if self.dist.env.is_main:
-            try:
-                write()
-            except ckpt.CheckpointError as e:
-                error = str(e)
-        error = self.dist.broadcast_object(error)
+        try:
+            write()
+        except ckpt.CheckpointError as e:
+            error = str(e)
+        errors = self.dist.gather_object(error)
+        error = self.dist.broadcast_object(next((e for e in errors if e), None) if errors else None)
         if error:
             raise ckpt.CheckpointError(error)
 
@@ -487,35 +499,23 @@ class Training:
         return summary
 
     def restore_best(self) -> tuple[str, str | None]:
-        """Load best.pt into every rank's model if it is whole and fits: ("best", None), else ("last", why).
-        Call on all ranks."""
+        """Load the best weights into every rank's model if they are whole and fit: ("best", None), else
+        ("last", why). Call on all ranks."""
         cfg = self.cfg
         if not (cfg.early_stop.restore_best and cfg.checkpoint.save_best and self.stopper.best_epoch is not None):
             return "last", None
-        why = None
-        if self.dist.env.is_main:
-            path = self.ckpt_dir / "best.pt"
-            why = ckpt.verify(path)
-            if why is None:
-                try:
-                    weights = ckpt.load(path)["model"]
-                    why = ckpt.fits(self.module, weights)
-                except (ckpt.CheckpointError, KeyError) as e:
-                    why = str(e)
-            if why is None:
-                self.module.load_state_dict(weights)
-            else:
-                warn(f"'{path}' cannot be used ({why}); the test runs on the last weights")
-        why = self.dist.broadcast_object(why)
+        path = self.ckpt_dir / self.strategy.name("best")
+        why = self.strategy.load_weights(path, self.module)
         if why is not None:
+            if self.dist.env.is_main:
+                warn(f"'{path}' cannot be used ({why}); the test runs on the last weights")
             return "last", why
-        self.dist.broadcast_module(self.module)
         return "best", None
 
     def summary(self, status: str, test: dict | None = None, tested: str | None = None) -> dict:
         p, s, trained = self.progress, self.stopper, self.progress.step - self.start_step
         out = {
-            "status": status, "world_size": self.dist.env.world_size,
+            "status": status, "world_size": self.dist.env.world_size, "strategy": self.cfg.dist.strategy,
             "epochs_completed": p.passes if self.stream else p.step // self.steps_per_epoch, "steps": p.step, "stopped_early": p.stopped_early,
             "monitor": self.cfg.early_stop.monitor, "best_value": s.best, "best_epoch": s.best_epoch,
             "best_step": s.best_step, "restored_best": tested == "best", "tested_weights": tested,

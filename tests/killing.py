@@ -8,6 +8,8 @@ import signal
 import pytest
 import torch
 
+import ddptrain
+
 from ddptrain import checkpoint
 from ddptrain.config import from_dict
 from ddptrain.dist import detect
@@ -30,8 +32,8 @@ def train_rank(rank, runs_dir, cfg_dict, kill_at=None, models="tasks_any_batch",
         return batch
     cfg = from_dict({"name": "r", **cfg_dict, "runs_dir": str(runs_dir)})
     summary = run(cfg, detect(os.environ), hooks={"before_micro_step": hook})
-    if models is None:  # the final weights as the run's last checkpoint holds them
-        weights = checkpoint.load(checkpoint.step_files(cfg.run_dir / "checkpoints")[-1])["model"]
+    if models is None:  # the final weights as the run's last checkpoint holds them (a file, or FSDP's shards)
+        weights = ddptrain.load_model(cfg.run_dir, "last").state_dict()
     else:
         weights = {k: v.clone() for k, v in importlib.import_module(models).MODELS[-1].state_dict().items()}
     return {"summary": summary, "weights": weights, "seen": ids}

@@ -1,0 +1,130 @@
+"""Sharded data parallelism (dist.strategy: fsdp, FSDP2 with Distributed Checkpoint) on real gloo ranks: it
+trains like DDP, accumulates like a big batch, resumes bitwise after SIGKILL, on another world size too,
+never takes a truncated shard, and exports a plain state dict."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import ddptrain
+from ddptrain import checkpoint
+
+from killing import kill_and_resume, train_rank
+from multirank import RankFailed, run_ranks
+
+TESTS = Path(__file__).resolve().parent
+BASE = {"task": "tasks_any_batch:shapes", "data": {"batch_size": 16}, "optim": {"name": "adamw", "lr": 0.01},
+        "train": {"epochs": 3, "log_every": 2, "clip_grad_norm": 1.0}, "dist": {"timeout_s": 30},
+        "checkpoint": {"every_steps": 4}}
+# float32 sums in another order: FSDP reduce-scatters, DDP all-reduces the same gradients
+TOLERANCE = 1e-5
+
+
+def with_(base, **sections):
+    out = dict(base)
+    for section, values in sections.items():
+        out[section] = {**out.get(section, {}), **values} if isinstance(values, dict) else values
+    return out
+
+
+def fsdp(cfg, **dist):
+    return with_(cfg, dist={"strategy": "fsdp", **dist})
+
+
+def assert_close(a, b):
+    for k in a["weights"]:
+        torch.testing.assert_close(a["weights"][k], b["weights"][k], rtol=0, atol=TOLERANCE, msg=lambda m: f"{k}: {m}")
+    for split in ("val", "test"):
+        assert a["summary"][split] == pytest.approx(b["summary"][split], rel=TOLERANCE), split
+
+
+@pytest.fixture(scope="module")
+def ddp_and_fsdp(tmp_path_factory):
+    d = tmp_path_factory.mktemp("runs")
+    ddp = run_ranks(train_rank, 2, d / "ddp", BASE, None, None, timeout=120)[0]
+    sharded = run_ranks(train_rank, 2, d / "fsdp", fsdp(BASE), None, None, timeout=120)[0]
+    return ddp, sharded, d / "fsdp" / "r"
+
+
+def test_fsdp_trains_like_ddp_at_the_same_global_batch(ddp_and_fsdp):
+    ddp, sharded, run_dir = ddp_and_fsdp
+    assert sharded["summary"]["strategy"] == "fsdp" and sharded["summary"]["tested_weights"] == "best"
+    assert_close(sharded, ddp)
+    assert (run_dir / "checkpoints" / "best").is_dir() and (run_dir / "checkpoints" / "best.done").is_file()
+
+
+def test_accumulation_under_fsdp_equals_one_big_batch(ddp_and_fsdp, tmp_path):
+    _, big_batch, _ = ddp_and_fsdp
+    accumulated = run_ranks(train_rank, 2, tmp_path, fsdp(with_(BASE, train={"grad_accum_steps": 2})), None, None,
+                            timeout=120)[0]
+    assert_close(accumulated, big_batch)
+
+
+def test_a_truncated_shard_makes_its_checkpoint_invalid_and_the_previous_one_is_used(ddp_and_fsdp):
+    *_, run_dir = ddp_and_fsdp
+    older, newest = checkpoint.step_files(run_dir / "checkpoints")[-2:]
+    assert checkpoint.verify(newest) is None and checkpoint.latest_valid(run_dir / "checkpoints") == newest
+    shard = next(newest.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-10])
+    assert "truncated" in checkpoint.verify(newest)
+    assert checkpoint.latest_valid(run_dir / "checkpoints") == older
+
+
+def test_the_exported_state_dict_reproduces_the_test_metrics_in_one_process(ddp_and_fsdp, tmp_path):
+    _, sharded, run_dir = ddp_and_fsdp
+    out = tmp_path / "model.pt"
+    proc = subprocess.run([sys.executable, "-m", "ddptrain", "export", str(run_dir), "--checkpoint", "best",
+                           "-o", str(out)], cwd=TESTS, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    weights = torch.load(out, weights_only=True)
+    assert all(type(v) is torch.Tensor for v in weights.values())  # whole tensors, not shards
+    model = ddptrain.load_model(run_dir, "best")
+    model.load_state_dict(weights)
+    import tasks_any_batch  # the test set the run used
+    from ddptrain.config import from_dict
+    cfg = from_dict({**fsdp(BASE), "runs_dir": str(run_dir.parent), "name": "r"})
+    data = tasks_any_batch.shapes(cfg).test
+    x = torch.stack([data[i][0] for i in range(len(data))])
+    y = torch.stack([data[i][1] for i in range(len(data))])
+    with torch.no_grad():
+        mse = torch.nn.functional.mse_loss(model(x), y).item()
+    assert mse == pytest.approx(sharded["summary"]["test"]["loss"], rel=1e-5)
+
+
+LM = {"task": "tasks_any_batch:causal_lm", "data": {"batch_size": 24}, "loss": {"name": "cross_entropy"},
+      "optim": {"name": "adamw", "lr": 0.01}, "train": {"epochs": 3, "log_every": 2},
+      "checkpoint": {"every_steps": 3}, "early_stop": {"monitor": "val_accuracy", "mode": "max"},
+      "dist": {"timeout_s": 30, "strategy": "fsdp"}}
+
+
+def test_an_fsdp_run_killed_mid_epoch_resumes_bitwise(tmp_path):
+    summary = kill_and_resume(tmp_path, LM, kill_at=8, models=None)
+    assert summary["resumed_at_step"] == 6 and summary["steps"] == 15 and summary["strategy"] == "fsdp"
+
+
+def test_an_fsdp_checkpoint_of_2_ranks_resumes_on_3(tmp_path):
+    with pytest.raises(RankFailed):
+        run_ranks(train_rank, 2, tmp_path, LM, 8, None, timeout=120)
+    resumed = run_ranks(train_rank, 3, tmp_path, LM, None, None, timeout=120)[0]["summary"]
+    assert resumed["resumed_at_step"] == 6 and resumed["steps"] == 15 and resumed["world_size"] == 3
+    assert resumed["test"]["accuracy"] > 0.3  # learning went on from the resharded state
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    ([], "config key 'dist.strategy': fsdp shards the model over 2 or more ranks; this run has 1"),
+    (["val.mode=rank0", "--nproc-per-node=2"], "config key 'val.mode': rank0 needs the whole model on rank 0"),
+    (["dist.blocks=[Conv2d]", "--nproc-per-node=2"], "config key 'dist.blocks': no module of the model is a Conv2d"),
+])
+def test_fsdp_setups_that_cannot_work_are_one_line_errors(tmp_path, overrides, expected):
+    config = tmp_path / "c.yaml"  # JSON is YAML
+    config.write_text(json.dumps(fsdp({**BASE, "runs_dir": str(tmp_path)})))
+    launch = [a for a in overrides if a.startswith("--")]
+    rest = [a for a in overrides if not a.startswith("--")]
+    command = ["launch", *launch] if launch else ["train"]
+    proc = subprocess.run([sys.executable, "-m", "ddptrain", *command, str(config), *rest], cwd=TESTS,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"ddptrain: error: {expected}" in proc.stderr
