@@ -171,6 +171,9 @@ class DistConfig:
     reshard_after_forward: bool = _f(True, "fsdp: free each block's gathered weights after its forward (less memory, one more all-gather in backward)")
     cpu_offload: bool = _f(False, "fsdp: keep the sharded parameters, gradients and optimizer state in CPU memory")
     activation_checkpointing: bool = _f(False, "recompute each block's activations in backward instead of keeping them (ddp and fsdp)")
+    comm_hook: Literal["none", "fp16", "bf16", "powersgd"] = _f("none", "ddp: compress the gradient all-reduce (PyTorch's DDP communication hooks); powersgd's error feedback is checkpointed")
+    powersgd_rank: int = _f(1, "powersgd: rank of the low-rank approximation of each gradient matrix", _positive, "> 0")
+    powersgd_start_step: int = _f(1000, "powersgd: plain all-reduce for this many steps first (accuracy), then PowerSGD", lambda v: v >= 2, ">= 2")
 
 
 @dataclass

@@ -49,6 +49,9 @@ def check_sync_batchnorm(cfg: Config, world_size: int) -> None:
 def check_strategy(cfg: Config, world_size: int) -> None:
     if cfg.dist.strategy != "fsdp":
         return
+    if cfg.dist.comm_hook != "none":
+        raise config_mod.ConfigError(f"config key 'dist.comm_hook': {cfg.dist.comm_hook} is a DDP communication hook; "
+                                     f"fsdp reduces in train.precision's reduce dtype (fp32); set it to none")
     if world_size < 2:
         raise config_mod.ConfigError("config key 'dist.strategy': fsdp shards the model over 2 or more ranks; this run "
                                      "has 1 (use ddp, or launch more ranks)")

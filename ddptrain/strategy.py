@@ -43,6 +43,7 @@ class Replicated:
     def __init__(self, cfg: Config, dist: Dist):
         self.cfg, self.dist = cfg, dist
         self.model: nn.Module | None = None
+        self.hook_state = None  # PowerSGD's, when dist.comm_hook is powersgd
 
     def wrap(self, module: nn.Module) -> nn.Module:
         if self.cfg.dist.activation_checkpointing:
@@ -55,7 +56,24 @@ class Replicated:
         self.model = DDP(module, device_ids=[device] if device.type == "cuda" else None,
                          find_unused_parameters=d.find_unused_parameters, static_graph=d.static_graph,
                          gradient_as_bucket_view=d.gradient_as_bucket_view, bucket_cap_mb=d.bucket_cap_mb)
+        self._register_comm_hook()
         return self.model
+
+    def _register_comm_hook(self) -> None:
+        """dist.comm_hook: gradients all-reduced in fp16 or bf16, or PowerSGD's low-rank compression."""
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+        d = self.cfg.dist
+        if d.comm_hook == "powersgd":
+            self.hook_state = powerSGD_hook.PowerSGDState(
+                process_group=None, matrix_approximation_rank=d.powersgd_rank,
+                start_powerSGD_iter=d.powersgd_start_step, random_seed=self.cfg.seed % 2**32)
+            self.model.register_comm_hook(self.hook_state, powerSGD_hook.powerSGD_hook)
+        elif d.comm_hook == "bf16" and self.dist.backend != "nccl":
+            raise ConfigError("config key 'dist.comm_hook': bf16 needs CUDA and NCCL (torch's bf16 hook); use fp16 "
+                              "or powersgd here")
+        elif d.comm_hook != "none":
+            hook = {"fp16": default_hooks.fp16_compress_hook, "bf16": default_hooks.bf16_compress_hook}[d.comm_hook]
+            self.model.register_comm_hook(None, hook)
 
     def no_sync(self) -> Callable | None:
         """A context manager factory for the micro-batches whose gradients are not reduced yet."""
@@ -68,6 +86,10 @@ class Replicated:
     def state_parts(self, module: nn.Module, optimizer) -> dict:
         """The parts that go into rank 0's checkpoint file: here the model and the optimizer too."""
         return {"model": module, "optimizer": optimizer}
+
+    def per_rank_parts(self) -> dict:
+        """Each rank's own state: PowerSGD's error feedback and its random generator."""
+        return {"comm_hook": PowerSGDPart(self.hook_state)} if self.hook_state is not None else {}
 
     def save(self, path: Path, state: dict | None, module: nn.Module, optimizer) -> None:
         """Write the checkpoint (rank 0; the others wait for the outcome in the caller)."""
@@ -152,6 +174,9 @@ class Sharded:
     def state_parts(self, module: nn.Module, optimizer) -> dict:
         return {}  # the model and optimizer go to Distributed Checkpoint, every rank its shards
 
+    def per_rank_parts(self) -> dict:
+        return {}
+
     def _states(self, module: nn.Module, optimizer) -> dict:
         from torch.distributed.checkpoint.state_dict import get_state_dict
         model_state, optimizer_state = get_state_dict(module, optimizer)
@@ -209,3 +234,32 @@ def blocks(module: nn.Module, names: list[str]) -> list[nn.Module]:
     for child in module.children():  # a ModuleList or ModuleDict of layers: each layer
         found += list(child.children()) if isinstance(child, (nn.ModuleList, nn.ModuleDict)) else [child]
     return [m for m in found if any(True for _ in m.parameters())]
+
+
+class PowerSGDPart:
+    """PowerSGD's state as a per-rank checkpoint part: its step count, error feedback, warm-start factors and
+    random generator (as tensors and numbers, for weights-only loading).
+
+    On resume only the step count and the generator are put back: the error feedback and the warm-start
+    factors are flat over DDP's gradient buckets, which every process lays out anew (and again after its
+    first backward), so the saved ones would be added to other gradients' elements. They start afresh, as
+    in PowerSGD's first compressed step; the run continues close to, not bitwise like, an uninterrupted one.
+    """
+
+    def __init__(self, state):
+        self.state = state
+
+    def state_dict(self) -> dict:
+        s = self.state
+        name, keys, pos, has_gauss, cached = s.rng.get_state()
+        return {"iter": s.iter, "error": dict(s.error_dict), "p": dict(s.p_memory_dict), "q": dict(s.q_memory_dict),
+                "rng": (name, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(cached))}
+
+    def load_state_dict(self, saved: dict) -> None:
+        import numpy as np
+        self.state.iter = saved["iter"]
+        name, keys, pos, has_gauss, cached = saved["rng"]
+        self.state.rng.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+    def load_other_world_size(self, states: list, rank: int) -> None:
+        self.load_state_dict(states[min(rank, len(states) - 1)])

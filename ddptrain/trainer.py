@@ -173,6 +173,7 @@ class Training:
             shared={**self.strategy.state_parts(self.module, self.optimizer), "scheduler": self.scheduler,
                     "precision": self.precision, "early_stop": self.stopper, "progress": self.progress},
             per_rank={"rng": RngState(device, self._reseed, self._rng_snapshot), "running": self.sums,
+                      **self.strategy.per_rank_parts(),
                       **({"stream": StreamPosition(self.loader, self.progress, lambda: self.steps)}
                          if self.stream else {})}, dist=dist)
         self.ckpt_dir = cfg.run_dir / "checkpoints"
