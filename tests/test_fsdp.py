@@ -63,6 +63,15 @@ def test_accumulation_under_fsdp_equals_one_big_batch(ddp_and_fsdp, tmp_path):
     assert_close(accumulated, big_batch)
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_under_fsdp_trains_like_ddp(tmp_path, precision):
+    cfg = with_(BASE, train={"precision": precision, "epochs": 2}, checkpoint={"every_steps": None, "save_best": False})
+    ddp = run_ranks(train_rank, 2, tmp_path / "ddp", cfg, None, None, timeout=120)[0]["summary"]
+    sharded = run_ranks(train_rank, 2, tmp_path / "fsdp", fsdp(cfg), None, None, timeout=120)[0]["summary"]
+    assert sharded["status"] == "completed" and sharded["skipped_steps"] == ddp["skipped_steps"]
+    assert sharded["test"]["loss"] == pytest.approx(ddp["test"]["loss"], rel=0.02)
+
+
 def test_a_truncated_shard_makes_its_checkpoint_invalid_and_the_previous_one_is_used(ddp_and_fsdp):
     *_, run_dir = ddp_and_fsdp
     older, newest = checkpoint.step_files(run_dir / "checkpoints")[-2:]
