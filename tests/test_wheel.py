@@ -1,6 +1,7 @@
 """What `pip install ddptrain` gives, without extras, in a fresh virtual environment outside the checkout: a
 two-process run of the user's own task, `ddptrain submit --dry-run` (its batch scripts ship in the wheel),
-`ddptrain eval`, and `ddptrain plot`'s one-line install hint."""
+`ddptrain eval`, sharded training and `ddptrain export`, a stream read by workers, and `ddptrain plot`'s
+one-line install hint."""
 import json
 import subprocess
 import sys
@@ -22,6 +23,18 @@ def build(cfg):
     return ddptrain.Task(model=nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 2)), train=train, val=val,
                          test=test, loss=nn.functional.cross_entropy,
                          metrics={"accuracy": lambda out, y: (out.argmax(-1) == y).float()})
+
+
+class Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(256, 6, generator=g)
+        for i in ddptrain.shard(range(256)):
+            yield x[i], (x[i].sum() > 0).long()
+
+
+def stream(cfg):
+    return ddptrain.Task(model=nn.Linear(6, 2), train=Stream(), loss=nn.functional.cross_entropy)
 '''
 
 
@@ -43,6 +56,13 @@ def test_a_plain_wheel_install_runs_the_documented_commands(tmp_path):
     summary = json.loads((tmp_path / "runs" / "mine" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["test"]["accuracy"] > 0.75
     assert "test (" in sh(venv / "ddptrain", "eval", "runs/mine").stdout
+
+    # sharded training and its export; a stream read by DataLoader workers (torchdata comes with the wheel)
+    sh(venv / "ddptrain", "launch", "--nproc-per-node", "2", "mine.yaml", "name=sharded", "dist.strategy=fsdp")
+    assert "wrote" in sh(venv / "ddptrain", "export", "runs/sharded", "-o", "model.pt").stdout
+    sh(venv / "ddptrain", "train", "mine.yaml", "name=stream", "task=mytask:stream", "data.num_workers=2",
+       "train.epochs=2")
+    assert json.loads((tmp_path / "runs" / "stream" / "summary.json").read_text())["epochs_completed"] == 2
 
     script = sh(venv / "ddptrain", "submit", "mine.yaml", "--nodes", "1", "--nproc-per-node", "2", "--dry-run").stdout
     assert script.startswith("#!/bin/bash") and "-m torch.distributed.run" in script and "mine.yaml" in script
