@@ -22,8 +22,10 @@ import os
 import pickle
 import re
 import shutil
+import threading
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -252,10 +254,13 @@ def finite(tensors: list[torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 # ---- directory checkpoints (FSDP): Distributed Checkpoint, read without unpickling code ----------------------
-def save_sharded(path: Path, tensors: dict, rest: dict | None, dist) -> None:
+def save_sharded(path: Path, tensors: dict, rest: dict | None, dist, keep_last: int | None = None,
+                 background: "Background | None" = None, group=None) -> None:
     """Every rank writes its shards of `tensors` (DCP), rank 0 `rest` (state.pt); the directory is renamed into
-    place and marked complete only after all ranks wrote theirs. Call on all ranks; raises CheckpointError
-    on the ranks that failed (the caller makes it collective)."""
+    place and marked complete only after all ranks wrote theirs, then (with keep_last) older ones are
+    pruned. With `background`, the shards are staged to CPU memory here and written by DCP's thread (its
+    collectives on `group`), the rest by `background`'s. Call on all ranks; raises CheckpointError on the
+    ranks that failed (the caller makes it collective)."""
     import torch.distributed.checkpoint as dcp
     tmp = path.with_name(f".{path.name}.tmp")
     if dist.env.is_main:
@@ -263,28 +268,95 @@ def save_sharded(path: Path, tensors: dict, rest: dict | None, dist) -> None:
         tmp.mkdir(parents=True)
     dist.barrier()
     try:
-        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp))  # returns once every rank's shards are written
+        if background is None:
+            dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp))  # returns once every rank's shards are written
+        else:
+            future = dcp.async_save(tensors, storage_writer=dcp.FileSystemWriter(tmp), process_group=group)
     except Exception as e:
         if dist.env.is_main:
             _remove(tmp)
         raise CheckpointError(f"checkpoint '{path}': writing the shards failed ({_first_line(e)}); the previous "
                               f"checkpoint is kept") from None
-    if dist.env.is_main:
-        try:
-            with open(tmp / STATE, "wb") as f:
-                torch.save({"format_version": FORMAT_VERSION, **rest}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.name != STATE}
-            meta = {"files": files, STATE: {"size": (tmp / STATE).stat().st_size, "sha256": _sha256(tmp / STATE)},
-                    "step": rest.get("progress", {}).get("step")}
-            _remove(path)
-            os.replace(tmp, path)
-            _fsync_dir(path.parent)
-            _write_atomic(marker(path), lambda f: f.write(json.dumps(meta).encode()))
-        except OSError as e:
-            _remove(tmp)
-            raise CheckpointError(f"checkpoint '{path}': {e.strerror or e}; the previous checkpoint is kept") from None
+
+    def finish():
+        if background is not None:
+            try:
+                future.result()  # on rank 0: every rank's shards are written (DCP gathers their results)
+            except Exception as e:
+                raise CheckpointError(f"checkpoint '{path}': writing the shards failed ({_first_line(e)}); the "
+                                      f"previous checkpoint is kept") from None
+        if dist.env.is_main:
+            _finish_sharded(path, tmp, rest, keep_last)
+    if background is None:
+        finish()
+    else:
+        rest = staged(rest)
+        background.start(finish)
+
+
+def _finish_sharded(path: Path, tmp: Path, rest: dict, keep_last: int | None) -> None:
+    """Rank 0, once every shard is written: state.pt, the rename, the marker listing every file's size."""
+    try:
+        with open(tmp / STATE, "wb") as f:
+            torch.save({"format_version": FORMAT_VERSION, **rest}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.name != STATE}
+        meta = {"files": files, STATE: {"size": (tmp / STATE).stat().st_size, "sha256": _sha256(tmp / STATE)},
+                "step": rest.get("progress", {}).get("step")}
+        _remove(path)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        _write_atomic(marker(path), lambda f: f.write(json.dumps(meta).encode()))
+    except OSError as e:
+        _remove(tmp)
+        raise CheckpointError(f"checkpoint '{path}': {e.strerror or e}; the previous checkpoint is kept") from None
+    if keep_last:
+        prune(path.parent, keep_last)
+
+
+def staged(obj):
+    """A copy of `obj` whose tensors are copies in CPU memory: what a background write may hold while training
+    changes the originals."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):  # dict or OrderedDict
+        return type(obj)((k, staged(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(staged(v) for v in obj)
+    return obj
+
+
+class Background:
+    """At most one checkpoint write in flight, on a thread of its own; a failure is raised by the next `wait`
+    (and the checkpoint it was writing never gets its marker, so it is never taken as valid)."""
+
+    def __init__(self):
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def start(self, write: Callable[[], None]) -> None:
+        self.wait()
+
+        def run():
+            try:
+                write()
+            except BaseException as e:
+                self.error = e
+        self.thread = threading.Thread(target=run, name="ddptrain-checkpoint")
+        self.thread.start()
+
+    def wait(self) -> None:
+        """Until the write in flight is done; its failure as a CheckpointError."""
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            if isinstance(error, CheckpointError):
+                raise error
+            raise CheckpointError(f"a background checkpoint write failed ({_first_line(error)}); the previous "
+                                  f"checkpoint is kept")
 
 
 def _first_line(e: BaseException) -> str:

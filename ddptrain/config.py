@@ -182,6 +182,7 @@ class CheckpointConfig:
     every_steps: int | None = _f(None, "also save every N optimizer steps, mid-epoch included (None: never)", _positive_or_none, "> 0 or null")
     keep_last: int = _f(2, "how many of the newest checkpoints to keep (best.pt is kept apart)", _positive, "> 0")
     save_best: bool = _f(True, "save checkpoints/best.pt when the monitored metric improves")
+    async_save: bool = _f(False, "write step checkpoints in the background: training waits only while the state is copied to CPU memory; one write in flight at most, and a preemption or the end of the run waits for it")
     resume: str = _f("auto", "auto: continue from the newest valid checkpoint of the run, if any; none: start over "
                      "(earlier files are archived); or a checkpoint file's path")
 

@@ -44,6 +44,7 @@ class Replicated:
         self.cfg, self.dist = cfg, dist
         self.model: nn.Module | None = None
         self.hook_state = None  # PowerSGD's, when dist.comm_hook is powersgd
+        self.background = ckpt.Background() if cfg.checkpoint.async_save else None
 
     def wrap(self, module: nn.Module) -> nn.Module:
         if self.cfg.dist.activation_checkpointing:
@@ -92,9 +93,25 @@ class Replicated:
         return {"comm_hook": PowerSGDPart(self.hook_state)} if self.hook_state is not None else {}
 
     def save(self, path: Path, state: dict | None, module: nn.Module, optimizer) -> None:
-        """Write the checkpoint (rank 0; the others wait for the outcome in the caller)."""
-        if state is not None:
+        """Write the checkpoint and prune older ones (rank 0; the others wait for the outcome in the caller); with
+        checkpoint.async_save, a copy of the state in CPU memory is written in the background."""
+        if state is None:
+            return
+        keep = self.cfg.checkpoint.keep_last
+
+        def write(state):
             ckpt.save(path, state)
+            ckpt.prune(path.parent, keep)
+        if self.background is None:
+            write(state)
+        else:
+            copy = ckpt.staged(state)
+            self.background.start(lambda: write(copy))
+
+    def wait(self) -> None:
+        """Until the checkpoint write in flight (async_save) is done; its failure as a CheckpointError."""
+        if self.background is not None:
+            self.background.wait()
 
     def load(self, path: Path, module: nn.Module, optimizer) -> None:
         """Nothing to do: the model and optimizer came with the checkpoint file's parts."""
@@ -135,6 +152,13 @@ class Sharded:
     def __init__(self, cfg: Config, dist: Dist):
         self.cfg, self.dist = cfg, dist
         self.model: nn.Module | None = None
+        self.background = self.group = None
+        if cfg.checkpoint.async_save:  # DCP's background collectives get a gloo group of their own
+            import datetime
+            import torch.distributed
+            self.background = ckpt.Background()
+            self.group = torch.distributed.new_group(backend="gloo",
+                                                     timeout=datetime.timedelta(seconds=cfg.dist.timeout_s))
 
     def wrap(self, module: nn.Module) -> nn.Module:
         from torch.distributed.device_mesh import init_device_mesh
@@ -185,7 +209,12 @@ class Sharded:
     def save(self, path: Path, state: dict | None, module: nn.Module, optimizer) -> None:
         """Every rank writes its shards, rank 0 the rest; the directory counts only once all are whole.
         Call on all ranks."""
-        ckpt.save_sharded(path, self._states(module, optimizer), state, self.dist)
+        ckpt.save_sharded(path, self._states(module, optimizer), state, self.dist, self.cfg.checkpoint.keep_last,
+                          self.background, self.group)
+
+    def wait(self) -> None:
+        if self.background is not None:
+            self.background.wait()
 
     def load(self, path: Path, module: nn.Module, optimizer) -> None:
         """Every rank reads its shards (resharded by DCP when the world size changed). Call on all ranks."""

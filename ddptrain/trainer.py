@@ -102,6 +102,11 @@ def run(cfg: Config, env: DistEnv, task_fn: Callable | None = None, hooks: dict 
         traceback.clear_frames(e.__traceback__)
         raise
     finally:
+        if training is not None and training.strategy.background is not None:
+            try:  # a write in flight ends before the process group does (or fails: it is never marked whole)
+                training.strategy.background.wait()
+            except ckpt.CheckpointError:
+                pass
         training = None
         if lock is not None:
             lock.release()
@@ -332,6 +337,7 @@ class Training:
         if preempted or (every and p.step % every == 0):
             self.save_checkpoint()
         if preempted:
+            self._collectively(self.strategy.wait)  # the checkpoint must be whole before the process ends
             raise Preempted(f"{self.preemption.signal_name}: checkpoint written at step {p.step}")
         return done or p.stopped_early
 
@@ -415,12 +421,8 @@ class Training:
             state.update(config=config_mod.to_dict(self.cfg), world_size=self.dist.env.world_size,
                          tracking=self.log.tracking)
 
-        def write():
-            self.strategy.save(self.ckpt_dir / self.strategy.name(f"step-{p.step:09d}"), state, self.module,
-                               self.optimizer)
-            if self.dist.env.is_main:
-                ckpt.prune(self.ckpt_dir, self.cfg.checkpoint.keep_last)
-        self._collectively(write)
+        self._collectively(lambda: self.strategy.save(self.ckpt_dir / self.strategy.name(f"step-{p.step:09d}"), state,
+                                                      self.module, self.optimizer))
 
     def _collectively(self, write: Callable) -> None:
         """Every rank runs `write` (only what is its to write); a CheckpointError (a full disk) on any rank stops
@@ -481,6 +483,7 @@ class Training:
     def finish(self) -> dict:
         """Restore the best weights (when whole), test, write the summary. Call on all ranks."""
         self.phase = "the final evaluation"
+        self._collectively(self.strategy.wait)  # the last checkpoint is whole before the run says it is done
         weights, why = self.restore_best()
         test = self.evaluate(self.module, self.task.test) if self.task.test is not None else None
         if test is not None:

@@ -79,11 +79,14 @@ def small_disk(tmp_path):
     subprocess.run(["umount", str(mount)], check=True)
 
 
-def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(small_disk):
-    # each checkpoint is about 200 KiB (the model and AdamW's two moments); the third does not fit
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(small_disk, async_save):
+    # each checkpoint is about 200 KiB (the model and AdamW's two moments); the third does not fit. Written in
+    # the background, its failure is reported at the next save, the same way.
     args = [sys.executable, "-m", "ddptrain", "train", str(write_config(
         small_disk.parent, "full", runs_dir=str(small_disk), task_args={"width": 2000},
-        checkpoint={"every_steps": 2, "keep_last": 2, "save_best": False}, train={"epochs": 3}))]
+        checkpoint={"every_steps": 2, "keep_last": 2, "save_best": False, "async_save": async_save},
+        train={"epochs": 3}))]
     proc = subprocess.run(args, cwd=TESTS, capture_output=True, text=True, timeout=120)
     ckpts = small_disk / "shared" / "checkpoints"
     assert proc.returncode == 2, proc.stderr
