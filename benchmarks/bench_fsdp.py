@@ -147,10 +147,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--runners", default=",".join(RUNNERS))
     args = p.parse_args()
-    results = {r: [] for r in RUNNERS}
+    runners = args.runners.split(",")
+    results = {r: [] for r in runners}
     for _ in range(args.rounds):
-        for runner in RUNNERS:
+        for runner in runners:
             results[runner].append(launch(runner, args.steps))
     rows = ["| runner | ms/step (median) | params MB | grads MB | optimizer MB | peak RSS MB |", "|---|---|---|---|---|---|"]
     summary = {}
@@ -160,13 +162,13 @@ def main() -> None:
         summary[runner] = {"ms_per_step": ms, **{k: last[k] for k in ("params_mb", "grads_mb", "optimizer_mb", "peak_rss_mb")}}
         rows.append(f"| {runner} | {ms:.1f} | {last['params_mb']:.1f} | {last['grads_mb']:.1f} | "
                     f"{last['optimizer_mb']:.1f} | {last['peak_rss_mb']:.0f} |")
-    for kind in ("ddp", "fsdp"):
+    for kind in [k for k in ("ddp", "fsdp") if f"minimal_{k}" in summary and f"ddptrain_{k}" in summary]:
         summary[f"ddptrain_over_minimal_{kind}"] = summary[f"minimal_{kind}"]["ms_per_step"] / summary[f"ddptrain_{kind}"]["ms_per_step"]
     out = HERE / "results" / f"fsdp_{time.strftime('%Y-%m-%d')}.json"
     out.write_text(json.dumps({"rounds": args.rounds, "steps": args.steps, "summary": summary, "runs": results}, indent=2))
     print("\n".join(rows))
-    print(f"ddptrain speed / minimal: ddp {summary['ddptrain_over_minimal_ddp']:.3f}, fsdp "
-          f"{summary['ddptrain_over_minimal_fsdp']:.3f}; written {out}")
+    ratios = ", ".join(f"{k.split('_')[-1]} {v:.3f}" for k, v in summary.items() if k.startswith("ddptrain_over"))
+    print(f"ddptrain speed / minimal: {ratios}; written {out}")
 
 
 if __name__ == "__main__":

@@ -167,7 +167,8 @@ class Sharded:
         mesh = init_device_mesh(self.dist.device.type, (self.dist.env.world_size,))
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.precision)
         kwargs = {"mesh": mesh, "reshard_after_forward": d.reshard_after_forward,
-                  "mp_policy": MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)}
+                  # bf16/fp16: parameters cast for compute, gradients reduced in fp32; fp32: FSDP's default
+                  "mp_policy": MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)}
         if d.cpu_offload:
             kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=self.dist.device.type == "cuda")
         found = blocks(module, d.blocks)
