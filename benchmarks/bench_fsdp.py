@@ -110,7 +110,8 @@ def with_ddptrain(kind: str, steps: int) -> dict:
                              optimizer=lambda groups: opt.append(torch.optim.AdamW(groups, lr=1e-3)) or opt[-1])
     cfg = from_dict({"name": kind, "runs_dir": tempfile.mkdtemp(), "loss": {"name": "cross_entropy"},
                      "data": {"batch_size": BATCH * 2}, "train": {"epochs": 1, "log_every": 1000},
-                     "dist": {"strategy": kind}, "checkpoint": {"every_epochs": 0, "save_best": False}})
+                     "dist": {"strategy": kind}, "checkpoint": {"every_epochs": 0, "save_best": False},
+                     **json.loads(os.environ.get("BENCH_DDPTRAIN_CONFIG", "{}"))})
     run(cfg, detect(os.environ), task, hooks={"before_micro_step": hook})
     measured["grads_mb"] = float("nan")  # not seen from the hook; during backward as large as the parameters
     return {"ms_per_step": (times["end"] - times["start"]) / steps * 1e3, **measured}

@@ -270,6 +270,7 @@ def save_sharded(path: Path, tensors: dict, rest: dict | None, dist, keep_last: 
     collectives on `group`), the rest by `background`'s. Call on all ranks; raises CheckpointError on the
     ranks that failed (the caller makes it collective)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException as DCPException  # a BaseException
     tmp = path.with_name(f".{path.name}.tmp")
     if dist.env.is_main:
         _remove(tmp)
@@ -280,7 +281,7 @@ def save_sharded(path: Path, tensors: dict, rest: dict | None, dist, keep_last: 
             dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp))  # returns once every rank's shards are written
         else:
             future = dcp.async_save(tensors, storage_writer=dcp.FileSystemWriter(tmp), process_group=group)
-    except Exception as e:
+    except (Exception, DCPException) as e:
         if dist.env.is_main:
             _remove(tmp)
         raise CheckpointError(f"checkpoint '{path}': writing the shards failed ({_first_line(e)}); the previous "
@@ -290,7 +291,7 @@ def save_sharded(path: Path, tensors: dict, rest: dict | None, dist, keep_last: 
         if background is not None:
             try:
                 future.result()  # on rank 0: every rank's shards are written (DCP gathers their results)
-            except Exception as e:
+            except (Exception, DCPException) as e:
                 raise CheckpointError(f"checkpoint '{path}': writing the shards failed ({_first_line(e)}); the "
                                       f"previous checkpoint is kept") from None
         if dist.env.is_main:
@@ -375,14 +376,17 @@ def _first_line(e: BaseException) -> str:
 def load_sharded(path: Path, tensors: dict, no_dist: bool = False) -> None:
     """Fill `tensors` (a state dict of DTensors, or of whole tensors with no_dist) from the shards in `path`."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException as DCPException  # a BaseException
     try:
         with warnings.catch_warnings():  # no_dist: DCP warns that it loads in one process, which is the point
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(tensors, storage_reader=_SafeReader(path), planner=_SafePlanner(), no_dist=no_dist)
-    except (CheckpointError, pickle.UnpicklingError) as e:
-        raise CheckpointError(f"checkpoint '{path}': refused, its metadata holds objects that safe loading does not "
-                              f"allow ({_first_line(e)})") from None
-    except Exception as e:
+    except (Exception, DCPException) as e:  # DCP wraps what a rank raised in its CheckpointException, as text
+        refused = isinstance(e, pickle.UnpicklingError) or REFUSED in str(e)
+        if refused:
+            what = next((line.strip() for line in str(e).splitlines() if REFUSED in line), _first_line(e))
+            raise CheckpointError(f"checkpoint '{path}': refused, its metadata holds objects that safe loading does "
+                                  f"not allow ({what})") from None
         raise CheckpointError(f"checkpoint '{path}': its shards do not fit this model ({_first_line(e)})") from None
 
 
@@ -404,6 +408,9 @@ def _safe_globals() -> dict:
     return allowed
 
 
+REFUSED = "not allowed in a checkpoint's metadata"
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     allowed: dict = {}
 
@@ -411,7 +418,7 @@ class _MetadataUnpickler(pickle.Unpickler):
         try:
             return self.allowed[(module, name)]
         except KeyError:
-            raise CheckpointError(f"{module}.{name} is not allowed") from None
+            raise pickle.UnpicklingError(f"{module}.{name}: {REFUSED}") from None
 
 
 @functools.lru_cache(maxsize=None)

@@ -2,6 +2,9 @@
 trains like DDP, accumulates like a big batch, resumes bitwise after SIGKILL, on another world size too,
 never takes a truncated shard, and exports a plain state dict."""
 import json
+import os
+import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +14,9 @@ import torch
 
 import ddptrain
 from ddptrain import checkpoint
+from ddptrain.config import from_dict
+from ddptrain.dist import detect
+from ddptrain.trainer import run
 
 from killing import kill_and_resume, train_rank
 from multirank import RankFailed, run_ranks
@@ -63,6 +69,49 @@ def test_accumulation_under_fsdp_equals_one_big_batch(ddp_and_fsdp, tmp_path):
     assert_close(accumulated, big_batch)
 
 
+@pytest.mark.parametrize("option", [{"cpu_offload": True}, {"activation_checkpointing": True},
+                                    {"reshard_after_forward": False}])
+def test_offload_activation_checkpointing_and_no_resharding_train_like_plain_fsdp(ddp_and_fsdp, tmp_path, option):
+    _, sharded, _ = ddp_and_fsdp
+    assert_close(run_ranks(train_rank, 2, tmp_path, fsdp(BASE, **option), None, None, timeout=120)[0], sharded)
+
+
+def poison_rank1_at_step_2(step, micro_step, batch):
+    x, y = batch
+    if int(os.environ.get("RANK", 0)) == 1 and step == 2:
+        x = x.clone()
+        x[0, 0] = float("nan")
+    return x, y
+
+
+def nan_on_rank_1(rank, runs_dir):
+    cfg = from_dict({**fsdp(with_(BASE, train={"nonfinite": "skip", "epochs": 2})), "runs_dir": str(runs_dir),
+                     "name": "nan", "checkpoint": {"every_epochs": 1, "save_best": False}})
+    return run(cfg, detect(os.environ), hooks={"before_micro_step": poison_rank1_at_step_2})
+
+
+def test_a_nan_on_one_rank_skips_that_step_on_every_rank_under_fsdp(tmp_path):
+    summaries = run_ranks(nan_on_rank_1, 2, tmp_path, timeout=120)
+    assert [s["skipped_steps"] for s in summaries] == [1, 1] and summaries[0]["steps"] == summaries[1]["steps"]
+    weights = ddptrain.load_model(tmp_path / "nan", "last").state_dict()
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_a_checkpoint_whose_dcp_metadata_holds_code_is_refused(ddp_and_fsdp, tmp_path):
+    *_, run_dir = ddp_and_fsdp
+    bad = tmp_path / "step-000000099"
+    shutil.copytree(checkpoint.step_files(run_dir / "checkpoints")[0], bad)
+
+    class Boom:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'pwned'}",)
+    (bad / ".metadata").write_bytes(pickle.dumps(Boom()))
+    model = ddptrain.load_model(run_dir, "best")
+    with pytest.raises(checkpoint.CheckpointError, match="refused, its metadata holds objects that safe loading"):
+        checkpoint.load_sharded(bad, {"model": model.state_dict()}, no_dist=True)
+    assert not (tmp_path / "pwned").exists()
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_under_fsdp_trains_like_ddp(tmp_path, precision):
     cfg = with_(BASE, train={"precision": precision, "epochs": 2}, checkpoint={"every_steps": None, "save_best": False})
@@ -93,7 +142,6 @@ def test_the_exported_state_dict_reproduces_the_test_metrics_in_one_process(ddp_
     model = ddptrain.load_model(run_dir, "best")
     model.load_state_dict(weights)
     import tasks_any_batch  # the test set the run used
-    from ddptrain.config import from_dict
     cfg = from_dict({**fsdp(BASE), "runs_dir": str(run_dir.parent), "name": "r"})
     data = tasks_any_batch.shapes(cfg).test
     x = torch.stack([data[i][0] for i in range(len(data))])
