@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -21,6 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
+
+from spawned import on_ranks
 
 HERE = Path(__file__).resolve().parent
 WIDTH, LAYERS = 2048, 8
@@ -58,44 +59,13 @@ def train(strategy: str, async_save: bool, runs: str) -> dict:
     return {"stall_s": statistics.median(stalls), "saves": len(stalls), "run_s": time.perf_counter() - start}
 
 
-def rank_main(rank, port, strategy, async_save, runs, queue):
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    result = train(strategy, async_save, runs)
-    if rank == 0:
-        queue.put(result)
-
-
-def on_two_ranks(strategy, async_save, runs) -> dict:
-    import multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=rank_main, args=(r, port, strategy, async_save, runs, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    result = queue.get(timeout=900)
-    for p in procs:
-        p.join(120)
-    return result
-
-
-def in_one_process(strategy, async_save, runs) -> dict:
-    import multiprocessing as mp
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(1) as pool:
-        return pool.apply(train, (strategy, async_save, runs))
-
-
 def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as runs:
-        for strategy, launch in (("ddp", in_one_process), ("fsdp", on_two_ranks)):
+        for strategy, world_size in (("ddp", 1), ("fsdp", 2)):
             for async_save in (False, True):
-                results[f"{strategy}, {'async' if async_save else 'sync'}"] = launch(strategy, async_save, runs)
+                results[f"{strategy}, {'async' if async_save else 'sync'}"] = on_ranks(
+                    train, strategy, async_save, runs, world_size=world_size)
     lines = ["| strategy, save | stall per save (s, median) | saves | whole run (s) |", "|---|---|---|---|"]
     for name, r in results.items():
         lines.append(f"| {name} | {r['stall_s']:.3f} | {r['saves']} | {r['run_s']:.1f} |")

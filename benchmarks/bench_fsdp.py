@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import statistics
 import tempfile
 import time
@@ -24,6 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
+
+from spawned import on_ranks
 
 HERE = Path(__file__).resolve().parent
 WIDTH, LAYERS, BATCH = 1024, 6, 64
@@ -117,30 +118,10 @@ def with_ddptrain(kind: str, steps: int) -> dict:
     return {"ms_per_step": (times["end"] - times["start"]) / steps * 1e3, **measured}
 
 
-def rank_main(rank: int, port: int, runner: str, steps: int, queue) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+def runner_result(runner: str, steps: int) -> dict:
     kind = runner.split("_")[1]
     result = minimal(kind, steps) if runner.startswith("minimal") else with_ddptrain(kind, steps)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if rank == 0:
-        queue.put(result)
-
-
-def launch(runner: str, steps: int) -> dict:
-    import multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=rank_main, args=(r, port, runner, steps, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    result = queue.get(timeout=600)
-    for p in procs:
-        p.join(120)
     return result
 
 
@@ -154,7 +135,7 @@ def main() -> None:
     results = {r: [] for r in runners}
     for _ in range(args.rounds):
         for runner in runners:
-            results[runner].append(launch(runner, args.steps))
+            results[runner].append(on_ranks(runner_result, runner, args.steps))
     rows = ["| runner | ms/step (median) | params MB | grads MB | optimizer MB | peak RSS MB |", "|---|---|---|---|---|---|"]
     summary = {}
     for runner, runs in results.items():

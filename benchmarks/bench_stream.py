@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -32,8 +33,10 @@ from torch.utils.data import IterableDataset, TensorDataset
 
 import ddptrain
 from ddptrain.config import DataConfig
-from ddptrain.data import stream_train_loader
+from ddptrain.data import StreamSteps, stream_train_loader
 from ddptrain.dist import DistEnv
+
+from spawned import on_ranks
 
 HERE = Path(__file__).resolve().parent
 FEATURES, ROWS, CLASSES = 32, 64, 10
@@ -118,9 +121,8 @@ def part_a(paths: list[str], batch: int, runs: Path) -> dict:
     return out
 
 
-def agreement_rank(rank: int, port: int, calls: int, queue) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+def agreement(calls: int) -> float:
+    """The median time of one end-of-pass agreement, in us (on each of the spawned ranks)."""
     from ddptrain.dist import Dist, detect
     dist = Dist(detect(os.environ), torch.device("cpu"), "gloo", 60, 60)
     for _ in range(100):
@@ -131,12 +133,21 @@ def agreement_rank(rank: int, port: int, calls: int, queue) -> None:
         dist.any(False)
         times.append(time.perf_counter() - t)
     dist.close()
-    if rank == 0:
-        queue.put(statistics.median(times) * 1e6)
+    return statistics.median(times) * 1e6
 
 
 def part_b(calls: int = 2000) -> dict:
-    return {"agreement_median_us": two_ranks(agreement_rank, calls), "calls": calls}
+    return {"agreement_median_us": on_ranks(agreement, calls), "calls": calls}
+
+
+class NoAgreement(StreamSteps):
+    """StreamSteps without its all-reduce: each rank ends its pass alone (safe only on equal parts)."""
+
+    def read_ahead(self) -> None:
+        self.snapshot = (self.loader.state_dict(), self.rng())
+        self.ahead = list(itertools.islice(self.it, self.k))
+        short = len(self.ahead) < self.k
+        self.short = lambda: short
 
 
 class Even(IterableDataset):
@@ -151,45 +162,23 @@ class Even(IterableDataset):
             yield self.x[i], self.y[i]
 
 
-def step_rank(rank: int, port: int, agree: bool, batch: int, runs: str, queue) -> None:
+def steps_with(agree: bool, batch: int, runs: str, name: str) -> float:
     """2-rank training on an even stream, with or without the end-of-pass agreement (without it, the
-    pass ends on each rank when its part does, which is safe only because the parts are equal)."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    pass ends on each rank when its part does, which is safe only because the parts are equal): samples/s."""
     from ddptrain import trainer
     if not agree:
-        trainer.whole_steps = lambda batches, k, dist: batches
-    cfg = config(0, batch, Path(runs), f"b{int(agree)}-{port}")
+        trainer.StreamSteps = NoAgreement
+    cfg = config(0, batch, Path(runs), name)
     cfg["train"]["log_every"] = 50
-    summary = ddptrain.train(cfg, task=lambda c: ddptrain.Task(model=model(), train=Even(batch * 600)))
-    if rank == 0:
-        queue.put(summary["samples_per_s"])
-
-
-def two_ranks(target, *args):
-    import multiprocessing as mp
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=target, args=(r, port, *args, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    result = queue.get(timeout=300)
-    for p in procs:
-        p.join(60)
-    return result
+    return ddptrain.train(cfg, task=lambda c: ddptrain.Task(model=model(), train=Even(batch * 600)))["samples_per_s"]
 
 
 def part_b2(runs: Path, rounds: int, batch: int = 64) -> dict:
     """Interleaved rounds of 2-rank training with and without the agreement: the ratio of samples/s."""
     ratios = []
     for _ in range(rounds):
-        without = two_ranks(step_rank, False, batch, str(runs))
-        with_ = two_ranks(step_rank, True, batch, str(runs))
+        without = on_ranks(steps_with, False, batch, str(runs), f"without-{len(ratios)}")
+        with_ = on_ranks(steps_with, True, batch, str(runs), f"with-{len(ratios)}")
         ratios.append(with_ / without)
     return {"with_over_without": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
             "rounds": rounds, "batch": batch, "steps": 300}
@@ -217,21 +206,25 @@ def part_c(paths: list[str], batch: int) -> dict:
 
 def report(results: dict) -> str:
     lines = [f"Stream benchmark {results['date']}: {results['files']} CSV files x {ROWS} rows, batch {results['batch']}, "
-             f"1 process, {results['machine']}", "",
-             "| data | read only (samples/s) | training (samples/s) | data_wait_share |", "|---|---|---|---|"]
-    for name, r in results["A"].items():
-        read = f"{r['read_only_samples_per_s']:.0f}" if "read_only_samples_per_s" in r else "-"
-        lines.append(f"| {name} | {read} | {r['samples_per_s']:.0f} | {r['data_wait_share']:.2f} |")
-    b = results["B"]
-    b2 = results["B2"]
-    lines += ["", f"End-of-pass agreement (2 gloo ranks): median {b['agreement_median_us']:.0f} us per call "
-                  f"({b['calls']} calls); 2-rank training on an even in-memory stream (MLP, batch {b2['batch']}, "
-                  f"{b2['steps']} steps) runs at {b2['with_over_without']:.3f}x the samples/s of the same loop "
-                  f"without it (median of {b2['rounds']} interleaved rounds, range {b2['min']:.3f}-{b2['max']:.3f})",
-              "", "| mid-pass resume | time to the first batch (s) | batches skipped |",
-              "|---|---|---|"]
-    for name, r in results["C"].items():
-        lines.append(f"| {name} | {r['resume_to_first_batch_s']:.3f} | {r['batches_skipped']} |")
+             f"{results['machine']}"]
+    if "A" in results:
+        lines += ["", "| data | read only (samples/s) | training (samples/s) | data_wait_share |", "|---|---|---|---|"]
+        for name, r in results["A"].items():
+            read = f"{r['read_only_samples_per_s']:.0f}" if "read_only_samples_per_s" in r else "-"
+            lines.append(f"| {name} | {read} | {r['samples_per_s']:.0f} | {r['data_wait_share']:.2f} |")
+    if "B" in results:
+        b = results["B"]
+        lines += ["", f"End-of-pass agreement (2 gloo ranks): median {b['agreement_median_us']:.0f} us per call "
+                      f"({b['calls']} calls)"]
+    if "B2" in results:
+        b2 = results["B2"]
+        lines += ["", f"2-rank training on an even in-memory stream (MLP, batch {b2['batch']}, {b2['steps']} steps) runs "
+                      f"at {b2['with_over_without']:.3f}x the samples/s of the same loop without the agreement (median "
+                      f"of {b2['rounds']} interleaved rounds, range {b2['min']:.3f}-{b2['max']:.3f})"]
+    if "C" in results:
+        lines += ["", "| mid-pass resume | time to the first batch (s) | batches skipped |", "|---|---|---|"]
+        for name, r in results["C"].items():
+            lines.append(f"| {name} | {r['resume_to_first_batch_s']:.3f} | {r['batches_skipped']} |")
     return "\n".join(lines)
 
 
@@ -240,16 +233,18 @@ def main() -> None:
     p.add_argument("--files", type=int, default=1000)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--rounds", type=int, default=5, help="rounds of the with/without agreement comparison")
+    p.add_argument("--parts", default="A,B,B2,C", help="which parts to run (comma-separated)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/stream_<date>.json)")
     args = p.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as d:
         paths = write_files(Path(d), args.files)
+        parts = {"A": lambda: part_a(paths, args.batch, Path(d) / "runs"), "B": part_b,
+                 "B2": lambda: part_b2(Path(d) / "runs", args.rounds), "C": lambda: part_c(paths, args.batch)}
         results = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "files": args.files,
                    "batch": args.batch, "machine": f"{os.cpu_count()} CPUs, {platform.python_version()}, torch "
                                                    f"{torch.__version__}",
-                   "A": part_a(paths, args.batch, Path(d) / "runs"), "B": part_b(),
-                   "B2": part_b2(Path(d) / "runs", args.rounds), "C": part_c(paths, args.batch)}
+                   **{name: parts[name]() for name in args.parts.split(",")}}
     out = Path(args.out or HERE / "results" / f"stream_{results['date'][:10]}.json")
     out.write_text(json.dumps(results, indent=2))
     print(report(results))

@@ -16,7 +16,6 @@ Two modes:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import os

@@ -1,0 +1,33 @@
+"""Run a benchmark function on local ranks started with `spawn` (gloo over localhost): every rank gets
+torchrun's variables and one thread, and rank 0's return value comes back."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+
+
+def _rank(target, rank: int, world_size: int, port: int, args: tuple, queue) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch
+    torch.set_num_threads(1)
+    result = target(*args)
+    if rank == 0:
+        queue.put(result)
+
+
+def on_ranks(target, *args, world_size: int = 2, timeout: float = 900):
+    """target(*args) on `world_size` spawned ranks; rank 0's result."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_rank, args=(target, r, world_size, port, args, queue)) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    result = queue.get(timeout=timeout)
+    for p in procs:
+        p.join(120)
+    return result
