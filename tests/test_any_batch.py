@@ -1,6 +1,7 @@
 """Any model, any batch: tuple, dict, nested, record and HF-style batches, a model's own loss, a custom
 step, sequence models with a causal mask, optimizers by import path; all on real gloo ranks."""
 import json
+import os
 
 import pytest
 import torch
@@ -27,7 +28,14 @@ def with_(base, **sections):
 
 
 def every_shape(rank, runs_dir, shapes):
-    return {s: train_rank(rank, runs_dir, with_(BASE, task_args={"shape": s}, name=s)) for s in shapes}
+    """One run per shape in the same processes, each on a port of its own: a rank that finishes first would
+    otherwise meet the previous run's store, still open on the other rank, when it starts the next run."""
+    results, port = {}, int(os.environ.get("MASTER_PORT", 0))
+    for i, s in enumerate(shapes):
+        if port:
+            os.environ["MASTER_PORT"] = str(port + i)
+        results[s] = train_rank(rank, runs_dir, with_(BASE, task_args={"shape": s}, name=s))
+    return results
 
 
 def assert_close_runs(a, b, atol=1e-6):
