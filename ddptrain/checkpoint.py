@@ -380,7 +380,8 @@ def load_sharded(path: Path, tensors: dict, no_dist: bool = False) -> None:
     try:
         with warnings.catch_warnings():  # no_dist: DCP warns that it loads in one process, which is the point
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(tensors, storage_reader=_SafeReader(path), planner=_SafePlanner(), no_dist=no_dist)
+            reader, planner = _reader_classes()
+            dcp.load(tensors, storage_reader=reader(path), planner=planner(), no_dist=no_dist)
     except (Exception, DCPException) as e:  # DCP wraps what a rank raised in its CheckpointException, as text
         refused = isinstance(e, pickle.UnpicklingError) or REFUSED in str(e)
         if refused:
@@ -444,11 +445,3 @@ def _reader_classes():
             else:
                 self.state_dict[read_item.dest_index.fqn] = loaded
     return SafeReader, SafePlanner
-
-
-def _SafeReader(path):
-    return _reader_classes()[0](path)
-
-
-def _SafePlanner():
-    return _reader_classes()[1]()

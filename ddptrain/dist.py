@@ -163,11 +163,7 @@ class Dist:
 
     def any(self, flag: bool) -> bool:
         """True on every rank if it is true on any rank. Call on all ranks."""
-        if not self.active:
-            return flag
-        t = torch.tensor([1 if flag else 0], dtype=torch.int32)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control)
-        return bool(t.item())
+        return self.any_later(flag)()
 
     def any_later(self, flag: bool) -> Callable[[], bool]:
         """Start `any` in the background; the returned function waits for it and gives the answer. Call on all ranks."""
@@ -180,6 +176,11 @@ class Dist:
             work.wait()
             return bool(t[0])
         return answer
+
+    def first_error(self, error: str | None) -> str | None:
+        """The first rank's error (by rank) on every rank, or None if no rank had one. Call on all ranks."""
+        errors = self.gather_object(error)
+        return self.broadcast_object(next((e for e in errors if e), None) if errors else None)
 
     def broadcast_object(self, obj, after_rank0_alone: bool = False):
         """Rank 0's `obj` on every rank. Call on all ranks; others pass anything.

@@ -121,11 +121,23 @@ def rng_state(device: torch.device) -> dict:
         state["cuda"] = torch.cuda.get_rng_state(device)
     try:
         import numpy as np
-        name, keys, pos, has_gauss, cached = np.random.get_state()
-        state["numpy"] = (name, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(cached))
+        state["numpy"] = saveable_numpy_state(np.random.get_state())
     except ImportError:
         pass
     return state
+
+
+def saveable_numpy_state(state: tuple) -> tuple:
+    """A NumPy generator's get_state() in types that weights_only loading accepts (its keys as a tensor)."""
+    name, keys, pos, has_gauss, cached = state
+    return name, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(cached)
+
+
+def numpy_state(saved: tuple) -> tuple:
+    """The inverse of saveable_numpy_state: what set_state() takes."""
+    import numpy as np
+    name, keys, pos, has_gauss, cached = saved
+    return name, keys.numpy().astype(np.uint32), pos, has_gauss, cached
 
 
 def set_rng_state(state: dict, device: torch.device) -> None:
@@ -135,8 +147,7 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
     if "numpy" in state:
         import numpy as np
-        name, keys, pos, has_gauss, cached = state["numpy"]
-        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+        np.random.set_state(numpy_state(state["numpy"]))
 
 
 def _tuples(x):
@@ -187,8 +198,7 @@ def resume_path(cfg: Config, dist: Dist) -> Path | None:
     if found is not None and not Path(found).exists():  # a file, or a directory of shards (fsdp)
         error = f"checkpoint '{found}': not found (on rank {dist.env.rank}: the run directory must be on a " \
                 f"filesystem that every node sees)"
-    errors = dist.gather_object(error)
-    first = dist.broadcast_object(next((e for e in errors if e), None) if errors else None)
+    first = dist.first_error(error)
     if first:
         raise ckpt.CheckpointError(first)
     return Path(found) if found else None

@@ -23,6 +23,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from .config import Config, ConfigError
 from .dist import Dist
+from .state import numpy_state, saveable_numpy_state
 
 
 def build(cfg: Config, dist: Dist) -> "Replicated | Sharded":
@@ -246,8 +247,7 @@ class Sharded:
             set_model_state_dict(module, weights["model"])
         except ckpt.CheckpointError as e:
             error = str(e)
-        errors = self.dist.gather_object(error)
-        return self.dist.broadcast_object(next((e for e in errors if e), None) if errors else None)
+        return self.dist.first_error(error)
 
 
 def blocks(module: nn.Module, names: list[str]) -> list[nn.Module]:
@@ -281,15 +281,12 @@ class PowerSGDPart:
 
     def state_dict(self) -> dict:
         s = self.state
-        name, keys, pos, has_gauss, cached = s.rng.get_state()
         return {"iter": s.iter, "error": dict(s.error_dict), "p": dict(s.p_memory_dict), "q": dict(s.q_memory_dict),
-                "rng": (name, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(cached))}
+                "rng": saveable_numpy_state(s.rng.get_state())}
 
     def load_state_dict(self, saved: dict) -> None:
-        import numpy as np
         self.state.iter = saved["iter"]
-        name, keys, pos, has_gauss, cached = saved["rng"]
-        self.state.rng.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+        self.state.rng.set_state(numpy_state(saved["rng"]))
 
     def load_other_world_size(self, states: list, rank: int) -> None:
         self.load_state_dict(states[min(rank, len(states) - 1)])

@@ -102,9 +102,9 @@ def run(cfg: Config, env: DistEnv, task_fn: Callable | None = None, hooks: dict 
         traceback.clear_frames(e.__traceback__)
         raise
     finally:
-        if training is not None and training.strategy.background is not None:
+        if training is not None:
             try:  # a write in flight ends before the process group does (or fails: it is never marked whole)
-                training.strategy.background.wait()
+                training.strategy.wait()
             except ckpt.CheckpointError:
                 pass
         training = None
@@ -432,8 +432,7 @@ class Training:
             write()
         except ckpt.CheckpointError as e:
             error = str(e)
-        errors = self.dist.gather_object(error)
-        error = self.dist.broadcast_object(next((e for e in errors if e), None) if errors else None)
+        error = self.dist.first_error(error)
         if error:
             raise ckpt.CheckpointError(error)
 
