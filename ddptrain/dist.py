@@ -163,18 +163,19 @@ class Dist:
 
     def any(self, flag: bool) -> bool:
         """True on every rank if it is true on any rank. Call on all ranks."""
-        return self.any_later(flag)()
+        return self.min_later([0 if flag else 1])()[0] == 0
 
-    def any_later(self, flag: bool) -> Callable[[], bool]:
-        """Start `any` in the background; the returned function waits for it and gives the answer. Call on all ranks."""
+    def min_later(self, values: list[int]) -> Callable[[], list[int]]:
+        """Start an element-wise minimum of a few ints over ranks in the background, on the gloo control group
+        (no device sync); the returned function waits for it and gives the minima. Call on all ranks."""
         if not self.active:
-            return lambda: flag
-        t = torch.tensor([1 if flag else 0], dtype=torch.int32)
-        work = dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control, async_op=True)
+            return lambda: list(values)
+        t = torch.tensor(values, dtype=torch.int64)
+        work = dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.control, async_op=True)
 
-        def answer() -> bool:
+        def answer() -> list[int]:
             work.wait()
-            return bool(t[0])
+            return t.tolist()
         return answer
 
     def first_error(self, error: str | None) -> str | None:

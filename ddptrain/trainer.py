@@ -43,7 +43,7 @@ from .optim import build_optimizer, build_scheduler, nonfinite_count
 from .precision import Precision
 from .preempt import Preempted, Preemption
 from .runlog import Clock, ConsoleLogger, Loggers, NullLogger, RunDirLogger, archive, prefix_warnings, warn
-from .state import (Progress, RngState, RunState, check_compatible, rank_seed, resume_path, rng_state,
+from .state import (Progress, RngState, RunState, check_compatible, rank_seed, resume_path,
                     seed_everything)
 from .step import TrainStep
 
@@ -160,6 +160,8 @@ class Training:
                                                             task.collate), None
             length = stream_length(task.train)
             self.steps_per_epoch = None if length is None else length // cfg.data.batch_size
+            # the reads' own RNG (StreamSteps), seeded per rank and pass far from the training's (rank seed + step)
+            self.position = StreamPosition(self.loader, self.progress, rank_seed(cfg.seed, env.rank) + 2**40)
         else:
             self.loader, self.sampler = train_loader(task.train, cfg.data, env, tc.grad_accum_steps, cfg.seed, device,
                                                      task.collate)
@@ -177,10 +179,9 @@ class Training:
         self.state = RunState(
             shared={**self.strategy.state_parts(self.module, self.optimizer), "scheduler": self.scheduler,
                     "precision": self.precision, "early_stop": self.stopper, "progress": self.progress},
-            per_rank={"rng": RngState(device, self._reseed, self._rng_snapshot), "running": self.sums,
-                      **self.strategy.per_rank_parts(),
-                      **({"stream": StreamPosition(self.loader, self.progress, lambda: self.steps)}
-                         if self.stream else {})}, dist=dist)
+            per_rank={"rng": RngState(device, self._reseed), "running": self.sums,
+                      **self.strategy.per_rank_parts(), **({"stream": self.position} if self.stream else {})},
+            dist=dist)
         self.ckpt_dir = cfg.run_dir / "checkpoints"
         self.resumed_from = resume_path(cfg, dist)
         tracking = self._resume() if self.resumed_from is not None else None
@@ -196,11 +197,6 @@ class Training:
         self.last: Computed | None = None  # the latest micro-batch's result
         self.validated_at = -1  # the step of this attempt's latest validation
         self.steps: Steps | None = None  # the epoch in progress, in whole steps
-
-    def _rng_snapshot(self) -> dict | None:
-        """Mid-pass on a stream, the RNG as it was before the step read ahead (StreamSteps), else None."""
-        steps = self.steps if self.stream else None
-        return None if steps is None or steps.snapshot is None else steps.snapshot[1]
 
     def _reseed(self, rank: int) -> None:
         seed_everything(rank_seed(self.cfg.seed, rank) + self.progress.step)
@@ -271,8 +267,9 @@ class Training:
         resumed_mid_pass = p.step_in_epoch > 0
         self.loader.generator.manual_seed(rank_seed(self.cfg.seed, self.dist.env.rank) + epoch)
         if self.stream:  # the pass ends where the first rank's part of the stream does
-            self.steps = StreamSteps(_timed(self.loader, self.data_wait), k, self.dist, self.loader,
-                                     lambda: rng_state(device))
+            self.position.start_pass(epoch)
+            left = None if self.total_steps is None else self.total_steps - p.step
+            self.steps = StreamSteps(_timed(self.loader, self.data_wait), k, self.dist, self.position, left)
         else:
             self.sampler.set_epoch(epoch)
             self.sampler.start = p.step_in_epoch * k * self.loader.batch_size
@@ -292,7 +289,7 @@ class Training:
                                             f"{self.dist.env.rank},") from e
                     self.sums.add(self.last)
                     micro_step += 1
-                self.steps.read_ahead()  # a stream reads its next step while this one's optimizer steps
+                self.steps.read_ahead()  # a stream reads its next steps while this one's optimizer steps
                 if self.after_step(epoch):
                     break
             else:  # the data ran out: one whole pass

@@ -53,6 +53,15 @@ class Files(IterableDataset):
                 yield item(i)
 
 
+class NoisyFiles(Files):
+    """Files whose features get noise from torch's global RNG as they are read (augmentation, in the main
+    process when there are no workers): the reads' draws must not depend on how far ahead the loop reads."""
+
+    def __iter__(self):
+        for x, y in super().__iter__():
+            yield torch.cat([x[:1], x[1:] + 0.01 * torch.randn(3)]), y
+
+
 class StatefulFiles(Files):
     """Files with a state: (files of this part done, items of the next done), so a resume reads no item twice."""
 
@@ -82,12 +91,13 @@ class SizedItems(Items):
 
 
 def stream(cfg):
-    """task_args: kind: items (split by ddptrain), files (ddptrain.shard), stateful (files with a state) or
+    """task_args: kind: items (split by ddptrain), files (ddptrain.shard), noisy (files with noise drawn as read), stateful (files with a state) or
     sized (items with a __len__); lengths of the files (12 of 16); val_n: validation and test items (none)."""
     kind, lengths = cfg.task_args.get("kind", "files"), cfg.task_args.get("lengths", [16] * 12)
     val_n = cfg.task_args.get("val_n", 0)
     torch.manual_seed(cfg.seed)
     train = {"items": lambda: Items(sum(lengths)), "files": lambda: Files(list(lengths)),
+             "noisy": lambda: NoisyFiles(list(lengths)),
              "stateful": lambda: StatefulFiles(list(lengths)), "sized": lambda: SizedItems(sum(lengths))}[kind]()
     model = Numbered()
     MODELS.append(model)

@@ -64,10 +64,11 @@ def test_shards_of_unequal_length_end_the_pass_on_every_rank_at_the_same_step(tm
     assert [e["step"] for e in records(tmp_path / "r") if e["split"] == "train"] == list(range(2, 21, 2))
 
 
-@pytest.mark.parametrize("kind,workers", [("stateful", 2), ("files", 0)])
+@pytest.mark.parametrize("kind,workers", [("stateful", 2), ("noisy", 0)])
 def test_a_rank_killed_mid_pass_resumes_with_the_next_unread_items_bitwise(tmp_path, kind, workers):
     # 2 ranks, 12 steps per pass: killed at step 8 of the first pass, resumed from step 6's checkpoint. A
-    # stream with a state continues where it was (in each of 2 workers); one without is read again up to there.
+    # stream with a state continues where it was (in each of 2 workers); one without is read again up to there,
+    # drawing its noise again as it did (step 6 is inside a read-ahead window: StreamSteps).
     cfg = config({"kind": kind, "lengths": [24] * 8, "val_n": 40}, data={"num_workers": workers},
                  checkpoint={"every_steps": 3})
     summary = kill_and_resume(tmp_path, cfg, kill_at=8, models="tasks_stream")
