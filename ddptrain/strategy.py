@@ -23,6 +23,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from .config import Config, ConfigError
 from .dist import Dist
+from .models import materialize, on_meta
 from .state import numpy_state, saveable_numpy_state
 
 
@@ -47,7 +48,11 @@ class Replicated:
         self.hook_state = None  # PowerSGD's, when dist.comm_hook is powersgd
         self.background = ckpt.Background() if cfg.checkpoint.async_save else None
 
-    def wrap(self, module: nn.Module) -> nn.Module:
+    def wrap(self, module: nn.Module, init: Callable | None = None) -> nn.Module:
+        """`module` on the device, or on the meta device: then it gets its weights here (`materialize`)."""
+        if on_meta(module):
+            materialize(module, init, self.cfg.seed)
+            module.to(self.dist.device)
         if self.cfg.dist.activation_checkpointing:
             checkpoint_blocks(module, lambda m: m in set(blocks(module, self.cfg.dist.blocks)))
         if not self.dist.active:
@@ -161,7 +166,9 @@ class Sharded:
             self.group = torch.distributed.new_group(backend="gloo",
                                                      timeout=datetime.timedelta(seconds=cfg.dist.timeout_s))
 
-    def wrap(self, module: nn.Module) -> nn.Module:
+    def wrap(self, module: nn.Module, init: Callable | None = None) -> nn.Module:
+        """`module` on the device, or on the meta device: then each block gets its weights on the CPU and is
+        sharded at once, so no rank ever holds more than one whole block (`materialize`)."""
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
         d, tc = self.cfg.dist, self.cfg.train
@@ -176,8 +183,11 @@ class Sharded:
         if d.activation_checkpointing:
             checkpoint_blocks(module, lambda m: m in set(found))
             found = blocks(module, d.blocks)  # the wrappers now stand where the blocks were
-        for block in found:
-            fully_shard(block, **kwargs)
+        if on_meta(module):
+            materialize(module, init, self.cfg.seed, found, lambda block: fully_shard(block, **kwargs))
+        else:
+            for block in found:
+                fully_shard(block, **kwargs)
         fully_shard(module, **kwargs)
         self.model = module
         return module

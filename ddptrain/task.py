@@ -15,12 +15,13 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 
-from .batch import Forward, call, collate, describe
+from .batch import Forward, call, collate, describe, to_device
 from .checkpoint import CheckpointError
 from .config import Config, ConfigError, ModelConfig
 from .dist import is_collective_failure
 from .importing import import_object, user_frame
 from .losses import ELEMENTWISE, as_metric, build_loss
+from .models import on_meta, uninitialisable
 from .runlog import warn
 
 BUILTIN = {"digits": "ddptrain.tasks.digits:build", "diabetes": "ddptrain.tasks.diabetes:build"}
@@ -56,6 +57,9 @@ class Task:
     scheduler: Callable[[torch.optim.Optimizer, int], Any] | None = None    # (optimizer, total steps) -> schedule
     collate: Callable[[list], Any] | None = None  # the DataLoaders' collate_fn (default: torch's, plus dataclasses)
     target_key: str = "labels"  # the target's field in dict, dataclass and named-tuple items
+    # a model built on the meta device: init(module) gives one module's own parameters and buffers their
+    # values, in module order (default: its reset_parameters()); see models.materialize
+    init: Callable[[nn.Module], None] | None = None
     reads_model_config: bool = field(default=True, init=False, repr=False)  # set by build(): does it read model.*?
 
 
@@ -164,6 +168,13 @@ def check(cfg: Config, task: Task, forward: Forward, metrics: dict) -> None:
     except Exception as e:
         raise TaskError(f"{name}: training items cannot be batched ({describe(items[0])}): {e}") from None
     model = task.model
+    if on_meta(model):  # the shapes are checked on the meta device: no weights are needed for them
+        missing = uninitialisable(model) if task.init is None else None
+        if missing:
+            raise TaskError(f"{name}: the model is on the meta device, and module {missing} has parameters or "
+                            f"buffers of its own but no reset_parameters() to give them values; give "
+                            f"Task(init=fn), fn(module) initialising one module's own parameters and buffers")
+        batch = to_device(batch, torch.device("meta"))
     was_training = model.training
     model.eval()
     try:
@@ -206,7 +217,8 @@ def _check_metric(name: str, metric_name: str, m, c) -> None:
             raise TaskError(f"{name}: metric '{metric_name}' must return one value per sample (first dimension "
                             f"{c.samples} here), got {_shape(values)}; a batch mean would be weighted wrongly "
                             f"(give an object with batch_stats/compute for a metric that is not a mean)")
-    m.batch_stats(c.output, c.target)
+    if not (isinstance(c.output, torch.Tensor) and c.output.is_meta):  # a metric may read values (.item())
+        m.batch_stats(c.output, c.target)
 
 
 def _broadcasts_up(a: torch.Tensor, b: torch.Tensor) -> bool:

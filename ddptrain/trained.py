@@ -50,6 +50,15 @@ def checkpoint_path(cfg: Config, which: str = "auto") -> Path:
     return last
 
 
+def _real_model(task: task_mod.Task, cfg: Config) -> nn.Module:
+    """The task's model, given storage and initial values where it was built on the meta device (buffers
+    that no checkpoint holds need them)."""
+    from .models import materialize, on_meta
+    if on_meta(task.model):
+        materialize(task.model, task.init, cfg.seed)
+    return task.model
+
+
 def _load_weights(model: nn.Module, path: Path) -> int | None:
     """Load a checkpoint's weights (best.pt or a step checkpoint, a file or a directory of shards) into `model`;
     return its step."""
@@ -69,7 +78,7 @@ def load_model(run: str | os.PathLike, which: str = "best", task: Callable | Non
     cfg = run_config(run)
     from .state import seed_everything
     seed_everything(cfg.seed)
-    model = task_mod.build(cfg, task or task_mod.resolve(cfg.task)).model
+    model = _real_model(task_mod.build(cfg, task or task_mod.resolve(cfg.task)), cfg)
     path = checkpoint_path(cfg, which)
     _load_weights(model, path)
     return model.cpu().eval()
@@ -106,8 +115,9 @@ def evaluate(run: str | os.PathLike, checkpoint: str = "auto", split: str = "tes
         found, error = dist.broadcast_object((found, error))
         if error:
             raise ckpt.CheckpointError(error)
-        step = _load_weights(built.model, Path(found))
-        module = built.model.to(device)
+        module = _real_model(built, cfg)
+        step = _load_weights(module, Path(found))
+        module = module.to(device)
         values = Evaluator(dist, forward, metrics, Precision(cfg.train.precision, device), cfg.val.mode, cfg.data,
                            built.collate)(module, dataset)
         return {"split": split, "checkpoint": found, "step": step, **values}

@@ -38,7 +38,7 @@ from .early_stop import EarlyStopping
 from .evaluation import Evaluator
 from .lock import RunLock
 from .losses import Sums
-from .models import convert_sync_batchnorm
+from .models import convert_sync_batchnorm, on_meta
 from .optim import build_optimizer, build_scheduler, nonfinite_count
 from .precision import Precision
 from .preempt import Preempted, Preemption
@@ -145,13 +145,12 @@ class Training:
     def __init__(self, cfg: Config, dist: Dist, task: task_mod.Task, forward: Forward, metrics: dict):
         env, device, tc = dist.env, dist.device, cfg.train
         self.cfg, self.dist, self.task, self.phase, self.clock = cfg, dist, task, "start-up", Clock()
-        self.module = task.model.to(device)
+        self.module = task.model if on_meta(task.model) else task.model.to(device)  # meta: the strategy's to build
         if cfg.dist.sync_batchnorm:
             self.module = convert_sync_batchnorm(self.module)
-        self.watched = ckpt.watched(self.module)  # what "the weights are finite" means (checkpoint.py)
         self.strategy = strategy_mod.build(cfg, dist)  # ddp or fsdp: everything the loop must not branch on
-        model = self.strategy.wrap(self.module)
-        self.model = model
+        self.model = model = self.strategy.wrap(self.module, task.init)
+        self.watched = ckpt.watched(self.module)  # what "the weights are finite" means (checkpoint.py)
         self.optimizer = build_optimizer(self.module, cfg.optim, task.optimizer)
         self.progress = Progress()
         self.stream = is_stream(task.train)

@@ -3,6 +3,7 @@ weights in every shape, so that the shape is the only difference between runs.""
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 
 import torch
@@ -83,7 +84,9 @@ def shapes(cfg) -> Task:
     x = torch.randn(160, 8, generator=g)
     y = torch.tanh(x @ torch.randn(8, 1, generator=g)) + 0.05 * torch.randn(160, 1, generator=g)
     torch.manual_seed(cfg.seed)
-    model = {"pair": OneInput, "nested": Nested}.get(shape, TwoInputs)(own_loss=shape == "own_loss")
+    # task_args.meta: built on the meta device, for ddptrain to give it the same weights (models.materialize)
+    with torch.device("meta") if cfg.task_args.get("meta") else contextlib.nullcontext():
+        model = {"pair": OneInput, "nested": Nested}.get(shape, TwoInputs)(own_loss=shape == "own_loss")
     MODELS.append(model)
     train, val = Items(x[:96], y[:96], shape), Items(x[96:], y[96:], shape)
     step = None

@@ -16,6 +16,7 @@ import ddptrain
 from ddptrain import checkpoint
 from ddptrain.config import from_dict
 from ddptrain.dist import detect
+from ddptrain.task import TaskError
 from ddptrain.trainer import run
 
 from killing import kill_and_resume, train_rank
@@ -76,6 +77,12 @@ def test_offload_activation_checkpointing_and_no_resharding_train_like_plain_fsd
     assert_close(run_ranks(train_rank, 2, tmp_path, fsdp(BASE, **option), None, None, timeout=120)[0], sharded)
 
 
+def test_compiled_fsdp_trains_like_eager_fsdp(ddp_and_fsdp, tmp_path):
+    _, sharded, _ = ddp_and_fsdp
+    compiled = fsdp(with_(BASE, train={"compile": True, "compile_backend": "aot_eager"}))
+    assert_close(run_ranks(train_rank, 2, tmp_path, compiled, None, None, timeout=240)[0], sharded)
+
+
 def poison_rank1_at_step_2(step, micro_step, batch):
     x, y = batch
     if int(os.environ.get("RANK", 0)) == 1 and step == 2:
@@ -95,6 +102,93 @@ def test_a_nan_on_one_rank_skips_that_step_on_every_rank_under_fsdp(tmp_path):
     assert [s["skipped_steps"] for s in summaries] == [1, 1] and summaries[0]["steps"] == summaries[1]["steps"]
     weights = ddptrain.load_model(tmp_path / "nan", "last").state_dict()
     assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def nan_stops_the_run(rank, runs_dir):
+    cfg = from_dict({**fsdp(with_(BASE, train={"nonfinite": "stop"})), "runs_dir": str(runs_dir), "name": "stop",
+                     "checkpoint": {"every_steps": 1, "save_best": False}})
+    return run(cfg, detect(os.environ), hooks={"before_micro_step": poison_rank1_at_step_2})
+
+
+def test_nonfinite_sharded_weights_stop_the_run_and_never_replace_a_good_checkpoint(tmp_path):
+    # the weights a NaN made are the training's own DTensor shards: what the check watches
+    with pytest.raises(RankFailed, match="the weights became non-finite after step 2"):
+        run_ranks(nan_stops_the_run, 2, tmp_path, timeout=120)
+    kept = checkpoint.step_files(tmp_path / "stop" / "checkpoints")
+    assert kept[-1].name == "step-000000002"  # the last written before step 3's NaN reached the weights
+    weights = ddptrain.load_model(tmp_path / "stop", str(kept[-1])).state_dict()
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_a_model_built_on_the_meta_device_gets_the_same_weights_and_trains_bitwise_the_same(ddp_and_fsdp, tmp_path):
+    # each block gets its weights on the CPU from the seed alone and is sharded at once (models.materialize)
+    _, sharded, _ = ddp_and_fsdp
+    meta = run_ranks(train_rank, 2, tmp_path, fsdp(with_(BASE, task_args={"meta": True})), None, None,
+                     timeout=120)[0]
+    assert meta["summary"]["val"] == sharded["summary"]["val"]
+    for k, v in sharded["weights"].items():
+        assert torch.equal(meta["weights"][k], v), k
+
+
+class Tied(torch.nn.Module):
+    """An embedding, blocks with batch norm in a ModuleList, and a head whose weight is the embedding's."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.emb = nn.Embedding(10, 6)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(6, 6), nn.BatchNorm1d(6)) for _ in range(3))
+        self.head = nn.Linear(6, 10)
+        self.head.weight = self.emb.weight
+
+
+def test_materialized_weights_are_the_seeds_with_ties_kept_and_one_block_whole_at_a_time():
+    from ddptrain.models import materialize, on_meta
+    from ddptrain.state import seed_everything
+    seed_everything(5)
+    built = Tied()
+    torch.manual_seed(123)  # the training's RNG: materializing must neither read nor move it
+    before = torch.get_rng_state()
+    with torch.device("meta"):
+        meta = Tied()
+    assert on_meta(meta)
+    whole = []
+
+    def done(block):  # the blocks before this one are done, the ones after it still have no storage
+        i = list(meta.blocks).index(block)
+        whole.append(i)
+        assert not on_meta(block) and all(on_meta(b) for b in meta.blocks[i + 1:])
+    materialize(meta, None, 5, meta.blocks, done)
+    assert whole == [0, 1, 2] and not on_meta(meta) and meta.head.weight is meta.emb.weight
+    assert torch.equal(torch.get_rng_state(), before)
+    assert built.state_dict().keys() == meta.state_dict().keys()
+    for k, v in built.state_dict().items():
+        assert torch.equal(meta.state_dict()[k], v), k
+
+
+class Scaled(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 1)
+        self.register_buffer("scale", torch.ones(1))  # a buffer only this module's own code can set
+
+    def forward(self, x):
+        return self.linear(x) * self.scale
+
+
+def meta_without_init(cfg):
+    import tasks_any_batch
+    task = tasks_any_batch.shapes(cfg)
+    with torch.device("meta"):
+        task.model = Scaled()
+    return task
+
+
+def test_a_meta_model_with_a_module_that_cannot_initialise_itself_is_a_one_line_error(tmp_path):
+    cfg = {**BASE, "runs_dir": str(tmp_path)}
+    with pytest.raises(TaskError, match=r"the model is on the meta device, and module Scaled \(the model itself\) has "
+                                                  r"parameters or buffers of its own but no reset_parameters\(\)"):
+        ddptrain.train(cfg, task=meta_without_init)
 
 
 def test_a_checkpoint_whose_dcp_metadata_holds_code_is_refused(ddp_and_fsdp, tmp_path):
