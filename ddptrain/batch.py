@@ -112,6 +112,7 @@ class Forward:
         self.loss_fn, self.step, self.target_key = loss_fn, step, target_key
         self.own_loss = loss_fn == "model"
         self.weigh = getattr(loss_fn, "weight", None)  # built-in sequence losses count their tokens
+        self.flops_per_sample = 0  # the model's forward FLOPs per sample, counted by the pre-flight check
 
     def split(self, batch) -> tuple[Any, Any]:
         """(model inputs, target) of a batch; the target is None when there is none."""

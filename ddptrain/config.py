@@ -136,6 +136,11 @@ class TrainConfig:
     log_every: int = _f(10, "optimizer steps between train log records (the only per-step collective)", _positive, "> 0")
     compile: bool = _f(False, "wrap the model in torch.compile")
     compile_backend: str = _f("inductor", "torch.compile backend")
+    peak_flops: float | None = _f(None, "one device's peak FLOP/s, for the model FLOPs utilisation (mfu) in train events and the summary; null: the dense bf16 peak of a known GPU (H200, H100, A100, L40S, L4, ...), none on CPU", _positive_or_none, "> 0 or null")
+    log_grad_norms: bool = _f(False, "log each layer's gradient norm at log steps (train events' grad_norms); ddptrain plot draws them as a layers-by-steps heat map")
+    profile: list[int] | None = _f(None, "[first, last]: record these optimizer steps with torch.profiler into the run directory's profile/ (a trace per rank that opens in Perfetto or TensorBoard)", lambda x: x is None or (len(x) == 2 and 0 < x[0] <= x[1]), "[first, last] with 0 < first <= last, or null")
+    profile_ranks: Literal["rank0", "all"] = _f("rank0", "which ranks train.profile records")
+    memory_snapshot: bool = _f(False, "CUDA: record the allocator's history and write a memory snapshot (open at pytorch.org/memory_viz) on an out-of-memory error")
 
 
 @dataclass
@@ -161,6 +166,7 @@ class DistConfig:
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto: cuda:<local_rank> when CUDA is available, else cpu")
     init_timeout_s: float = _f(600.0, "timeout of process-group start-up", _timeout, "in (0, 604800] (a week)")
     timeout_s: float = _f(300.0, "timeout of each collective once training runs", _timeout, "in (0, 604800] (a week)")
+    flight_recorder: bool = _f(True, "NCCL: PyTorch's Flight Recorder keeps each rank's last collectives and dumps them on a collective timeout into the run directory's flight_recorder/ (the error names the file)")
     find_unused_parameters: bool = _f(False, "DDP find_unused_parameters")
     static_graph: bool = _f(False, "DDP static_graph")
     gradient_as_bucket_view: bool = _f(False, "DDP gradient_as_bucket_view (true saves one gradient-sized buffer of memory)")

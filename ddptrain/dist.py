@@ -49,15 +49,17 @@ def is_collective_failure(error: BaseException) -> bool:
 
 
 def explain_failure(error: RuntimeError, env: DistEnv, phase: str, step: int,
-                    timeout: str = "dist.timeout_s=300") -> CollectiveError | None:
-    """A collective's failure as one sentence that names the likely cause, or None if it is something else."""
+                    timeout: str = "dist.timeout_s=300", recorded: str | None = None) -> CollectiveError | None:
+    """A collective's failure as one sentence that names the likely cause, or None if it is something else.
+    `recorded`: where the Flight Recorder dumps this rank's last collectives (NCCL), if it does."""
     text = str(error)
     first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
     if is_collective_failure(error):
+        where = f"; this rank's last collectives are in {recorded}{env.rank} (Flight Recorder)" if recorded else ""
         return CollectiveError(
             f"[rank {env.rank}] a collective failed during {phase} (step {step}): another rank "
             f"died, stalled or is unreachable; the timeout in force was {timeout} s "
-            f"({first})")
+            f"({first}){where}")
     return None
 
 

@@ -141,12 +141,18 @@ class Sums:
             self.tensor[self.TOKENS] += self._tokens
             self._samples = self._tokens = 0
 
-    def reduce(self, dist, nonfinite: torch.Tensor | None = None) -> None:
-        """Sum over all ranks, in place; `nonfinite` (a count of non-finite weights) rides along. Call on all ranks."""
+    def reduce(self, dist, nonfinite: torch.Tensor | None = None, ride: torch.Tensor | None = None):
+        """Sum over all ranks, in place; `nonfinite` (a count of non-finite weights) rides along, and so does
+        `ride` (any vector), whose sum is returned. Call on all ranks."""
         self._flush()
         if nonfinite is not None:
             self.tensor[self.nonfinite] = nonfinite
-        dist.all_reduce_sum(self.tensor)
+        if ride is None:
+            dist.all_reduce_sum(self.tensor)
+            return None
+        both = dist.all_reduce_sum(torch.cat([self.tensor, ride.to(self.tensor)]))
+        self.tensor.copy_(both[:len(self.tensor)])
+        return both[len(self.tensor):].cpu()
 
     def all_finite(self) -> torch.Tensor:
         return self.tensor[self.nonfinite] == 0

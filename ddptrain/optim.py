@@ -95,8 +95,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedConfig, total_st
 
 
 def optimizer_step(params: list[nn.Parameter], optimizer, precision: Precision, tc: TrainConfig,
-                   measure: bool = True) -> tuple[torch.Tensor | None, bool]:
+                   measure: bool = True, unscaled: Callable[[], None] | None = None) -> tuple[torch.Tensor | None, bool]:
     """Unscale, clip, step. Return (pre-clip global grad norm, or None if not measured; whether it stepped).
+    `unscaled()` sees the gradients once unscaled, before clipping (per-layer norms, at log steps).
 
     `params` is the model's parameter list, made once: walking the module tree at every step costs
     as much as the norm on a small model. The norm is computed where clipping needs it, where
@@ -104,6 +105,8 @@ def optimizer_step(params: list[nn.Parameter], optimizer, precision: Precision, 
     wait for the device at every step to decide whether to step.
     """
     precision.unscale(optimizer)
+    if unscaled is not None:
+        unscaled()
     with_grad = [p for p in params if p.grad is not None]
     norm = None
     if tc.clip_grad_norm is not None:

@@ -125,7 +125,8 @@ class RunDirLogger:
 
 def _fmt(event: dict) -> str:
     skip = {"split", "step", "epoch", "time"}
-    parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in event.items() if k not in skip]
+    parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in event.items()
+             if k not in skip and not isinstance(v, dict)]  # per-layer values (grad_norms) are for plots
     return f"{event['split']:<5} epoch {event['epoch']} step {event['step']}: " + ", ".join(parts)
 
 

@@ -20,9 +20,12 @@ from .precision import Precision
 
 class TrainStep:
     def __init__(self, model: Callable, module: nn.Module, forward: Forward, optimizer, scheduler,
-                 precision: Precision, tc: TrainConfig, l1: float, no_sync: Callable | None):
-        """`model` is what runs the forward pass (DDP-wrapped, maybe compiled); `module` is the bare network."""
-        self.model, self.module, self.forward = model, module, forward
+                 precision: Precision, tc: TrainConfig, l1: float, no_sync: Callable | None, timer,
+                 layer_norms: Callable[[], dict] | None = None):
+        """`model` is what runs the forward pass (DDP-wrapped, maybe compiled); `module` is the bare network;
+        `timer` times the forwards (observe.RankTime); `layer_norms()`, if given, is measured at log steps."""
+        self.model, self.module, self.forward, self.timer = model, module, forward, timer
+        self.layer_norms, self.norms = layer_norms, None  # norms: the latest log step's, by layer
         self.optimizer, self.scheduler, self.precision, self.tc, self.l1 = optimizer, scheduler, precision, tc, l1
         self.no_sync = no_sync
         self.params = list(module.parameters())  # made once: walking the module tree costs as much as a small step
@@ -33,14 +36,20 @@ class TrainStep:
         k = self.tc.grad_accum_steps
         with contextlib.nullcontext() if last or self.no_sync is None else self.no_sync():
             with self.precision.autocast():
+                self.timer.begin()
                 c = self.forward(self.model, batch)
+                self.timer.end()
                 objective = c.loss + l1_penalty(self.module, self.l1) if self.l1 else c.loss
             self.precision.backward(objective / k if k > 1 else objective)
         return c
 
     def optimizer_step(self, measure: bool) -> tuple[torch.Tensor | None, bool]:
         """Unscale, clip, step, schedule; return (pre-clip grad norm or None, whether the optimizer stepped)."""
-        norm, stepped = optimizer_step(self.params, self.optimizer, self.precision, self.tc, measure=measure)
+        take = self._take_layer_norms if measure and self.layer_norms is not None else None
+        norm, stepped = optimizer_step(self.params, self.optimizer, self.precision, self.tc, measure, take)
         if self.steps_schedule:
             self.scheduler.step()
         return norm, stepped
+
+    def _take_layer_norms(self) -> None:
+        self.norms = self.layer_norms()

@@ -178,14 +178,18 @@ def check(cfg: Config, task: Task, forward: Forward, metrics: dict) -> None:
     was_training = model.training
     model.eval()
     try:
+        from torch.utils.flop_counter import FlopCounterMode
         with torch.no_grad():
-            if task.step is not None:
-                try:
-                    c = forward(model, batch)
-                except Exception as e:
-                    raise TaskError(f"{name}: the task's step fails on a training batch {describe(batch)}: {e}") from None
-            else:
-                c = _check_forward(name, cfg, forward, model, batch)
+            with FlopCounterMode(display=False) as flops:  # counts matrix products, convolutions, attention
+                if task.step is not None:
+                    try:
+                        c = forward(model, batch)
+                    except Exception as e:
+                        raise TaskError(f"{name}: the task's step fails on a training batch {describe(batch)}: "
+                                        f"{e}") from None
+                else:
+                    c = _check_forward(name, cfg, forward, model, batch)
+            forward.flops_per_sample = flops.get_total_flops() // max(c.samples, 1)
             try:
                 for metric_name, m in metrics.items():
                     if c.output is None or c.target is None:

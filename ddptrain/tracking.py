@@ -64,7 +64,11 @@ class WandbLogger:
         if self.run is None:
             return
         split = event["split"]
-        data = {f"{split}/{k}": v for k, v in event.items() if k not in ("split", "step", "epoch", "time")}
+        data = {}
+        for k, v in event.items():
+            if k not in ("split", "step", "epoch", "time"):  # per-layer values as a chart each: train/grad_norms/<layer>
+                data.update({f"{split}/{k}/{name}": x for name, x in v.items()} if isinstance(v, dict) else
+                            {f"{split}/{k}": v})
         try:
             self.run.log({**data, "epoch": event["epoch"]}, step=event["step"])
         except Exception as e:

@@ -17,6 +17,7 @@ import math
 import os
 import time
 import traceback
+from pathlib import Path
 import warnings
 from typing import Callable
 
@@ -24,6 +25,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import config as config_mod
+from . import grad_norms, observe
 from . import strategy as strategy_mod
 from . import task as task_mod
 from .batch import Computed, Forward, to_device
@@ -82,9 +84,12 @@ def run(cfg: Config, env: DistEnv, task_fn: Callable | None = None, hooks: dict 
     if not env.is_main:
         prefix_warnings(env.rank)
     training, lock = None, RunLock(cfg.run_dir) if env.is_main else None
+    recorded = observe.flight_recorder(cfg.run_dir, cfg.dist.flight_recorder and backend == "nccl")
     try:
         dist = Dist(env, device, backend, cfg.dist.init_timeout_s, cfg.val.rank0_timeout_s)
         take_run_dir(cfg, dist, lock)
+        if recorded is not None:  # the run directory is this run's now: the dumps have a place to go
+            Path(recorded).parent.mkdir(parents=True, exist_ok=True)
         training = Training(cfg, dist, task, forward, metrics)
         return training.fit((hooks or {}).get("before_micro_step"))
     except RuntimeError as e:
@@ -94,7 +99,7 @@ def run(cfg: Config, env: DistEnv, task_fn: Callable | None = None, hooks: dict 
         phase, step = (training.phase, training.progress.step) if training else ("start-up", 0)
         timeout = f"{training.dist.timeout_key}={training.dist.timeout_s:g}" if training else \
             f"dist.init_timeout_s={cfg.dist.init_timeout_s:g}"
-        explained = explain_failure(e, env, phase, step, timeout)
+        explained = explain_failure(e, env, phase, step, timeout, recorded)
         if explained is None:
             raise
         raise explained from e
@@ -170,9 +175,18 @@ class Training:
         self.precision = Precision(tc.precision, device)
         self.stopper = EarlyStopping(cfg.early_stop.mode, cfg.early_stop.patience, cfg.early_stop.min_delta)
         self.sums = Sums(metrics, device)
+        self.rank_time, self.stragglers = observe.RankTime(device), observe.Stragglers()
+        layer_norms = None
+        if tc.log_grad_norms:  # per layer, at log steps; under fsdp one all-reduce makes the shards' norms whole
+            layers, over = grad_norms.layers(self.module), dist if self.strategy.sharded else None
+            layer_norms = lambda: grad_norms.layer_norms(layers, over)  # noqa: E731
         self.step = TrainStep(torch.compile(model, backend=tc.compile_backend) if tc.compile else model,
                               self.module, forward, self.optimizer, self.scheduler, self.precision, tc,
-                              cfg.optim.l1, self.strategy.no_sync())
+                              cfg.optim.l1, self.strategy.no_sync(), self.rank_time, layer_norms)
+        # FLOPs per optimizer step: a forward counted in the pre-flight check, times 3 (the backward is two)
+        self.flops_per_sample, self.peak_flops = 3 * forward.flops_per_sample, observe.peak_flops(device, tc.peak_flops)
+        self.profile = observe.Profile(tc.profile, tc.profile_ranks, env.rank, cfg.run_dir)
+        observe.start_memory_history(device, tc.memory_snapshot)
         self.evaluate = Evaluator(dist, forward, metrics, self.precision, cfg.val.mode, cfg.data, task.collate,
                                   lockstep=self.strategy.sharded)
         self.state = RunState(
@@ -243,6 +257,7 @@ class Training:
                     self.phase = "training"
                     self.train_epoch(epoch, before_micro_step)
                     self.end_epoch(epoch)
+            self.profile.close()
             self.preemption.close()
         except Preempted:
             self.preemption.close()
@@ -278,11 +293,14 @@ class Training:
         started, micro_step = time.perf_counter(), 0
         try:
             for batches in self.steps:
+                self.profile.before_step(p.step + 1)
                 for i, batch in enumerate(batches):
                     if before_micro_step is not None:
                         batch = before_micro_step(p.step, micro_step, batch)
                     try:
                         self.last = self.step.micro_step(to_device(batch, device), i == k - 1)
+                    except torch.cuda.OutOfMemoryError as e:
+                        raise self._out_of_memory(e) from None
                     except Exception as e:
                         raise user_error(e, f"the model or the loss, at step {p.step + 1} on rank "
                                             f"{self.dist.env.rank},") from e
@@ -302,6 +320,14 @@ class Training:
             self.steps.settle()
         self.train_time += time.perf_counter() - started
 
+    def _out_of_memory(self, e: BaseException) -> task_mod.TaskError:
+        """A CUDA out-of-memory error as one line with the figures and what to try (this rank's alone)."""
+        snapshot_dir = self.cfg.run_dir if self.cfg.train.memory_snapshot else None
+        error = task_mod.TaskError(observe.out_of_memory(e, self.dist.device, self.progress.step, self.dist.env.rank,
+                                                         snapshot_dir))
+        error.rank_specific = True
+        return error
+
     def reached_end(self) -> bool:
         """Stopped early, or all planned steps or epochs done."""
         p = self.progress
@@ -314,6 +340,7 @@ class Training:
         log_now = (p.step + 1) % tc.log_every == 0 or p.step + 1 == self.total_steps
         self.norm, stepped = self.step.optimizer_step(measure=log_now)
         p.step += 1
+        self.profile.after_step(p.step)
         p.step_in_epoch += 1
         self.first_step_time = self.first_step_time or self.clock()
         p.skipped_in_a_row = 0 if stepped else p.skipped_in_a_row + 1
@@ -347,20 +374,31 @@ class Training:
 
     def log_train(self, epoch: int) -> None:
         """Reduce the train sums (the loop's own collective, every log_every steps) and record them. Call on all ranks."""
-        p, sums = self.progress, self.sums
-        sums.reduce(self.dist, nonfinite=nonfinite_count(self.step.params))  # all ranks agree on finiteness
+        p, sums, env = self.progress, self.sums, self.dist.env
+        steps = p.step - self.last_log[1]
+        own = None  # each rank's own time per step (observe.RankTime), in its slot: it rides on the reduction
+        if env.world_size > 1:
+            own = torch.zeros(env.world_size, dtype=torch.float64)
+            own[env.rank] = (self.data_wait[0] + self.rank_time.take()) / max(steps, 1)
+        own = sums.reduce(self.dist, nonfinite=nonfinite_count(self.step.params), ride=own)  # finiteness agreed too
+        values = sums.values()  # on the host: the device has done the interval's work (rates are not queueing rates)
         now = time.perf_counter()
         elapsed, tokens = now - self.last_log[0] - self.paused, sums.tokens()
-        event = {"split": "train", "step": p.step, "epoch": epoch, **sums.values(),
+        event = {"split": "train", "step": p.step, "epoch": epoch, **values,
                  "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": float(self.norm),
                  "skipped_steps": p.skipped_total,
-                 "samples_per_s": (p.step - self.last_log[1]) * self.cfg.data.batch_size / elapsed,
+                 "samples_per_s": steps * self.cfg.data.batch_size / elapsed,
                  "data_wait_share": self.data_wait[0] / elapsed, "time": self.clock()}
         if tokens:
             event["tokens_per_s"] = tokens / elapsed
             self.tokens += tokens
-        if self.dist.device.type == "cuda":
-            event["gpu_mem_mb"] = torch.cuda.max_memory_allocated(self.dist.device) / 2**20
+        if self.peak_flops and self.flops_per_sample:
+            event["mfu"] = event["samples_per_s"] * self.flops_per_sample / (self.peak_flops * env.world_size)
+        if own is not None and env.is_main:
+            event.update(self.stragglers.fields(own.tolist()))
+        if self.step.norms is not None:
+            event["grad_norms"] = self.step.norms
+        event.update(observe.memory_fields(self.dist.device))
         self.log.record(event)
         self.log.progress(p.step, self.total_steps)
         self.check_finite(sums.all_finite())
@@ -525,4 +563,8 @@ class Training:
         }
         if self.tokens:
             out["tokens_per_s"] = self.tokens / self.train_time if self.train_time else None
+        if self.flops_per_sample:
+            out["flops_per_sample"] = self.flops_per_sample  # of training: 3 forwards
+            if self.peak_flops and out["samples_per_s"]:
+                out["mfu"] = out["samples_per_s"] * self.flops_per_sample / (self.peak_flops * self.dist.env.world_size)
         return out

@@ -1,0 +1,162 @@
+"""Per-layer gradient norms: exact against a hand computation, the same under FSDP2 on 2 real gloo ranks as on
+one unsharded process (with one all-reduce), and drawn by `ddptrain plot` as a layers-by-steps heat map."""
+import json
+import math
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from ddptrain.dist import Dist, detect
+from ddptrain.grad_norms import layer_norms, layers
+
+from multirank import run_ranks
+
+NAMES = ["0", "2", "4"]  # the Linear layers of `model()`, in module order
+
+
+def model() -> nn.Sequential:
+    # Linear(8, 3) and Linear(3, 1) do not split evenly over 2 ranks: rank 1 holds no rows of the last weight.
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3), nn.ReLU(), nn.Linear(3, 1))
+
+
+def backward(net: nn.Module) -> None:
+    torch.manual_seed(1)
+    x, y = torch.randn(16, 5), torch.randn(16, 1)
+    nn.functional.mse_loss(net(x), y).backward()
+
+
+def test_layer_norms_equal_a_hand_computation():
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    torch.manual_seed(0)
+    net(torch.randn(10, 4)).pow(2).sum().backward()
+    found = layers(net)
+    assert [name for name, _ in found] == ["0", "2"]
+    assert [params for _, params in found] == [[net[0].weight, net[0].bias], [net[2].weight, net[2].bias]]
+    norms = layer_norms(found)
+    assert list(norms) == ["0", "2"] and all(type(v) is float for v in norms.values())
+    for name in ("0", "2"):
+        w, b = net[int(name)].weight, net[int(name)].bias
+        expected = torch.linalg.vector_norm(torch.cat([w.grad.flatten(), b.grad.flatten()])).item()
+        assert expected > 0 and norms[name] == pytest.approx(expected, rel=1e-6, abs=1e-6), name
+    # the layers split the global norm: their squares add up to what clipping measures
+    total = nn.utils.get_total_norm([p.grad for p in net.parameters()]).item()
+    assert math.sqrt(sum(v * v for v in norms.values())) == pytest.approx(total, rel=1e-6)
+
+
+def test_frozen_unused_and_tied_parameters():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(7, 4)
+            self.frozen = nn.Linear(4, 4)
+            self.frozen.requires_grad_(False)
+            self.unused = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 7, bias=False)
+            self.head.weight = self.embed.weight  # tied: counted once, in the first module that has it
+            self.scale = nn.Parameter(torch.ones(()))  # the root's own parameter
+
+        def forward(self, tokens):
+            return self.head(self.frozen(self.embed(tokens))) * self.scale
+
+    net = Tied()
+    net(torch.tensor([1, 2, 3])).sum().backward()
+    found = layers(net)
+    assert [name for name, _ in found] == ["(root)", "embed", "unused"]
+    norms = layer_norms(found)
+    assert norms["unused"] == 0.0  # grads of None count 0
+    assert norms["embed"] == pytest.approx(net.embed.weight.grad.norm().item(), rel=1e-6)
+    assert norms["(root)"] == pytest.approx(abs(net.scale.grad.item()), rel=1e-6)
+
+
+def test_fp16_gradients_are_measured_in_float32():
+    net = nn.Linear(64, 64).half()
+    for p in net.parameters():
+        p.grad = torch.full_like(p, 300.0)  # the weight's norm squared, 19200², overflows float16
+    (norm,) = layer_norms(layers(net)).values()
+    assert norm == pytest.approx(300 * math.sqrt(64 * 64 + 64), rel=1e-6)
+
+
+class CountingDist(Dist):
+    """The real Dist, counting its all-reduces."""
+    all_reduces = 0
+
+    def all_reduce_sum(self, tensor):
+        self.all_reduces += 1
+        return super().all_reduce_sum(tensor)
+
+
+def fsdp_layer_norms(rank):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    dist = CountingDist(detect(os.environ), torch.device("cpu"), "gloo", 60, 60)
+    try:
+        mesh = init_device_mesh("cpu", (2,))
+        net = model()
+        for layer in net:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(net, mesh=mesh)
+        found = layers(net)
+        sharded = [type(p).__name__ for _, params in found for p in params]
+        local_rows = [p.to_local().shape[0] for _, params in found for p in params]
+        backward(net)
+        norms = layer_norms(found, dist)
+        return {"norms": norms, "all_reduces": dist.all_reduces, "sharded": sharded, "local_rows": local_rows}
+    finally:
+        dist.close()
+
+
+def test_fsdp_norms_are_global_and_equal_on_every_rank():
+    ranks = run_ranks(fsdp_layer_norms, 2, timeout=90)
+    reference = model()
+    backward(reference)
+    expected = layer_norms(layers(reference))
+    for r in ranks:
+        assert set(r["sharded"]) == {"DTensor"}, "the parameters must be FSDP's sharded DTensors"
+        assert r["all_reduces"] == 1
+    # the shards really are partial: each rank alone would see only part of every gradient
+    assert [a + b for a, b in zip(ranks[0]["local_rows"], ranks[1]["local_rows"])] == [8, 8, 3, 3, 1, 1]
+    assert ranks[1]["local_rows"][4] == 0
+    assert ranks[0]["norms"] == ranks[1]["norms"]
+    assert list(ranks[0]["norms"]) == NAMES
+    for name in NAMES:
+        assert ranks[0]["norms"][name] == pytest.approx(expected[name], rel=1e-5, abs=1e-6), name
+
+
+def test_plot_draws_a_heat_map_of_grad_norms(tmp_path):
+    import matplotlib.image
+    from ddptrain.plot import plot
+    events = []
+    for step in (2, 4, 6, 8):
+        norms = {"blocks.0.attn.qkv": 10.0 ** -step, "blocks.0.mlp": 0.0 if step == 4 else 1.5, "head": 3.0}
+        events.append({"split": "train", "step": step, "epoch": 0, "loss": 1 / step, "lr": 0.1, "grad_norms": norms})
+    events.append({"split": "val", "step": 8, "epoch": 0, "loss": 0.2})
+    run = tmp_path / "with_norms"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "metrics.jsonl").write_text(
+        "".join(json.dumps({k: v for k, v in e.items() if k != "grad_norms"}) + "\n" for e in events))
+
+    fig = plot([plain], tmp_path / "plain.png")
+    assert [ax.get_title() for ax in fig.axes] == ["loss", "monitored validation metric", "learning rate"]
+    assert matplotlib.image.imread(tmp_path / "plain.png").shape[:2] == (450, 1600)
+
+    out = tmp_path / "norms.png"
+    fig = plot([plain, run], out)
+    assert out.stat().st_size > 20_000
+    image = matplotlib.image.imread(out)
+    assert image.shape[0] > 450 and image[450:].std() > 0.05  # something drawn below the curves
+    (heat,) = [ax for ax in fig.axes if "gradient norms" in ax.get_title()]
+    assert heat.get_title().startswith("with_norms")
+    assert [t.get_text() for t in heat.get_yticklabels()] == ["blocks.0.attn.qkv", "blocks.0.mlp", "head"]
+    assert heat.get_ylim()[0] > heat.get_ylim()[1]  # the first layer on top
+    (mesh,) = heat.collections
+    cells = mesh.get_array()  # layers x steps of log10(norm); the zero is masked, not -inf
+    assert cells.shape == (3, 4) and cells.mask.sum() == 1 and bool(cells.mask[1, 1])
+    assert cells[0].tolist() == pytest.approx([-2, -4, -6, -8])
+    assert any(ax.get_ylabel() == "log10 gradient norm" for ax in fig.axes)  # the colorbar

@@ -1,0 +1,101 @@
+"""What a run shows about itself (observe.py), on CPU with real gloo ranks: MFU from a known FLOP count,
+the slowest and fastest rank's own time per step with a warning for a persistent straggler, a profiler
+trace that loads, and a CUDA out-of-memory error as one line."""
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ddptrain.config import from_dict
+from ddptrain.dist import detect
+from ddptrain.trainer import run
+
+from killing import records
+from multirank import run_ranks
+
+TESTS = Path(__file__).resolve().parent
+BASE = {"task": "tasks_any_batch:shapes", "data": {"batch_size": 16}, "optim": {"name": "adamw", "lr": 0.01},
+        "train": {"epochs": 2, "log_every": 2}, "dist": {"timeout_s": 30}, "checkpoint": {"save_best": False}}
+# OneInput: Linear(5, 16), Linear(3, 16), Linear(16, 1); a forward multiplies and adds once per weight
+FORWARD_FLOPS = 2 * (5 * 16 + 3 * 16 + 16 * 1)
+
+
+def train(rank, runs_dir, cfg):
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logging.getLogger("ddptrain").addHandler(handler)
+    summary = run(from_dict({"name": "r", **cfg, "runs_dir": str(runs_dir)}), detect(os.environ))
+    return {"summary": summary, "warnings": seen}
+
+
+def test_mfu_is_the_model_flops_per_second_over_the_configured_peak(tmp_path):
+    peak = 1e9
+    cfg = {**BASE, "train": {**BASE["train"], "peak_flops": peak}}
+    summary = run_ranks(train, 2, tmp_path, cfg, timeout=120)[0]["summary"]
+    assert summary["flops_per_sample"] == 3 * FORWARD_FLOPS
+    assert summary["mfu"] == pytest.approx(summary["samples_per_s"] * 3 * FORWARD_FLOPS / (2 * peak), rel=1e-9)
+    events = [e for e in map(json.loads, open(tmp_path / "r" / "metrics.jsonl")) if e["split"] == "train"]
+    assert events and all(e["mfu"] == pytest.approx(e["samples_per_s"] * 3 * FORWARD_FLOPS / (2 * peak), rel=1e-9)
+                          for e in events)
+
+
+def test_a_rank_with_a_slow_forward_is_named_the_slowest_and_warned_about(tmp_path):
+    cfg = {**BASE, "task": "tasks_observe:slow_rank1", "train": {**BASE["train"], "epochs": 3}}
+    results = run_ranks(train, 2, tmp_path, cfg, timeout=120)
+    events = [e for e in records(tmp_path / "r") if e["split"] == "train"]
+    assert len(events) == 9 and all(e["slowest_rank"] == 1 for e in events)
+    assert all(e["rank_step_s_max"] >= 0.02 > e["rank_step_s_min"] for e in events)  # one 20 ms forward a step
+    assert sum("rank 1 is persistently the slowest" in w for w in results[0]["warnings"]) == 1
+    assert not any("slowest" in w for w in results[1]["warnings"])  # rank 0 alone says it
+
+
+def test_train_profile_writes_a_trace_of_the_chosen_steps_that_loads(tmp_path):
+    cfg = {**BASE, "train": {**BASE["train"], "profile": [3, 4]}}
+    run_ranks(train, 2, tmp_path, cfg, timeout=120)
+    assert [p.name for p in (tmp_path / "r" / "profile").iterdir()] == ["rank0.json"]  # profile_ranks: rank0
+    trace = json.loads((tmp_path / "r" / "profile" / "rank0.json").read_text())
+    names = {e.get("name", "") for e in trace["traceEvents"]}
+    assert {n for n in names if n.startswith("ddptrain step")} == {"ddptrain step 3", "ddptrain step 4"}
+    assert any(n.startswith("aten::addmm") for n in names)  # the model's own work is in it
+
+
+def test_a_cuda_out_of_memory_error_is_one_line_with_what_to_try(tmp_path):
+    config = tmp_path / "c.yaml"  # JSON is YAML
+    config.write_text(json.dumps({**BASE, "task": "tasks_observe:out_of_memory", "runs_dir": str(tmp_path)}))
+    proc = subprocess.run([sys.executable, "-m", "ddptrain", "train", str(config)], cwd=TESTS,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert ("ddptrain: error: CUDA out of memory at step 1 on rank 0; try a smaller micro-batch with gradient "
+            "accumulation (train.grad_accum_steps), dist.strategy=fsdp") in proc.stderr
+
+
+def test_the_flight_recorder_is_set_up_for_nccl_without_overriding_the_user_and_named_in_timeouts(tmp_path,
+                                                                                                  monkeypatch):
+    from ddptrain import observe
+    from ddptrain.dist import DistEnv, explain_failure
+    for name in ("TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_DUMP_ON_TIMEOUT", "TORCH_FR_DUMP_TEMP_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TORCH_FR_BUFFER_SIZE", "50")  # the user's own choice stays
+    assert observe.flight_recorder(tmp_path, False) is None and "TORCH_NCCL_DUMP_ON_TIMEOUT" not in os.environ
+    prefix = observe.flight_recorder(tmp_path, True)
+    assert prefix == str(tmp_path / "flight_recorder" / "rank_") == os.environ["TORCH_FR_DUMP_TEMP_FILE"]
+    assert os.environ["TORCH_FR_BUFFER_SIZE"] == "50" and os.environ["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1"
+    error = explain_failure(RuntimeError("Watchdog caught collective operation timeout: WorkNCCL timed out"),
+                            DistEnv(rank=1, world_size=2), "training", 7, "dist.timeout_s=30", prefix)
+    assert str(error).endswith(f"; this rank's last collectives are in {prefix}1 (Flight Recorder)")
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_per_layer_gradient_norms_at_log_steps_add_up_to_the_global_norm(tmp_path, strategy):
+    # without clipping, the logged grad_norm is the pre-clip global norm: the root of the layers' squares' sum
+    cfg = {**BASE, "train": {**BASE["train"], "log_grad_norms": True}, "dist": {**BASE["dist"], "strategy": strategy}}
+    run_ranks(train, 2, tmp_path, cfg, timeout=120)
+    events = [e for e in map(json.loads, open(tmp_path / "r" / "metrics.jsonl")) if e["split"] == "train"]
+    assert len(events) == 6 and all(list(e["grad_norms"]) == ["a", "b", "head"] for e in events)
+    for e in events:
+        assert sum(v * v for v in e["grad_norms"].values()) ** 0.5 == pytest.approx(e["grad_norm"], rel=1e-5)
