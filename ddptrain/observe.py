@@ -102,7 +102,7 @@ class Stragglers:
             warn(f"rank {slowest} is persistently the slowest: {ratio:.2f}x the median rank's own time per step "
                  f"(data and forward) at {self.count} log steps in a row; every rank waits for it in the gradient "
                  f"all-reduce (a slow host, data loader or GPU there?)")
-        return {"rank_step_s_max": per_rank[slowest], "rank_step_s_min": min(per_rank), "slowest_rank": slowest}
+        return {"slowest_rank_step_s": per_rank[slowest], "fastest_rank_step_s": min(per_rank), "slowest_rank": slowest}
 
 
 class Profile:

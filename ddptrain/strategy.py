@@ -24,7 +24,7 @@ from . import checkpoint as ckpt
 from .config import Config, ConfigError
 from .dist import Dist
 from .models import materialize, on_meta
-from .state import numpy_state, saveable_numpy_state
+from .powersgd import PowerSGD
 
 
 def build(cfg: Config, dist: Dist) -> "Replicated | Sharded":
@@ -45,7 +45,7 @@ class Replicated:
     def __init__(self, cfg: Config, dist: Dist):
         self.cfg, self.dist = cfg, dist
         self.model: nn.Module | None = None
-        self.hook_state = None  # PowerSGD's, when dist.comm_hook is powersgd
+        self.hook_state = self.powersgd = None  # dist.comm_hook powersgd: its state, and its keeper (powersgd.py)
         self.background = ckpt.Background() if cfg.checkpoint.async_save else None
 
     def wrap(self, module: nn.Module, init: Callable | None = None) -> nn.Module:
@@ -74,7 +74,8 @@ class Replicated:
             self.hook_state = powerSGD_hook.PowerSGDState(
                 process_group=None, matrix_approximation_rank=d.powersgd_rank,
                 start_powerSGD_iter=d.powersgd_start_step, random_seed=self.cfg.seed % 2**32)
-            self.model.register_comm_hook(self.hook_state, powerSGD_hook.powerSGD_hook)
+            self.powersgd = PowerSGD(self.hook_state, self.model.module)
+            self.model.register_comm_hook(self.hook_state, self.powersgd.hook)
         elif d.comm_hook == "bf16" and self.dist.backend != "nccl":
             raise ConfigError("config key 'dist.comm_hook': bf16 needs CUDA and NCCL (torch's bf16 hook); use fp16 "
                               "or powersgd here")
@@ -96,7 +97,7 @@ class Replicated:
 
     def per_rank_parts(self) -> dict:
         """Each rank's own state: PowerSGD's error feedback and its random generator."""
-        return {"comm_hook": PowerSGDPart(self.hook_state)} if self.hook_state is not None else {}
+        return {"comm_hook": self.powersgd} if self.hook_state is not None else {}
 
     def save(self, path: Path, state: dict | None, module: nn.Module, optimizer) -> None:
         """Write the checkpoint and prune older ones (rank 0; the others wait for the outcome in the caller); with
@@ -110,9 +111,20 @@ class Replicated:
             ckpt.prune(path.parent, keep)
         if self.background is None:
             write(state)
-        else:
-            copy = ckpt.staged(state)
-            self.background.start(lambda: write(copy))
+            return
+        # what the next forward may change (buffers, running sums) is copied now; the parameters and optimizer
+        # state, which only the next optimizer step changes, on the thread (`before_update` waits for them)
+        live = ckpt.updated_in_place(module, optimizer)
+        now, copy = ckpt.staged(state, keep=live), {}
+
+        def stage():
+            copy["state"] = ckpt.staged(now, keep=lambda t: not live(t))
+        self.background.start(lambda: write(copy["state"]), stage)
+
+    def before_update(self) -> None:
+        """Before an optimizer step: a checkpoint's background copy of the parameters is done."""
+        if self.background is not None:
+            self.background.staged()
 
     def wait(self) -> None:
         """Until the checkpoint write in flight (async_save) is done; its failure as a CheckpointError."""
@@ -222,7 +234,11 @@ class Sharded:
         """Every rank writes its shards, rank 0 the rest; the directory counts only once all are whole.
         Call on all ranks."""
         ckpt.save_sharded(path, self._states(module, optimizer), state, self.dist, self.cfg.checkpoint.keep_last,
-                          self.background, self.group)
+                          self.background, self.group, ckpt.updated_in_place(module, optimizer))
+
+    def before_update(self) -> None:
+        if self.background is not None:
+            self.background.staged()
 
     def wait(self) -> None:
         if self.background is not None:
@@ -274,29 +290,3 @@ def blocks(module: nn.Module, names: list[str]) -> list[nn.Module]:
     for child in module.children():  # a ModuleList or ModuleDict of layers: each layer
         found += list(child.children()) if isinstance(child, (nn.ModuleList, nn.ModuleDict)) else [child]
     return [m for m in found if any(True for _ in m.parameters())]
-
-
-class PowerSGDPart:
-    """PowerSGD's state as a per-rank checkpoint part: its step count, error feedback, warm-start factors and
-    random generator (as tensors and numbers, for weights-only loading).
-
-    On resume only the step count and the generator are put back: the error feedback and the warm-start
-    factors are flat over DDP's gradient buckets, which every process lays out anew (and again after its
-    first backward), so the saved ones would be added to other gradients' elements. They start afresh, as
-    in PowerSGD's first compressed step; the run continues close to, not bitwise like, an uninterrupted one.
-    """
-
-    def __init__(self, state):
-        self.state = state
-
-    def state_dict(self) -> dict:
-        s = self.state
-        return {"iter": s.iter, "error": dict(s.error_dict), "p": dict(s.p_memory_dict), "q": dict(s.q_memory_dict),
-                "rng": saveable_numpy_state(s.rng.get_state())}
-
-    def load_state_dict(self, saved: dict) -> None:
-        self.state.iter = saved["iter"]
-        self.state.rng.set_state(numpy_state(saved["rng"]))
-
-    def load_other_world_size(self, states: list, rank: int) -> None:
-        self.load_state_dict(states[min(rank, len(states) - 1)])

@@ -338,6 +338,7 @@ class Training:
         """The optimizer step, then its bookkeeping: log, preemption, checkpoint. True when training is done."""
         p, tc = self.progress, self.cfg.train
         log_now = (p.step + 1) % tc.log_every == 0 or p.step + 1 == self.total_steps
+        self.strategy.before_update()  # an asynchronous checkpoint's copy of the weights is done
         self.norm, stepped = self.step.optimizer_step(measure=log_now)
         p.step += 1
         self.profile.after_step(p.step)

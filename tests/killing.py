@@ -1,9 +1,9 @@
 """Kill a rank mid-run with SIGKILL, resume, and compare with an uninterrupted run: weights bitwise, and
 metrics.jsonl line by line (timings aside)."""
 import importlib
-import json
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +15,7 @@ from ddptrain.config import from_dict
 from ddptrain.dist import detect
 from ddptrain.trainer import run
 
+import rundirs
 from multirank import RankFailed, run_ranks
 
 
@@ -40,9 +41,7 @@ def train_rank(rank, runs_dir, cfg_dict, kill_at=None, models="tasks_any_batch",
 
 
 def records(run_dir):
-    return [{k: v for k, v in json.loads(line).items() if k not in ("time", "samples_per_s", "tokens_per_s",
-                                                                      "data_wait_share")}
-            for line in open(run_dir / "metrics.jsonl")]
+    return rundirs.records(Path(run_dir))
 
 
 def kill_and_resume(tmp_path, cfg, kill_at, models="tasks_any_batch", timeout=120):

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-TIMING = {"time", "samples_per_s", "data_wait_share"}  # differ between any two runs
+# differ between any two runs (and every key ending in _s)
+TIMING = {"time", "samples_per_s", "tokens_per_s", "data_wait_share", "mfu", "slowest_rank"}
 SUMMARY = ["status", "world_size", "epochs_completed", "steps", "stopped_early", "monitor", "best_value",
            "best_epoch", "best_step", "restored_best", "val", "test", "skipped_steps"]
 

@@ -15,8 +15,9 @@ from ddptrain.config import from_dict
 from ddptrain.dist import detect
 from ddptrain.trainer import run
 
-from multirank import RankFailed, run_ranks
+import rundirs
 import tasks_for_tests
+from multirank import RankFailed, run_ranks
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,11 +44,7 @@ def train_rank(rank, runs_dir, cfg_dict, kill_at=None):
 
 
 def records(runs_dir):
-    out = []
-    for line in open(Path(runs_dir) / "r" / "metrics.jsonl"):
-        event = json.loads(line)
-        out.append({k: v for k, v in event.items() if k not in ("time", "samples_per_s", "data_wait_share")})  # timings
-    return out
+    return rundirs.records(Path(runs_dir) / "r")
 
 
 def assert_bitwise(a, b):
