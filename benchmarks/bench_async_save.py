@@ -68,14 +68,22 @@ def train(strategy: str, save: str, runs: str) -> dict:
 
 
 def main() -> None:
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--strategies", default="ddp,fsdp", help="ddp (1 process), fsdp (2 ranks), or both")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/async_save_<date>_<time>.json)")
+    args = p.parse_args()
+    strategies = args.strategies.split(",")
     results = {}
     with tempfile.TemporaryDirectory() as runs:
         for strategy, world_size in (("ddp", 1), ("fsdp", 2)):
+            if strategy not in strategies:
+                continue
             for save in ("none", "sync", "async"):
                 results[f"{strategy}, {save}"] = on_ranks(train, strategy, save, runs, world_size=world_size)
     lines = ["| strategy, save | training time (s) | saves | cost per save (s) | median step (s) |",
              "|---|---|---|---|---|"]
-    for strategy in ("ddp", "fsdp"):
+    for strategy in strategies:
         base = results[f"{strategy}, none"]["train_s"]
         for save in ("none", "sync", "async"):
             r = results[f"{strategy}, {save}"]
@@ -85,7 +93,7 @@ def main() -> None:
         ratio = results[f"{strategy}, async"]["cost_per_save_s"] / results[f"{strategy}, sync"]["cost_per_save_s"]
         results[f"{strategy} async/sync"] = ratio
         lines.append(f"\n{strategy}: an asynchronous save costs {ratio:.3f} of a synchronous one\n")
-    out = HERE / "results" / f"async_save_{time.strftime('%Y-%m-%d_%H%M')}.json"
+    out = Path(args.out) if args.out else HERE / "results" / f"async_save_{time.strftime('%Y-%m-%d_%H%M')}.json"
     out.write_text(json.dumps(results, indent=2))
     print("\n".join(lines))
 

@@ -35,8 +35,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 WORKER = HERE / "ddp_worker.py"
-# minimal_aa: the A/A control; ddptrain_dict: ddptrain on {"input": x, "labels": y} items instead of (x, y)
-RUNNERS = ["minimal", "minimal_aa", "ddptrain", "ddptrain_dict", "accelerate", "fabric"]
+# minimal_aa: the A/A control; ddptrain_dict: ddptrain on {"input": x, "labels": y} items instead of (x, y);
+# ddptrain_observed: ddptrain logging at its default interval (train.log_every 10) with per-layer gradient
+# norms and MFU on (the other ddptrain runners never log)
+RUNNERS = ["minimal", "minimal_aa", "ddptrain", "ddptrain_dict", "ddptrain_observed", "accelerate", "fabric"]
 BASELINE = "minimal"
 MODELS = {"tiny": "256->64->64->10", "big": "256->1024->1024->10"}
 

@@ -173,13 +173,16 @@ def run_ddptrain(args, ds, timer: Timer) -> dict:
     known = {f.name for f in dataclasses.fields(config.CheckpointConfig)}
     no_checkpoints = {k: v for k, v in {"save_last": False, "save_best": False, "every_epochs": 0,
                                         "every_steps": None}.items() if k in known}
+    observed = {"log_every": 10, "log_grad_norms": True, "peak_flops": 1e11} if args.runner == "ddptrain_observed" \
+        else {}
     cfg = config.from_dict({
         "task": "benchmark", "name": "bench", "runs_dir": args.tmp, "seed": 0,
         "data": {"batch_size": PER_RANK_BATCH * world},  # ddptrain's batch_size is the global batch
         "optim": {"name": "sgd", "lr": LR, "momentum": MOMENTUM, "weight_decay": 0.0},
         "sched": {"name": "constant"},
         # max_steps = warmup + steps + 1 so that the hook sees step == warmup + steps; one epoch covers it.
-        "train": {"epochs": 1, "max_steps": args.warmup + args.steps + 1, "log_every": 10**9, "precision": "fp32"},
+        "train": {"epochs": 1, "max_steps": args.warmup + args.steps + 1, "log_every": 10**9, "precision": "fp32",
+                  **observed},
         "dist": {"backend": "gloo", "device": "cpu", "gradient_as_bucket_view": "noview" not in args.patch},
         "checkpoint": no_checkpoints,
     })
@@ -262,8 +265,8 @@ class DictItems(torch.utils.data.Dataset):
         return {"input": x, "labels": y}  # nn.Sequential's forward(input)
 
 
-RUNNERS = {"minimal": run_minimal, "ddptrain": run_ddptrain, "ddptrain_dict": run_ddptrain, "accelerate": run_accelerate,
-           "fabric": run_fabric}
+RUNNERS = {"minimal": run_minimal, "ddptrain": run_ddptrain, "ddptrain_dict": run_ddptrain,
+           "ddptrain_observed": run_ddptrain, "accelerate": run_accelerate, "fabric": run_fabric}
 
 
 def main() -> None:

@@ -1,5 +1,6 @@
-"""What a run shows about itself beyond its losses: FLOPs and MFU, each rank's own time per step (to find
-stragglers), torch.profiler traces of chosen steps, and CUDA memory: its peaks and out-of-memory errors.
+"""What a run shows about itself beyond its losses: MFU (the FLOPs are counted in the pre-flight check, task.py),
+each rank's own time per step (to find stragglers), torch.profiler traces of chosen steps, CUDA memory (its
+peaks and out-of-memory errors) and NCCL's Flight Recorder.
 Each part costs nothing when off; what is on by default costs two clock reads per micro-batch.
 """
 from __future__ import annotations
@@ -14,8 +15,8 @@ import torch
 # Dense bf16 peak FLOP/s of one device, by a part of its name (the first that matches): the vendors' data
 # sheets, without sparsity. MFU is the model's FLOPs per second over this.
 PEAK_BF16_FLOPS = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("GH200", 989e12),
-                   ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12), ("V100", 125e12),
-                   ("4090", 165e12), ("MI300X", 1307e12), ("MI250", 362e12)]
+                   ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("A10", 125e12),
+                   ("V100", 125e12), ("4090", 165e12), ("MI300X", 1307e12), ("MI250", 362e12)]
 
 
 def peak_flops(device: torch.device, configured: float | None) -> float | None:
@@ -26,16 +27,6 @@ def peak_flops(device: torch.device, configured: float | None) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((peak for part, peak in PEAK_BF16_FLOPS if part in name), None)
-
-
-def forward_flops(run) -> int:
-    """The FLOPs `run()` performs (matrix products, convolutions, attention), counted by torch's
-    FlopCounterMode; it works on meta tensors too. Training counts 3x a forward (backward is two)."""
-    from torch.utils.flop_counter import FlopCounterMode
-    counter = FlopCounterMode(display=False)
-    with counter:
-        run()
-    return counter.get_total_flops()
 
 
 class RankTime:

@@ -69,8 +69,7 @@ def test_a_rank_killed_mid_pass_resumes_with_the_next_unread_items_bitwise(tmp_p
     # 2 ranks, 12 steps per pass: killed at step 8 of the first pass, resumed from step 6's checkpoint. A
     # stream with a state continues where it was (in each of 2 workers); one without is read again up to there,
     # drawing its noise again as it did (step 6 is inside a read-ahead window: StreamSteps).
-    cfg = config({"kind": kind, "lengths": [24] * 8, "val_n": 40}, data={"num_workers": workers},
-                 checkpoint={"every_steps": 3})
+    cfg = config({"kind": kind, "lengths": [24] * 8}, data={"num_workers": workers}, checkpoint={"every_steps": 3})
     summary = kill_and_resume(tmp_path, cfg, kill_at=8, models="tasks_stream")
     assert summary["steps"] == 24 and summary["resumed_at_step"] == 6 and summary["epochs_completed"] == 2
 

@@ -51,21 +51,21 @@ def wait_until(condition, proc: subprocess.Popen, timeout: float = 120) -> None:
 
 @pytest.mark.timeout(600)
 def test_digits_sweep_two_workers(tmp_path):
-    config = write(tmp_path / "digits.yaml", "task: digits\ntrain:\n  epochs: 3\n  log_every: 100\n")
+    config = write(tmp_path / "digits.yaml", "task: digits\ntrain:\n  epochs: 2\n  log_every: 100\n")
     space = write(tmp_path / "space.yaml", """
 objective: val_accuracy
 direction: maximize
 params:
   optim.lr: {type: float, low: 1.0e-5, high: 3.0e-2, log: true}
   model.hidden: {choices: [[32], [256, 128]]}
-  train.epochs: 3
+  train.epochs: 2
 pruner: {name: none}
 """)
-    proc = sweep(tmp_path, config, space, "--sampler", "random", "--trials", "6", "--workers", "2")
+    proc = sweep(tmp_path, config, space, "--sampler", "random", "--trials", "4", "--workers", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     sweep_dir = tmp_path / "runs" / "digits-sweep"
     rows = trials(sweep_dir)
-    assert len(rows) == 6 and {r["state"] for r in rows} == {"COMPLETE"}
+    assert len(rows) == 4 and {r["state"] for r in rows} == {"COMPLETE"}
     values = [float(r["val_accuracy"]) for r in rows]
     assert max(values) > min(values)
     for name in ("best_config.yaml", "best.json", "history.png", "importance.png", "study.db"):
@@ -90,7 +90,7 @@ def test_grid_sampler_covers_exactly_the_grid_and_wandb_groups_the_trials(tmp_pa
 objective: val_loss
 direction: minimize
 params:
-  optim.lr: {choices: [0.001, 0.01, 0.1]}
+  optim.lr: {choices: [0.01, 0.1]}
   optim.name: {choices: [sgd, adam]}
 pruner: {name: none}
 """)
@@ -100,7 +100,7 @@ pruner: {name: none}
     sweep_dir = tmp_path / "runs" / "reg-sweep"
     rows = trials(sweep_dir)
     grid = {(json.loads(r["optim.lr"]), json.loads(r["optim.name"])) for r in rows}
-    assert len(rows) == 6 and grid == {(lr, n) for lr in (0.001, 0.01, 0.1) for n in ("sgd", "adam")}
+    assert len(rows) == 4 and grid == {(lr, n) for lr in (0.01, 0.1) for n in ("sgd", "adam")}
     for r in rows:  # every trial's wandb run is in one group named after the study
         (run_file,) = (sweep_dir / r["run"] / "wandb").glob("offline-run-*/run-*.wandb")
         assert read_run(run_file)["group"] == "reg-sweep"
