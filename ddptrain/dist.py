@@ -98,6 +98,11 @@ def pick_device(env: DistEnv, device: str, backend: str) -> tuple[torch.device, 
         raise ConfigError("config key 'dist.device': 'cuda' was asked for but CUDA is not available")
     if backend == "nccl" and not use_cuda:
         raise ConfigError("config key 'dist.backend': 'nccl' needs CUDA; use 'gloo' or 'auto' on CPU")
+    if use_cuda and env.local_rank >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ConfigError(f"config key 'dist.device': this node's rank {env.local_rank} (LOCAL_RANK) needs CUDA device "
+                          f"{env.local_rank}, but the node has {count}: one GPU per rank, so start at most {count} "
+                          f"per node (--nproc-per-node={count}), or set dist.device=cpu")
     dev = torch.device("cuda", env.local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)

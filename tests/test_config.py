@@ -153,3 +153,14 @@ def test_requeue_targets_only_this_job_or_array_task():
     assert job_to_requeue({"SLURM_JOB_ID": "42"}) == "42"
     # an array task is requeued alone, not the whole array
     assert job_to_requeue({"SLURM_JOB_ID": "57", "SLURM_ARRAY_JOB_ID": "50", "SLURM_ARRAY_TASK_ID": "7"}) == "50_7"
+
+
+def test_more_ranks_on_a_node_than_it_has_gpus_is_a_one_line_config_error(monkeypatch):
+    # CUDA is faked (this machine has none): only its device count is read before the error
+    from ddptrain.dist import pick_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match=r"config key 'dist.device': this node's rank 1 \(LOCAL_RANK\) needs CUDA "
+                                          r"device 1, but the node has 1: one GPU per rank, so start at most 1 per "
+                                          r"node \(--nproc-per-node=1\), or set dist.device=cpu"):
+        pick_device(DistEnv(rank=1, local_rank=1, world_size=2, local_world_size=2), "auto", "auto")
