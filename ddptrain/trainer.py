@@ -10,6 +10,7 @@ and stop decisions come from rank 0.
 """
 from __future__ import annotations
 
+import functools
 import gc
 import itertools
 import json
@@ -178,8 +179,8 @@ class Training:
         self.rank_time, self.stragglers = observe.RankTime(device), observe.Stragglers()
         layer_norms = None
         if tc.log_grad_norms:  # per layer, at log steps; under fsdp one all-reduce makes the shards' norms whole
-            layers, over = grad_norms.layers(self.module), dist if self.strategy.sharded else None
-            layer_norms = lambda: grad_norms.layer_norms(layers, over)  # noqa: E731
+            layer_norms = functools.partial(grad_norms.layer_norms, grad_norms.layers(self.module),
+                                            dist if self.strategy.sharded else None)
         self.step = TrainStep(torch.compile(model, backend=tc.compile_backend) if tc.compile else model,
                               self.module, forward, self.optimizer, self.scheduler, self.precision, tc,
                               cfg.optim.l1, self.strategy.no_sync(), self.rank_time, layer_norms)
