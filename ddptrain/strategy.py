@@ -37,7 +37,23 @@ def checkpoint_blocks(module: nn.Module, is_block: Callable[[nn.Module], bool]) 
     apply_activation_checkpointing(module, check_fn=is_block)
 
 
-class Replicated:
+class _Writes:
+    """What both strategies do with a checkpoint written in the background (checkpoint.async_save)."""
+
+    background: ckpt.Background | None
+
+    def before_update(self) -> None:
+        """Before an optimizer step: a checkpoint's background copy of the parameters is done."""
+        if self.background is not None:
+            self.background.staged()
+
+    def wait(self) -> None:
+        """Until the checkpoint write in flight is done; its failure as a CheckpointError."""
+        if self.background is not None:
+            self.background.wait()
+
+
+class Replicated(_Writes):
     """DDP: a whole copy of the model per rank (or the bare model in one process)."""
 
     sharded = False
@@ -121,16 +137,6 @@ class Replicated:
             copy["state"] = ckpt.staged(now, keep=lambda t: not live(t))
         self.background.start(lambda: write(copy["state"]), stage)
 
-    def before_update(self) -> None:
-        """Before an optimizer step: a checkpoint's background copy of the parameters is done."""
-        if self.background is not None:
-            self.background.staged()
-
-    def wait(self) -> None:
-        """Until the checkpoint write in flight (async_save) is done; its failure as a CheckpointError."""
-        if self.background is not None:
-            self.background.wait()
-
     def load(self, path: Path, module: nn.Module, optimizer) -> None:
         """Nothing to do: the model and optimizer came with the checkpoint file's parts."""
 
@@ -162,7 +168,7 @@ class Replicated:
         return why
 
 
-class Sharded:
+class Sharded(_Writes):
     """FSDP2: each rank holds a shard of every parameter, gradient and optimizer state."""
 
     sharded = True
@@ -235,14 +241,6 @@ class Sharded:
         Call on all ranks."""
         ckpt.save_sharded(path, self._states(module, optimizer), state, self.dist, self.cfg.checkpoint.keep_last,
                           self.background, self.group, ckpt.updated_in_place(module, optimizer))
-
-    def before_update(self) -> None:
-        if self.background is not None:
-            self.background.staged()
-
-    def wait(self) -> None:
-        if self.background is not None:
-            self.background.wait()
 
     def load(self, path: Path, module: nn.Module, optimizer) -> None:
         """Every rank reads its shards (resharded by DCP when the world size changed). Call on all ranks."""

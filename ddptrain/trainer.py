@@ -395,7 +395,7 @@ class Training:
             event["tokens_per_s"] = tokens / elapsed
             self.tokens += tokens
         if self.peak_flops and self.flops_per_sample:
-            event["mfu"] = event["samples_per_s"] * self.flops_per_sample / (self.peak_flops * env.world_size)
+            event["mfu"] = self._mfu(event["samples_per_s"])
         if own is not None and env.is_main:
             event.update(self.stragglers.fields(own.tolist()))
         if self.step.norms is not None:
@@ -568,5 +568,9 @@ class Training:
         if self.flops_per_sample:
             out["flops_per_sample"] = self.flops_per_sample  # of training: 3 forwards
             if self.peak_flops and out["samples_per_s"]:
-                out["mfu"] = out["samples_per_s"] * self.flops_per_sample / (self.peak_flops * self.dist.env.world_size)
+                out["mfu"] = self._mfu(out["samples_per_s"])
         return out
+
+    def _mfu(self, samples_per_s: float) -> float:
+        """The model FLOPs utilisation at this rate: the model's FLOPs per second over all devices' peak."""
+        return samples_per_s * self.flops_per_sample / (self.peak_flops * self.dist.env.world_size)
