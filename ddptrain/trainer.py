@@ -204,6 +204,7 @@ class Training:
         self.preemption = Preemption(cfg.preempt.signals, dist)
         # timing and bookkeeping of this attempt
         self.start_step, self.train_time, self.first_step_time = self.progress.step, 0.0, None
+        self.warm_up_s = 0.0  # the training time of this attempt's first step (compiling, CUDA's and the loader's start)
         self.finite_at = self.progress.step  # the last step at which the weights were seen finite
         self.last_log, self.data_wait, self.tokens = (time.perf_counter(), self.progress.step), [0.0], 0
         self.paused = 0.0  # seconds since the last train log spent in validation and epoch-end saving
@@ -308,7 +309,10 @@ class Training:
                     self.sums.add(self.last)
                     micro_step += 1
                 self.steps.read_ahead()  # a stream reads its next steps while this one's optimizer steps
-                if self.after_step(epoch):
+                done = self.after_step(epoch)
+                if self.progress.step == self.start_step + 1:
+                    self.warm_up_s = self.train_time + time.perf_counter() - started
+                if done:
                     break
             else:  # the data ran out: one whole pass
                 p.passes += 1
@@ -552,7 +556,7 @@ class Training:
         return "best", None
 
     def summary(self, status: str, test: dict | None = None, tested: str | None = None) -> dict:
-        p, s, trained = self.progress, self.stopper, self.progress.step - self.start_step
+        p, s, rate = self.progress, self.stopper, self._steps_per_s()
         out = {
             "status": status, "world_size": self.dist.env.world_size, "strategy": self.cfg.dist.strategy,
             "epochs_completed": p.passes if self.stream else p.step // self.steps_per_epoch, "steps": p.step, "stopped_early": p.stopped_early,
@@ -560,16 +564,24 @@ class Training:
             "best_step": s.best_step, "restored_best": tested == "best", "tested_weights": tested,
             "val": p.last_val, "test": test, "skipped_steps": p.skipped_total,
             "resumed_from": str(self.resumed_from) if self.resumed_from else None, "resumed_at_step": self.start_step,
-            "samples_per_s": trained * self.cfg.data.batch_size / self.train_time if self.train_time else None,
+            "samples_per_s": rate and rate * self.cfg.data.batch_size,
             "time_to_first_step_s": self.first_step_time, "wall_time_s": self.clock(),
         }
-        if self.tokens:
-            out["tokens_per_s"] = self.tokens / self.train_time if self.train_time else None
+        if self.tokens:  # the logged intervals' tokens per step, at the steady rate
+            out["tokens_per_s"] = rate and rate * self.tokens / (self.last_log[1] - self.start_step)
         if self.flops_per_sample:
             out["flops_per_sample"] = self.flops_per_sample  # of training: 3 forwards
             if self.peak_flops and out["samples_per_s"]:
                 out["mfu"] = self._mfu(out["samples_per_s"])
         return out
+
+    def _steps_per_s(self) -> float | None:
+        """This attempt's optimizer steps per second after its first step (its compile and warm-up are
+        time_to_first_step_s); over every step when it trained only one; None when it trained none."""
+        trained = self.progress.step - self.start_step
+        if trained > 1 and self.train_time > self.warm_up_s:
+            return (trained - 1) / (self.train_time - self.warm_up_s)
+        return trained / self.train_time if trained and self.train_time else None
 
     def _mfu(self, samples_per_s: float) -> float:
         """The model FLOPs utilisation at this rate: the model's FLOPs per second over all devices' peak."""

@@ -6,6 +6,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,22 @@ def test_mfu_is_the_model_flops_per_second_over_the_configured_peak(tmp_path):
     events = train_events(tmp_path / "r")
     assert events and all(e["mfu"] == pytest.approx(e["samples_per_s"] * 3 * FORWARD_FLOPS / (2 * peak), rel=1e-9)
                           for e in events)
+
+
+def train_slow_first_step(rank, runs_dir, cfg):
+    def first_step_takes_a_second(step, micro_step, batch):  # as a compile or a CUDA warm-up might
+        if step == 0:
+            time.sleep(1.0)
+        return batch
+    return run(from_dict({"name": "r", **cfg, "runs_dir": str(runs_dir)}), detect(os.environ),
+               hooks={"before_micro_step": first_step_takes_a_second})
+
+
+def test_the_summary_rate_leaves_out_the_first_step_which_time_to_first_step_shows(tmp_path):
+    summary = run_ranks(train_slow_first_step, 2, tmp_path, BASE, timeout=120)[0]
+    steady_s = (summary["steps"] - 1) * BASE["data"]["batch_size"] / summary["samples_per_s"]
+    # 12 steps; over all of them the rate's time would be at least 11/12 s
+    assert summary["time_to_first_step_s"] > 1.0 and steady_s < 0.5, summary
 
 
 def test_a_rank_with_a_slow_forward_is_named_the_slowest_and_warned_about(tmp_path):
