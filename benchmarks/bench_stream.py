@@ -104,7 +104,7 @@ def train(train_set, cfg: dict) -> dict:
 
 def read_only(paths: list[str], workers: int, batch: int) -> float:
     loader = stream_train_loader(CsvFiles(paths), DataConfig(batch_size=batch, num_workers=workers),
-                                 DistEnv(), 1, torch.device("cpu"))
+                                 DistEnv(), 1, False)
     start, n = time.perf_counter(), 0
     for x, _ in loader:
         n += len(x)
@@ -193,13 +193,13 @@ def part_c(paths: list[str], batch: int) -> dict:
     for stateful in (True, False):
         cfg = DataConfig(batch_size=batch, num_workers=0)
         kind = StatefulCsvFiles if stateful else CsvFiles
-        first = stream_train_loader(kind(paths), cfg, DistEnv(), 1, torch.device("cpu"))
+        first = stream_train_loader(kind(paths), cfg, DistEnv(), 1, False)
         it = iter(first)
         half = len(paths) * ROWS // batch // 2
         for _ in range(half):
             next(it)
         state = first.state_dict()
-        resumed = stream_train_loader(kind(paths), cfg, DistEnv(), 1, torch.device("cpu"))
+        resumed = stream_train_loader(kind(paths), cfg, DistEnv(), 1, False)
         start = time.perf_counter()
         resumed.load_state_dict(state)
         next(iter(resumed))

@@ -75,6 +75,14 @@ def first_tensor(x) -> torch.Tensor | None:
     return None
 
 
+def on_cpu(x) -> bool:
+    """Every tensor in `x` is on the CPU (the loader can pin such a batch; a dataset's CUDA tensors it cannot)."""
+    if isinstance(x, torch.Tensor):
+        return x.device.type == "cpu"
+    values = fields(x).values() if is_record(x) else x if isinstance(x, (tuple, list)) else ()
+    return all(on_cpu(v) for v in values)
+
+
 def call(model: Callable, inputs):
     """The model on `inputs`: unpacked as positional arguments (tuple, list) or keywords (dict)."""
     if type(inputs) in (tuple, list):
@@ -113,6 +121,7 @@ class Forward:
         self.own_loss = loss_fn == "model"
         self.weigh = getattr(loss_fn, "weight", None)  # built-in sequence losses count their tokens
         self.flops_per_sample = 0  # the model's forward FLOPs per sample, counted by the pre-flight check
+        self.cpu_batches = True  # the pre-flight check's training batch held CPU tensors only (they can be pinned)
 
     def split(self, batch) -> tuple[Any, Any]:
         """(model inputs, target) of a batch; the target is None when there is none."""

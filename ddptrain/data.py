@@ -82,8 +82,14 @@ def check_batch_size(dataset: Dataset, cfg: DataConfig) -> None:
                           f"({len(dataset)} samples)")
 
 
-def _loader_kwargs(cfg: DataConfig, device: torch.device, collate: Callable | None) -> dict:
-    kw = {"num_workers": cfg.num_workers, "pin_memory": cfg.pin_memory and device.type == "cuda",
+def pinned(cfg: DataConfig, device: torch.device, cpu_batches: bool) -> bool:
+    """Whether the loaders pin their batches (for non-blocking copies): data.pin_memory, on CUDA, for batches of
+    CPU tensors (a dataset that makes CUDA tensors itself has nothing to pin)."""
+    return cfg.pin_memory and device.type == "cuda" and cpu_batches
+
+
+def _loader_kwargs(cfg: DataConfig, pin: bool, collate: Callable | None) -> dict:
+    kw = {"num_workers": cfg.num_workers, "pin_memory": pin,
           "collate_fn": collate or batch.collate}
     if cfg.num_workers > 0:
         kw["persistent_workers"] = cfg.persistent_workers
@@ -93,7 +99,7 @@ def _loader_kwargs(cfg: DataConfig, device: torch.device, collate: Callable | No
 
 
 def train_loader(dataset: Dataset, cfg: DataConfig, env: DistEnv, grad_accum_steps: int, seed: int,
-                 device: torch.device, collate: Callable | None = None) -> tuple[DataLoader, ResumableSampler]:
+                 pin: bool, collate: Callable | None = None) -> tuple[DataLoader, ResumableSampler]:
     per_rank = micro_batch_size(cfg, env.world_size, grad_accum_steps)
     check_batch_size(dataset, cfg)
     sampler = ResumableSampler(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True,
@@ -101,12 +107,12 @@ def train_loader(dataset: Dataset, cfg: DataConfig, env: DistEnv, grad_accum_ste
     # The loader draws its workers' base seed from its own generator (re-seeded every epoch by the
     # loop), not from the global RNG, whose state a checkpoint restores exactly.
     loader = DataLoader(dataset, batch_size=per_rank, sampler=sampler, drop_last=True,
-                        generator=torch.Generator(), **_loader_kwargs(cfg, device, collate))
+                        generator=torch.Generator(), **_loader_kwargs(cfg, pin, collate))
     return loader, sampler
 
 
 def stream_train_loader(stream: IterableDataset, cfg: DataConfig, env: DistEnv, grad_accum_steps: int,
-                        device: torch.device, collate: Callable | None = None):
+                        pin: bool, collate: Callable | None = None):
     """This rank's part of a training stream, in micro-batches, through a StatefulDataLoader (its state is
     this rank's place in the pass); the incomplete last batch of each worker is dropped."""
     from torchdata.stateful_dataloader import StatefulDataLoader
@@ -114,7 +120,7 @@ def stream_train_loader(stream: IterableDataset, cfg: DataConfig, env: DistEnv, 
     with warnings.catch_warnings():  # torchdata 0.11 calls an API that torch >= 2.9 deprecates; nothing for the user to do
         warnings.filterwarnings("ignore", message=".*'set_vital' is deprecated")
         return StatefulDataLoader(part, batch_size=micro_batch_size(cfg, env.world_size, grad_accum_steps),
-                                  drop_last=True, generator=torch.Generator(), **_loader_kwargs(cfg, device, collate))
+                                  drop_last=True, generator=torch.Generator(), **_loader_kwargs(cfg, pin, collate))
 
 
 def stream_length(stream: IterableDataset) -> int | None:
@@ -260,10 +266,10 @@ class StreamPosition:
                  f"world size, so pass {self.progress.epoch} starts again from its beginning")
 
 
-def eval_loader(dataset: Dataset, cfg: DataConfig, rank: int, world_size: int, device: torch.device,
+def eval_loader(dataset: Dataset, cfg: DataConfig, rank: int, world_size: int, pin: bool,
                 collate: Callable | None = None) -> DataLoader:
     if stream_mod.is_stream(dataset):  # every part's every sample, the last batches incomplete
         part = stream_mod.rank_stream(dataset, rank, world_size, split=cfg.stream_sharding == "auto")
-        return DataLoader(part, batch_size=cfg.eval_batch_size, **_loader_kwargs(cfg, device, collate))
+        return DataLoader(part, batch_size=cfg.eval_batch_size, **_loader_kwargs(cfg, pin, collate))
     return DataLoader(dataset, batch_size=cfg.eval_batch_size, sampler=ShardSampler(len(dataset), rank, world_size),
-                      **_loader_kwargs(cfg, device, collate))
+                      **_loader_kwargs(cfg, pin, collate))

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from .batch import Forward, to_device
 from .config import DataConfig
-from .data import eval_loader
+from .data import eval_loader, pinned
 from .dist import Dist
 from .losses import Sums
 from .precision import Precision
@@ -29,6 +29,7 @@ class Evaluator:
                  data: DataConfig, collate: Callable | None = None, lockstep: bool = False):
         self.dist, self.forward, self.metrics, self.precision = dist, forward, metrics, precision
         self.mode, self.data, self.collate, self.lockstep = mode, data, collate, lockstep
+        self.pin = pinned(data, dist.device, forward.cpu_batches)
 
     def __call__(self, module: nn.Module, dataset: Dataset) -> dict:
         """Metrics of `dataset` on every rank: {'loss': ..., <metric>: ...}. Call on all ranks."""
@@ -39,7 +40,7 @@ class Evaluator:
         values = None
         if self.mode == "sharded" or env.is_main:
             try:
-                sums = self._sums(module, eval_loader(dataset, self.data, rank, world, self.dist.device, self.collate))
+                sums = self._sums(module, eval_loader(dataset, self.data, rank, world, self.pin, self.collate))
             except Exception as e:
                 raise user_error(e, f"evaluation (its data, the model or a metric) on rank {env.rank}") from e
             if self.mode == "sharded":

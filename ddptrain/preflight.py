@@ -15,6 +15,7 @@ from . import task as task_mod
 from .config import Config
 from .dist import Dist, DistEnv, pick_device
 from .lock import RunLock
+from .models import on_meta
 from .state import seed_everything
 
 
@@ -36,6 +37,8 @@ def prepare(cfg: Config, env: DistEnv, task_fn: Callable | None = None):
     if task_fn is not None:  # messages name the function that was passed, not the config's `task`
         cfg = dataclasses.replace(cfg, task=f"{task_fn.__module__}:{task_fn.__qualname__}")
     task = task_mod.build(cfg, task_fn or task_mod.resolve(cfg.task))
+    if not on_meta(task.model):  # the check runs where training will: fast for big models, and a dataset may make CUDA tensors
+        task.model.to(device)
     forward, metrics = task_mod.prepare(cfg, task)
     return device, backend, task, forward, metrics
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 
-from .batch import Forward, call, collate, describe, to_device
+from .batch import Forward, call, collate, describe, on_cpu, to_device
 from .checkpoint import CheckpointError
 from .config import Config, ConfigError, ModelConfig
 from .dist import is_collective_failure
@@ -167,6 +167,7 @@ def check(cfg: Config, task: Task, forward: Forward, metrics: dict) -> None:
         batch = (task.collate or collate)(items)
     except Exception as e:
         raise TaskError(f"{name}: training items cannot be batched ({describe(items[0])}): {e}") from None
+    forward.cpu_batches = on_cpu(batch)
     model = task.model
     if on_meta(model):  # the shapes are checked on the meta device: no weights are needed for them
         missing = uninitialisable(model) if task.init is None else None
@@ -175,6 +176,8 @@ def check(cfg: Config, task: Task, forward: Forward, metrics: dict) -> None:
                             f"buffers of its own but no reset_parameters() to give them values; give "
                             f"Task(init=fn), fn(module) initialising one module's own parameters and buffers")
         batch = to_device(batch, torch.device("meta"))
+    elif (weight := next(itertools.chain(model.parameters(), model.buffers()), None)) is not None:
+        batch = to_device(batch, weight.device)  # where the model is: the training device (preflight.prepare)
     was_training = model.training
     model.eval()
     try:

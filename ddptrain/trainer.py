@@ -32,7 +32,7 @@ from . import task as task_mod
 from .batch import Computed, Forward, to_device
 from .task import user_error
 from .config import Config
-from .data import (Steps, StreamPosition, StreamSteps, check_batch_size, micro_batch_size, stream_length,
+from .data import (Steps, StreamPosition, StreamSteps, check_batch_size, micro_batch_size, pinned, stream_length,
                    stream_train_loader, train_loader)
 from .stream import is_stream
 from .dist import Dist, DistEnv, detect, explain_failure
@@ -159,16 +159,16 @@ class Training:
         self.watched = ckpt.watched(self.module)  # what "the weights are finite" means (checkpoint.py)
         self.optimizer = build_optimizer(self.module, cfg.optim, task.optimizer)
         self.progress = Progress()
-        self.stream = is_stream(task.train)
+        self.stream, pin = is_stream(task.train), pinned(cfg.data, device, forward.cpu_batches)
         if self.stream:  # an epoch is one pass, as long as the stream lasts; its length only when it says
-            self.loader, self.sampler = stream_train_loader(task.train, cfg.data, env, tc.grad_accum_steps, device,
+            self.loader, self.sampler = stream_train_loader(task.train, cfg.data, env, tc.grad_accum_steps, pin,
                                                             task.collate), None
             length = stream_length(task.train)
             self.steps_per_epoch = None if length is None else length // cfg.data.batch_size
             # the reads' own RNG (StreamSteps), seeded per rank and pass far from the training's (rank seed + step)
             self.position = StreamPosition(self.loader, self.progress, rank_seed(cfg.seed, env.rank) + 2**40)
         else:
-            self.loader, self.sampler = train_loader(task.train, cfg.data, env, tc.grad_accum_steps, cfg.seed, device,
+            self.loader, self.sampler = train_loader(task.train, cfg.data, env, tc.grad_accum_steps, cfg.seed, pin,
                                                      task.collate)
             self.steps_per_epoch = self.sampler.num_samples // self.loader.batch_size // tc.grad_accum_steps
         self.total_steps = planned_steps(tc, self.steps_per_epoch)

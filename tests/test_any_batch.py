@@ -8,7 +8,9 @@ import torch
 
 
 from ddptrain import checkpoint
-from ddptrain.config import from_dict
+from ddptrain.batch import on_cpu
+from ddptrain.config import DataConfig, from_dict
+from ddptrain.data import pinned
 from ddptrain.dist import detect
 from ddptrain.task import TaskError
 from ddptrain.trainer import run
@@ -117,3 +119,14 @@ def test_an_optimizer_path_that_does_not_import_is_a_config_error(tmp_path):
     cfg = from_dict(with_(BASE, optim={"name": "no_such_pkg.Opt"}, runs_dir=str(tmp_path)))
     with pytest.raises(ConfigError, match="config key 'optim.name': cannot import 'no_such_pkg'"):
         run(cfg, detect({}))
+
+
+def test_only_batches_of_cpu_tensors_are_pinned():
+    """A dataset that makes CUDA tensors itself has nothing to pin (the loader's pin_memory would fail on
+    them); a meta tensor stands in for a non-CPU one here."""
+    cfg, cuda = DataConfig(batch_size=4), torch.device("cuda")
+    cpu_batch = {"x": torch.ones(2, 3), "pair": (torch.ones(2), [torch.zeros(2, dtype=torch.long)]), "n": 3}
+    assert on_cpu(cpu_batch) and pinned(cfg, cuda, on_cpu(cpu_batch))
+    assert not on_cpu({**cpu_batch, "pair": (torch.ones(2, device="meta"),)})
+    assert not pinned(cfg, cuda, False) and not pinned(cfg, torch.device("cpu"), True)
+    assert not pinned(DataConfig(batch_size=4, pin_memory=False), cuda, True)
