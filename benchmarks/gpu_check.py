@@ -2,10 +2,14 @@
 against a CPU fp32 reference, the multi-rank CUDA paths (gloo over CUDA tensors, NCCL), FSDP, and throughput
 of a GPT-2-small against a minimal hand-written loop; every figure goes to a JSON file and a markdown table.
 
-GPU time is rare and short, so it is one command with no arguments, run from the repository root:
+GPU time is rare and short, so it is one command with no arguments needed, run from the repository root
+with the Python whose torch has CUDA; ddptrain is taken from this tree, installed or not:
 
-    python benchmarks/gpu_check.py                 # about 5 minutes on one H200, 8 at most (--budget-s)
+    python3 benchmarks/gpu_check.py                # about 8 minutes on one H200 at most (--budget-s)
+    python3 benchmarks/gpu_check.py --out "$OUT"   # the device tool's machine: only $OUT comes back
     python benchmarks/gpu_check.py --cpu-quick     # what can run on CPU, tiny sizes, about a minute (CI)
+
+The report is rewritten after every item, so a run killed from outside keeps what it did.
 
 Each item runs in subprocesses with a timeout, so a hang costs one item, not the session; an item that would
 not fit in what is left of the budget is skipped. Without a GPU the CPU quick mode runs by itself. Exit
@@ -29,6 +33,7 @@ from collections import namedtuple
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # ddptrain from this tree: the GPU machine gets a copy of it, not an install
 MARK = "GPU_CHECK_RESULT "  # a worker's result lines; the rest of its output is ddptrain's own
 PRECISIONS = ("fp32", "bf16", "fp16")
 REFERENCE = {"device": "cpu", "precision": "fp32", "compile": False}
@@ -91,6 +96,8 @@ def run_procs(commands: list[tuple[list[str], dict]], timeout: float) -> list[Pr
 def plain_env(**extra) -> dict:
     """This environment without any launcher's variables (a child would take itself for a rank), plus `extra`."""
     env = {k: v for k, v in os.environ.items() if k not in RANK_VARS}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # every rank is on this machine; a VM's hostname may not resolve
     return {**env, **{k: str(v) for k, v in extra.items()}}
 
 
@@ -294,9 +301,29 @@ def work_throughput(spec: dict) -> None:
         return (time.perf_counter() - started) / measure
 
     minimal_step_s()  # compiles the model (and lets compile workers settle): every round below runs warm
-    rounds = [(ddptrain_step_s(r), minimal_step_s()) for r in range(spec["rounds"])]
     emit(flops_per_step=flops, flops_linear_64x64_b8=linear_flops, tokens_per_step=B * T,
-         params=sum(p.numel() for p in model.parameters()), rounds=rounds)
+         params=sum(p.numel() for p in model.parameters()), measured_peak_flops=matmul_flops_per_s(device))
+    for r in range(spec["rounds"]):  # a line each: a kill keeps the rounds done
+        emit(round=(ddptrain_step_s(r), minimal_step_s()))
+
+
+def matmul_flops_per_s(device) -> float | None:
+    """What this GPU gives a large bf16 matrix product (8192^3, the mean of 10 after 3 warm-ups): a peak it
+    reaches, beside the datasheet's."""
+    import torch
+    if device.type != "cuda":
+        return None
+    n = 8192
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        a @ b
+    end.record()
+    end.synchronize()
+    return 10 * 2 * n ** 3 / (start.elapsed_time(end) / 1e3)
 
 
 WORK = {"runs": work_runs, "nccl-probe": work_nccl_probe, "throughput": work_throughput}
@@ -420,7 +447,9 @@ def digits_on_ranks(ctx: Check, item: str, check: str, world_size: int, override
 
 
 def item_gpu_tests(ctx: Check) -> list[dict]:
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider"]
+    marked = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_*.py")
+                    if "mark.gpu" in p.read_text())
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider", *marked]
     proc = run_procs([(cmd, plain_env())], ctx.timeout)[0]
     if proc.rc is None:
         return [entry("gpu-tests", "pytest -m gpu", "fail", error_line(proc, ctx.timeout))]
@@ -484,21 +513,26 @@ def item_throughput(ctx: Check) -> list[dict]:
     check = "GPT {n_layer}x{d}, batch {batch}x{ctx}, ".format(**s["gpt"]) + \
         f"{s['precision']}, {'compiled' if s['compile'] else 'eager'}"
     spec = {k: s[k] for k in ("gpt", "warm", "measure", "rounds", "precision", "compile")}
-    result = worker(ctx, "throughput", {**spec, "device": ctx.device, "runs_dir": str(ctx.runs)}, 1)[0]
-    if "error" in result:
-        return [entry("throughput", check, "fail", result["error"])]
-    ours, minimal = map(statistics.median, zip(*result["rounds"]))
+    lines = worker(ctx, "throughput", {**spec, "device": ctx.device, "runs_dir": str(ctx.runs)}, 1 + s["rounds"])
+    result, rounds = lines[0], [line["round"] for line in lines[1:] if "round" in line]
+    if "error" in result or not rounds:
+        return [entry("throughput", check, "fail", result.get("error") or lines[-1]["error"])]
+    ours, minimal = map(statistics.median, zip(*rounds))
+    measured = result["measured_peak_flops"]
     flops, tokens = result["flops_per_step"], result["tokens_per_step"]
     name, peak, mfu_target = ctx.peak_and_target()
     figures = {**{k: result[k] for k in ("params", "flops_per_step", "flops_linear_64x64_b8", "tokens_per_step")},
-               "ratio": minimal / ours, "round_ratios": [m / o for o, m in result["rounds"]],
+               "ratio": minimal / ours, "round_ratios": [m / o for o, m in rounds], "rounds": len(rounds),
                "ddptrain_step_s": ours, "minimal_step_s": minimal,
                "ddptrain_tokens_per_s": tokens / ours, "minimal_tokens_per_s": tokens / minimal,
                "peak_flops": peak, "peak_source": name,
                "ddptrain_mfu": flops / ours / peak if peak else None,
-               "minimal_mfu": flops / minimal / peak if peak else None}
+               "minimal_mfu": flops / minimal / peak if peak else None,
+               "measured_peak_flops": measured, "ddptrain_mfu_of_measured_peak": measured and flops / ours / measured}
     mfu = "n/a" if not peak else f"{figures['ddptrain_mfu']:.1%} (minimal {figures['minimal_mfu']:.1%})"
     reason = f"ddptrain at {figures['ratio']:.3f}x the minimal loop's tokens/s; MFU {mfu}"
+    if measured:
+        reason += f" ({figures['ddptrain_mfu_of_measured_peak']:.1%} of a measured {measured / 1e12:.0f} TFLOP/s)"
     short = []
     if ctx.cuda and figures["ratio"] < RATIO_TARGET:
         short.append(f"ratio below {RATIO_TARGET}")
@@ -527,19 +561,22 @@ def item_async_save(ctx: Check) -> list[dict]:
                   **figures)]
 
 
-ITEMS = {  # name: (function, timeout s, the least time left to start it)
-    "gpu-tests": (item_gpu_tests, 150, 20),
-    "digits-eager": (example_item("digits", False), 120, 30),
-    "charlm-eager": (example_item("charlm", False), 150, 40),
-    "ddp-2ranks": (item_ddp_2ranks, 120, 30),
-    "nccl-ws1": (item_nccl_ws1, 90, 20),
-    "nccl-ws2": (item_nccl_ws2, 120, 30),
-    "fsdp-2ranks": (item_fsdp_2ranks, 120, 30),
-    "fsdp-ws1": (item_fsdp_ws1, 60, 10),
-    "throughput": (item_throughput, 240, 90),
-    "async-save": (item_async_save, 150, 60),
-    "digits-compiled": (example_item("digits", True), 150, 45),
-    "charlm-compiled": (example_item("charlm", True), 240, 60),
+# name: (function, timeout s, the least time left to start it). In the order of what a short GPU session
+# must not miss; the estimates on one H200 add up to about 450 s (a compile of GPT-2 small is about a minute,
+# each compiled example compiles three times).
+ITEMS = {
+    "gpu-tests": (item_gpu_tests, 120, 30),
+    "digits-eager": (example_item("digits", False), 90, 30),
+    "charlm-eager": (example_item("charlm", False), 120, 40),
+    "ddp-2ranks": (item_ddp_2ranks, 60, 20),
+    "nccl-ws1": (item_nccl_ws1, 60, 20),
+    "fsdp-2ranks": (item_fsdp_2ranks, 60, 20),
+    "throughput": (item_throughput, 200, 150),
+    "async-save": (item_async_save, 120, 60),
+    "digits-compiled": (example_item("digits", True), 120, 90),
+    "charlm-compiled": (example_item("charlm", True), 150, 120),
+    "fsdp-ws1": (item_fsdp_ws1, 30, 10),
+    "nccl-ws2": (item_nccl_ws2, 60, 20),
 }
 
 
@@ -548,10 +585,9 @@ def versions(cuda: bool) -> dict:
     import platform
     import torch
     import ddptrain
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
     v = {"gpu": None, "gpu_count": torch.cuda.device_count() if cuda else 0, "driver": None,
          "cuda": torch.version.cuda, "torch": torch.__version__, "nccl": None, "python": platform.python_version(),
-         "ddptrain": f"{ddptrain.__version__} ({commit.stdout.strip() or 'no git'})"}
+         "ddptrain": f"{ddptrain.__version__} ({commit()})"}
     if cuda:
         v["gpu"] = torch.cuda.get_device_name(0)
         try:
@@ -559,11 +595,23 @@ def versions(cuda: bool) -> dict:
             v["nccl"] = ".".join(map(str, nccl)) if isinstance(nccl, tuple) else str(nccl)
         except Exception as e:  # a build without NCCL: say so, go on
             v["nccl"] = f"n/a ({first_line(e)})"
-        if shutil.which("nvidia-smi"):
-            smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                 capture_output=True, text=True)
-            v["driver"] = smi.stdout.strip().splitlines()[0] if smi.returncode == 0 and smi.stdout.strip() else None
+        smi = quietly(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
+        v["driver"] = smi.splitlines()[0] if smi else None
     return v
+
+
+def quietly(cmd: list[str]) -> str:
+    """What `cmd` prints, or "" when it fails, hangs (15 s) or is not there."""
+    try:
+        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=15)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
+def commit() -> str:
+    """This tree's commit: git's, else GPU_CHECK_COMMIT (a copy of the tree may have no .git)."""
+    return quietly(["git", "rev-parse", "--short", "HEAD"]) or os.environ.get("GPU_CHECK_COMMIT") or "no git"
 
 
 def shown(value) -> str:
@@ -610,6 +658,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
     started, has_cuda = time.monotonic(), torch.cuda.is_available()
+    if not has_cuda and not args.cpu_quick and (Path("/dev/nvidia0").exists() or quietly(["nvidia-smi", "-L"])):
+        print(f"gpu_check: error: this machine has an NVIDIA GPU, but torch {torch.__version__} (CUDA "
+              f"{torch.version.cuda}) at {sys.executable} cannot use it; run this with the Python whose torch "
+              f"has CUDA (or pass --cpu-quick)", file=sys.stderr)
+        return 2
     cuda = has_cuda and not args.cpu_quick
     why = "--cpu-quick: CUDA items skipped" if has_cuda else "no CUDA GPU"
     if not has_cuda:
@@ -618,6 +671,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"date": time.strftime("%Y-%m-%d_%H%M%S"), "mode": "gpu" if cuda else "cpu-quick",
               "budget_s": args.budget_s, "versions": versions(cuda), "items": args.only, "results": []}
     ctx = Check(cuda, report["versions"]["gpu_count"], why, report["versions"]["gpu"], args.peak_flops, runs)
+    table = save(report, started, args.out)
     try:
         for name in args.only:
             function, timeout, need = ITEMS[name]
@@ -637,17 +691,23 @@ def main(argv: list[str] | None = None) -> int:
                 when = time.monotonic() - started
                 print(f"[{when:6.1f} s]   {e['item']}: {e['check']}: {e['status']}: {e['reason']}", flush=True)
             report["results"] += entries
+            table = save(report, started, args.out)  # after every item: a run killed from outside keeps what it did
     finally:
         shutil.rmtree(runs, ignore_errors=True)
+    print("\n" + table + f"\nwritten: {args.out}/gpu_check_{report['date']}.json and .md", flush=True)
+    return 1 if report["counts"]["fail"] else 0
+
+
+def save(report: dict, started: float, out: Path) -> str:
+    """Write the report so far as JSON and markdown; return the markdown."""
     report["wall_s"] = time.monotonic() - started
     report["counts"] = {s: sum(e["status"] == s for e in report["results"]) for s in ("pass", "fail", "skip")}
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"gpu_check_{report['date']}"
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"gpu_check_{report['date']}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     table = markdown(report)
     stem.with_suffix(".md").write_text(table)
-    print("\n" + table + f"\nwritten: {stem}.json, {stem}.md", flush=True)
-    return 1 if report["counts"]["fail"] else 0
+    return table
 
 
 if __name__ == "__main__":

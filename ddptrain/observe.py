@@ -70,6 +70,16 @@ class RankTime:
         return total
 
 
+class Untimed:
+    """RankTime at world size 1: no other rank to compare with, so nothing is timed (and no CUDA event made)."""
+
+    def begin(self) -> None:
+        pass
+
+    def end(self) -> None:
+        pass
+
+
 class Stragglers:
     """Rank 0's watch over the ranks' own times per step (`RankTime`), which ride on the log's all-reduce."""
 

@@ -176,7 +176,8 @@ class Training:
         self.precision = Precision(tc.precision, device)
         self.stopper = EarlyStopping(cfg.early_stop.mode, cfg.early_stop.patience, cfg.early_stop.min_delta)
         self.sums = Sums(metrics, device)
-        self.rank_time, self.stragglers = observe.RankTime(device), observe.Stragglers()
+        self.rank_time = observe.RankTime(device) if env.world_size > 1 else observe.Untimed()  # read at log steps
+        self.stragglers = observe.Stragglers()
         layer_norms = None
         if tc.log_grad_norms:  # per layer, at log steps; under fsdp one all-reduce makes the shards' norms whole
             layer_norms = functools.partial(grad_norms.layer_norms, grad_norms.layers(self.module),
