@@ -6,10 +6,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,7 +69,7 @@ def test_cpu_quick_mode_reports_every_item_with_real_figures(tmp_path):
     # CPU attention is not counted by torch
     tokens = g["batch"] * g["ctx"]
     assert f["flops_per_step"] == 3 * tokens * (g["n_layer"] * 24 * g["d"] ** 2 + 2 * g["d"] * g["vocab"])
-    assert f["tokens_per_step"] == tokens
+    assert f["tokens_per_step"] == tokens and f["rounds"] == gpu_check.SIZES["cpu"]["rounds"]
     assert f["ratio"] > 0 and math.isclose(f["ratio"], f["minimal_step_s"] / f["ddptrain_step_s"])
     assert math.isclose(f["ddptrain_tokens_per_s"], tokens / f["ddptrain_step_s"])
     assert math.isclose(f["ddptrain_mfu"], f["flops_per_step"] / f["ddptrain_step_s"] / PEAK)
@@ -77,3 +79,16 @@ def test_cpu_quick_mode_reports_every_item_with_real_figures(tmp_path):
     rows = [line for line in table.splitlines() if line.startswith("| ")]
     assert len(rows) == 1 + len(results)  # the header, then one row per entry
     assert "| throughput |" in table and "pass" in table
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this torch can use the GPU: the case does not arise")
+def test_a_gpu_that_torch_cannot_use_stops_the_check_instead_of_passing_on_cpu(tmp_path):
+    """A torch without CUDA on a GPU machine would otherwise run the CPU quick mode and exit 0 (a green run that
+    checked no GPU path); an nvidia-smi that lists a GPU stands in for the machine's."""
+    (tmp_path / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H200 (UUID: GPU-0)'\n")
+    (tmp_path / "nvidia-smi").chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--out", str(tmp_path / "out")], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "has an NVIDIA GPU, but torch" in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()
