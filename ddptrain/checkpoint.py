@@ -415,15 +415,17 @@ def load_sharded(path: Path, tensors: dict, no_dist: bool = False) -> None:
     """Fill `tensors` (a state dict of DTensors, or of whole tensors with no_dist) from the shards in `path`."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException as DCPException  # a BaseException
+    reader_class, planner = _reader_classes()
+    reader = reader_class(path)
     try:
         with warnings.catch_warnings():  # no_dist: DCP warns that it loads in one process, which is the point
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            reader, planner = _reader_classes()
-            dcp.load(tensors, storage_reader=reader(path), planner=planner(), no_dist=no_dist)
+            dcp.load(tensors, storage_reader=reader, planner=planner(), no_dist=no_dist)
     except (Exception, DCPException) as e:  # DCP wraps what a rank raised in its CheckpointException, as text
-        refused = isinstance(e, pickle.UnpicklingError) or REFUSED in str(e)
-        if refused:
-            what = next((line.strip() for line in str(e).splitlines() if REFUSED in line), _first_line(e))
+        # (torch >= 2.11 swallows a failed metadata read and fails later, so the reader keeps its refusal)
+        if reader.refused or isinstance(e, pickle.UnpicklingError) or REFUSED in str(e):
+            what = reader.refused or next((line.strip() for line in str(e).splitlines() if REFUSED in line),
+                                          _first_line(e))
             raise CheckpointError(f"checkpoint '{path}': refused, its metadata holds objects that safe loading does "
                                   f"not allow ({what})") from None
         raise CheckpointError(f"checkpoint '{path}': its shards do not fit this model ({_first_line(e)})") from None
@@ -467,9 +469,15 @@ def _reader_classes():
     _MetadataUnpickler.allowed = _safe_globals()
 
     class SafeReader(FileSystemReader):
+        refused = None  # why the metadata was refused, if it was
+
         def read_metadata(self, *args, **kwargs):
             with open(Path(self.path) / ".metadata", "rb") as f:
-                metadata = _MetadataUnpickler(f).load()
+                try:
+                    metadata = _MetadataUnpickler(f).load()
+                except pickle.UnpicklingError as e:
+                    self.refused = str(e)
+                    raise
             if getattr(metadata, "storage_meta", None) is not None:
                 metadata.storage_meta.load_id = self.load_id
             return metadata
