@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.utils.data import default_collate
@@ -64,23 +64,22 @@ def collate(items: list):
     return default_collate(items)
 
 
-def first_tensor(x) -> torch.Tensor | None:
+def tensors(x) -> Iterator[torch.Tensor]:
+    """The tensors in `x`, depth first, through tuples, lists and records."""
     if isinstance(x, torch.Tensor):
-        return x
-    values = fields(x).values() if is_record(x) else x if isinstance(x, (tuple, list)) else ()
-    for v in values:
-        t = first_tensor(v)
-        if t is not None:
-            return t
-    return None
+        yield x
+        return
+    for v in fields(x).values() if is_record(x) else x if isinstance(x, (tuple, list)) else ():
+        yield from tensors(v)
+
+
+def first_tensor(x) -> torch.Tensor | None:
+    return next(tensors(x), None)
 
 
 def on_cpu(x) -> bool:
     """Every tensor in `x` is on the CPU (the loader can pin such a batch; a dataset's CUDA tensors it cannot)."""
-    if isinstance(x, torch.Tensor):
-        return x.device.type == "cpu"
-    values = fields(x).values() if is_record(x) else x if isinstance(x, (tuple, list)) else ()
-    return all(on_cpu(v) for v in values)
+    return all(t.device.type == "cpu" for t in tensors(x))
 
 
 def call(model: Callable, inputs):
