@@ -22,7 +22,6 @@ import os
 import pickle
 import re
 import shutil
-import threading
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -263,13 +262,14 @@ def finite(tensors: list[torch.Tensor]) -> bool:
 
 # ---- directory checkpoints (FSDP): Distributed Checkpoint, read without unpickling code ----------------------
 def save_sharded(path: Path, tensors: dict, rest: dict | None, dist, keep_last: int | None = None,
-                 background: "Background | None" = None, group=None,
+                 background=None, group=None,
                  live: Callable[[torch.Tensor], bool] = lambda t: False) -> None:
     """Every rank writes its shards of `tensors` (DCP), rank 0 `rest` (state.pt); the directory is renamed into
     place and marked complete only after all ranks wrote theirs, then (with keep_last) older ones are
-    pruned. With `background`, the shards are copied to CPU memory and written by DCP's threads (collectives
-    on `group`), the rest by `background`'s: the tensors that `live` names (parameters and optimizer state)
-    are copied in the background while training goes on (`Background.staged` waits for it), the others now.
+    pruned. With `background` (an async_save.Background), the shards are copied to CPU memory and written by
+    DCP's threads (collectives on `group`), the rest by `background`'s: the tensors that `live` names
+    (parameters and optimizer state) are copied in the background while training goes on
+    (`Background.staged` waits for it), the others now.
     Call on all ranks; raises CheckpointError on the ranks that failed (the caller makes it collective)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException as DCPException  # a BaseException
@@ -284,16 +284,12 @@ def save_sharded(path: Path, tensors: dict, rest: dict | None, dist, keep_last: 
         if background is None:
             dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp))  # returns once every rank's shards are written
         else:
-            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-            cuda = torch.cuda.is_available()
-            stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
-                                                  use_async_staging=True, use_non_blocking_copy=cuda))
-            response = dcp.async_save(staged(tensors, keep=live), storage_writer=dcp.FileSystemWriter(tmp),
-                                      process_group=group, async_stager=stager)
+            response = dcp.async_save(background.copy(tensors, keep=live), storage_writer=dcp.FileSystemWriter(tmp),
+                                      process_group=group, async_stager=background.dcp_stager())
     except (Exception, DCPException) as e:
         if dist.env.is_main:
             _remove(tmp)
-        raise CheckpointError(f"checkpoint '{path}': writing the shards failed ({_first_line(e)}); the previous "
+        raise CheckpointError(f"checkpoint '{path}': writing the shards failed ({first_line(e)}); the previous "
                               f"checkpoint is kept") from None
 
     def finish():
@@ -301,16 +297,14 @@ def save_sharded(path: Path, tensors: dict, rest: dict | None, dist, keep_last: 
             try:
                 response.upload_completion.result()  # on rank 0: every rank's shards are written
             except (Exception, DCPException) as e:
-                raise CheckpointError(f"checkpoint '{path}': writing the shards failed ({_first_line(e)}); the "
+                raise CheckpointError(f"checkpoint '{path}': writing the shards failed ({first_line(e)}); the "
                                       f"previous checkpoint is kept") from None
-            finally:
-                stager.close()
         if dist.env.is_main:
             _finish_sharded(path, tmp, rest, keep_last)
     if background is None:
         finish()
     else:
-        rest = staged(rest)
+        rest = background.copy(rest)
         background.start(finish, stage=response.staging_completion.result)
 
 
@@ -335,78 +329,7 @@ def _finish_sharded(path: Path, tmp: Path, rest: dict, keep_last: int | None) ->
         prune(path.parent, keep_last)
 
 
-def staged(obj, keep: Callable[[torch.Tensor], bool] = lambda t: False):
-    """A copy of `obj` whose tensors are copies in CPU memory (what a background write may hold while training
-    changes the originals), but for those that `keep(tensor)` keeps as they are, for a later copy."""
-    if isinstance(obj, torch.Tensor):
-        return obj if keep(obj) else obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):  # dict or OrderedDict
-        return type(obj)((k, staged(v, keep)) for k, v in obj.items())
-    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
-        return type(obj)(staged(v, keep) for v in obj)
-    return obj
-
-
-def updated_in_place(module: torch.nn.Module, optimizer) -> Callable[[torch.Tensor], bool]:
-    """Whether a tensor is (a view of) one of the parameters or the optimizer's state: what only an optimizer
-    step changes, so that a background copy of them may run during the next step's forward and backward."""
-    def storage(t: torch.Tensor) -> int:
-        return (t.to_local() if hasattr(t, "to_local") else t).untyped_storage().data_ptr()
-    state = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
-    live = {storage(t) for t in [*module.parameters(), *state] if t.numel()}
-    return lambda t: t.numel() > 0 and storage(t) in live
-
-
-class Background:
-    """At most one checkpoint write in flight, on a thread of its own; a failure is raised by the next `wait`
-    (and the checkpoint it was writing never gets its marker, so it is never taken as valid).
-
-    The thread first finishes copying the state (`stage`, the parameters and optimizer state, which the
-    next step's forward and backward only read) and then writes it; `staged()` waits for the copy alone,
-    before the next optimizer step changes them."""
-
-    def __init__(self):
-        self.thread: threading.Thread | None = None
-        self.error: BaseException | None = None
-        self.staging: Callable[[], None] | None = None  # waits until the state in flight is copied
-
-    def start(self, write: Callable[[], None], stage: Callable[[], None] = lambda: None) -> None:
-        self.wait()
-        copied = threading.Event()
-
-        def run():
-            try:
-                try:
-                    stage()
-                finally:
-                    copied.set()
-                write()
-            except BaseException as e:
-                self.error = e
-        self.staging = copied.wait
-        self.thread = threading.Thread(target=run, name="ddptrain-checkpoint")
-        self.thread.start()
-
-    def staged(self) -> None:
-        """Until the state in flight is copied (a failure is raised later, by `wait`)."""
-        if self.staging is not None:
-            self.staging()
-            self.staging = None
-
-    def wait(self) -> None:
-        """Until the write in flight is done; its failure as a CheckpointError."""
-        if self.thread is not None:
-            self.thread.join()
-            self.thread = self.staging = None
-        if self.error is not None:
-            error, self.error = self.error, None
-            if isinstance(error, CheckpointError):
-                raise error
-            raise CheckpointError(f"a background checkpoint write failed ({_first_line(error)}); the previous "
-                                  f"checkpoint is kept")
-
-
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0][:300] if text else type(e).__name__
 
@@ -425,10 +348,10 @@ def load_sharded(path: Path, tensors: dict, no_dist: bool = False) -> None:
         # (torch >= 2.11 swallows a failed metadata read and fails later, so the reader keeps its refusal)
         if reader.refused or isinstance(e, pickle.UnpicklingError) or REFUSED in str(e):
             what = reader.refused or next((line.strip() for line in str(e).splitlines() if REFUSED in line),
-                                          _first_line(e))
+                                          first_line(e))
             raise CheckpointError(f"checkpoint '{path}': refused, its metadata holds objects that safe loading does "
                                   f"not allow ({what})") from None
-        raise CheckpointError(f"checkpoint '{path}': its shards do not fit this model ({_first_line(e)})") from None
+        raise CheckpointError(f"checkpoint '{path}': its shards do not fit this model ({first_line(e)})") from None
 
 
 def _safe_globals() -> dict:

@@ -71,7 +71,7 @@ class DataConfig:
     test_fraction: float = _f(0.15, "share of the data held out for test by the split helper", _fraction, "in [0, 1)")
     split_seed: int = _f(0, "seed of the train/val/test split (independent of `seed`)", _seed, "an integer in [0, 2**63)")
     num_workers: int = _f(0, "DataLoader worker processes per rank", _non_negative, ">= 0")
-    pin_memory: bool = _f(True, "pin host memory for faster copies (used only on CUDA)")
+    pin_memory: bool = _f(True, "pin host memory for faster copies (used only on CUDA, for batches of CPU tensors)")
     persistent_workers: bool = _f(True, "keep workers alive between epochs (used only when num_workers > 0)")
     prefetch_factor: int | None = _f(None, "batches each worker loads ahead (None: torch's default, 2; used only when num_workers > 0)", _positive_or_none, "> 0 or null")
     stream_sharding: Literal["auto", "dataset"] = _f(
@@ -188,7 +188,7 @@ class CheckpointConfig:
     every_steps: int | None = _f(None, "also save every N optimizer steps, mid-epoch included (None: never)", _positive_or_none, "> 0 or null")
     keep_last: int = _f(2, "how many of the newest checkpoints to keep (best.pt is kept apart)", _positive, "> 0")
     save_best: bool = _f(True, "save checkpoints/best.pt when the monitored metric improves")
-    async_save: bool = _f(False, "write step checkpoints in the background: training waits only while the state is copied to CPU memory; one write in flight at most, and a preemption or the end of the run waits for it")
+    async_save: bool = _f(False, "write step checkpoints in the background: training waits only while the state is copied to CPU memory (into one copy kept for the run and reused by every save); one write in flight at most, and a preemption or the end of the run waits for it")
     resume: str = _f("auto", "auto: continue from the newest valid checkpoint of the run, if any; none: start over "
                      "(earlier files are archived); or a checkpoint file's path")
 

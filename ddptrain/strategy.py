@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
+from .async_save import Background, updated_in_place
 from .config import Config, ConfigError
 from .dist import Dist
 from .models import materialize, on_meta
@@ -40,7 +41,7 @@ def checkpoint_blocks(module: nn.Module, is_block: Callable[[nn.Module], bool]) 
 class _Writes:
     """What both strategies do with a checkpoint written in the background (checkpoint.async_save)."""
 
-    background: ckpt.Background | None
+    background: Background | None
 
     def before_update(self) -> None:
         """Before an optimizer step: a checkpoint's background copy of the parameters is done."""
@@ -52,6 +53,11 @@ class _Writes:
         if self.background is not None:
             self.background.wait()
 
+    def close(self) -> None:
+        """At the run's end: `wait`, then free the copies kept for the background writes."""
+        if self.background is not None:
+            self.background.close()
+
 
 class Replicated(_Writes):
     """DDP: a whole copy of the model per rank (or the bare model in one process)."""
@@ -62,7 +68,7 @@ class Replicated(_Writes):
         self.cfg, self.dist = cfg, dist
         self.model: nn.Module | None = None
         self.hook_state = self.powersgd = None  # dist.comm_hook powersgd: its state, and its keeper (powersgd.py)
-        self.background = ckpt.Background() if cfg.checkpoint.async_save else None
+        self.background = Background(pin=dist.device.type == "cuda") if cfg.checkpoint.async_save else None
 
     def wrap(self, module: nn.Module, init: Callable | None = None) -> nn.Module:
         """`module` on the device, or on the meta device: then it gets its weights here (`materialize`)."""
@@ -128,14 +134,7 @@ class Replicated(_Writes):
         if self.background is None:
             write(state)
             return
-        # what the next forward may change (buffers, running sums) is copied now; the parameters and optimizer
-        # state, which only the next optimizer step changes, on the thread (`before_update` waits for them)
-        live = ckpt.updated_in_place(module, optimizer)
-        now, copy = ckpt.staged(state, keep=live), {}
-
-        def stage():
-            copy["state"] = ckpt.staged(now, keep=lambda t: not live(t))
-        self.background.start(lambda: write(copy["state"]), stage)
+        self.background.save(state, updated_in_place(module, optimizer), write)  # `before_update` waits for its copy
 
     def load(self, path: Path, module: nn.Module, optimizer) -> None:
         """Nothing to do: the model and optimizer came with the checkpoint file's parts."""
@@ -180,7 +179,7 @@ class Sharded(_Writes):
         if cfg.checkpoint.async_save:  # DCP's background collectives get a gloo group of their own
             import datetime
             import torch.distributed
-            self.background = ckpt.Background()
+            self.background = Background(pin=dist.device.type == "cuda")
             self.group = torch.distributed.new_group(backend="gloo",
                                                      timeout=datetime.timedelta(seconds=cfg.dist.timeout_s))
 
@@ -240,7 +239,7 @@ class Sharded(_Writes):
         """Every rank writes its shards, rank 0 the rest; the directory counts only once all are whole.
         Call on all ranks."""
         ckpt.save_sharded(path, self._states(module, optimizer), state, self.dist, self.cfg.checkpoint.keep_last,
-                          self.background, self.group, ckpt.updated_in_place(module, optimizer))
+                          self.background, self.group, updated_in_place(module, optimizer))
 
     def load(self, path: Path, module: nn.Module, optimizer) -> None:
         """Every rank reads its shards (resharded by DCP when the world size changed). Call on all ranks."""

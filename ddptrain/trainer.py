@@ -110,7 +110,7 @@ def run(cfg: Config, env: DistEnv, task_fn: Callable | None = None, hooks: dict 
     finally:
         if training is not None:
             try:  # a write in flight ends before the process group does (or fails: it is never marked whole)
-                training.strategy.wait()
+                training.strategy.close()
             except ckpt.CheckpointError:
                 pass
         training = None

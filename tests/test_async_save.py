@@ -1,6 +1,7 @@
 """Checkpoints written in the background (checkpoint.async_save), under DDP and FSDP, on real gloo ranks: a
 rank SIGKILLed right after a save began never leaves a checkpoint that is taken as valid, the run resumes
 bitwise, and a background copy slower than a step still holds its step's state. (A background write that fails is reported like a synchronous one: test_hardening.py.)"""
+import numpy as np
 import pytest
 import torch
 
@@ -26,36 +27,64 @@ def test_a_rank_killed_while_a_background_save_runs_resumes_bitwise_from_a_whole
 
 def slow_background_copies(rank, runs_dir, cfg):
     """Training, with the checkpoint thread's copy (the parameters and optimizer state, which the next step
-    only reads until its update) slowed down, so that the next optimizer step would overtake it if it did
-    not wait; the checkpoints must then hold what they held when the save began."""
+    only reads until its update) and its write slowed down, so that the next optimizer step would overtake
+    the copy if it did not wait, and the next save would reuse the copy's buffers (kept from save to save)
+    while they are written if it did not wait; the checkpoints must then hold what they held when the save
+    began."""
     import time
 
     from torch.distributed.checkpoint.staging import DefaultStager
 
-    from ddptrain import checkpoint as ckpt
-    start, dcp_stage = ckpt.Background.start, DefaultStager._stage
+    from ddptrain import async_save
+    start, dcp_stage = async_save.Background.start, DefaultStager._stage
 
     def slow_start(self, write, stage=lambda: None):  # ddp: ddptrain's own copy on its thread
-        start(self, write, lambda: (time.sleep(0.3), stage()))
+        start(self, lambda: (time.sleep(0.3), write()), lambda: (time.sleep(0.3), stage()))
 
     def slow_dcp_stage(self, *args, **kwargs):  # fsdp: DCP's copy on its staging thread
-        time.sleep(0.3)
+        if self._config.use_async_staging:  # (ddptrain's own copies use a DefaultStager too, in their thread)
+            time.sleep(0.3)
         return dcp_stage(self, *args, **kwargs)
-    ckpt.Background.start, DefaultStager._stage = slow_start, slow_dcp_stage
+    async_save.Background.start, DefaultStager._stage = slow_start, slow_dcp_stage
     return train_rank(rank, runs_dir, cfg, None, None)
+
+
+def same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return bool(np.all(a == b)) if isinstance(a, np.ndarray) else a == b
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_background_copies_hold_the_state_of_their_step_even_when_slower_than_a_step(tmp_path, strategy):
-    cfg = {**LM, "train": {**LM["train"], "epochs": 1}, "early_stop": {"monitor": "val_loss"},
-           "dist": {**LM["dist"], "strategy": strategy},
+    # batch norm: its running statistics change at every forward, in place, so each save copies them at once
+    cfg = {"task": "tasks_for_tests:regression", "task_args": {"batch_norm": True}, "data": {"batch_size": 16},
+           "loss": {"name": "mse"}, "optim": {"name": "adamw", "lr": 0.01}, "train": {"epochs": 2, "log_every": 2},
+           "early_stop": {"monitor": "val_loss"}, "dist": {"strategy": strategy, "timeout_s": 30},
            "checkpoint": {"every_steps": 2, "every_epochs": 0, "keep_last": 10, "save_best": False}}
     run_ranks(train_rank, 2, tmp_path / "sync", cfg, None, None, timeout=120)
     background = {**cfg, "checkpoint": {**cfg["checkpoint"], "async_save": True}}
     run_ranks(slow_background_copies, 2, tmp_path / "async", background, timeout=120)
     written = [checkpoint.step_files(tmp_path / run / "r" / "checkpoints") for run in ("sync", "async")]
-    assert [p.name for p in written[0]] == [p.name for p in written[1]] and len(written[0]) == 2
+    assert [p.name for p in written[0]] == [p.name for p in written[1]] and len(written[0]) == 6
     for sync, async_ in zip(*written):
         a, b = (ddptrain.load_model(tmp_path / run / "r", str(p)).state_dict()
                 for run, p in (("sync", sync), ("async", async_)))
         assert all(torch.equal(a[k], b[k]) for k in a), sync.name
+        # the rest too: the optimizer's state (ddp: in the file), each rank's train sums and random streams
+        a, b = (checkpoint.load(p if p.is_file() else p / checkpoint.STATE) for p in (sync, async_))
+        assert same(a["ranks"], b["ranks"]) and same(a.get("optimizer"), b.get("optimizer")), sync.name
+
+
+def test_each_background_copy_reuses_the_buffers_of_the_one_before():
+    from ddptrain.async_save import Background
+    weights, background = torch.arange(1000.0), Background()
+    first = background.copy({"w": weights})["w"]
+    weights.add_(1)
+    second = background.copy({"w": weights})["w"]
+    assert second.data_ptr() == first.data_ptr() != weights.data_ptr() and torch.equal(second, weights)
+    background.close()
