@@ -48,6 +48,12 @@ class _Writes:
         if self.background is not None:
             self.background.staged()
 
+    def prepare(self, module: nn.Module, optimizer) -> None:
+        """After the first optimizer step (the optimizer's state exists now): the CPU copy that background
+        saves reuse is made in the background, ahead of the first save."""
+        if self.background is not None:
+            self._prepare(module, optimizer)
+
     def wait(self) -> None:
         """Until the checkpoint write in flight is done; its failure as a CheckpointError."""
         if self.background is not None:
@@ -135,6 +141,10 @@ class Replicated(_Writes):
             write(state)
             return
         self.background.save(state, updated_in_place(module, optimizer), write)  # `before_update` waits for its copy
+
+    def _prepare(self, module: nn.Module, optimizer) -> None:
+        if self.dist.env.is_main:  # the only rank that writes
+            self.background.prepare({"model": module.state_dict(), "optimizer": optimizer.state_dict()})
 
     def load(self, path: Path, module: nn.Module, optimizer) -> None:
         """Nothing to do: the model and optimizer came with the checkpoint file's parts."""
@@ -234,6 +244,9 @@ class Sharded(_Writes):
         from torch.distributed.checkpoint.state_dict import get_state_dict
         model_state, optimizer_state = get_state_dict(module, optimizer)
         return {"model": model_state, "optimizer": optimizer_state}
+
+    def _prepare(self, module: nn.Module, optimizer) -> None:
+        self.background.prepare(self._states(module, optimizer), for_dcp=True)
 
     def save(self, path: Path, state: dict | None, module: nn.Module, optimizer) -> None:
         """Every rank writes its shards, rank 0 the rest; the directory counts only once all are whole.

@@ -349,7 +349,9 @@ class Training:
         p.step += 1
         self.profile.after_step(p.step)
         p.step_in_epoch += 1
-        self.first_step_time = self.first_step_time or self.clock()
+        if self.first_step_time is None:
+            self.first_step_time = self.clock()
+            self.strategy.prepare(self.module, self.optimizer)  # checkpoint.async_save: its copy made ahead
         p.skipped_in_a_row = 0 if stepped else p.skipped_in_a_row + 1
         p.skipped_total += not stepped
         # A few skipped steps are normal under fp16 (the scaler is finding its scale) and the point of

@@ -38,8 +38,8 @@ def slow_background_copies(rank, runs_dir, cfg):
     from ddptrain import async_save
     start, dcp_stage = async_save.Background.start, DefaultStager._stage
 
-    def slow_start(self, write, stage=lambda: None):  # ddp: ddptrain's own copy on its thread
-        start(self, lambda: (time.sleep(0.3), write()), lambda: (time.sleep(0.3), stage()))
+    def slow_start(self, write, stage=lambda: None, awaited=True):  # ddp: ddptrain's own copy on its thread
+        start(self, lambda: (time.sleep(0.3), write()), lambda: (time.sleep(0.3), stage()), awaited)
 
     def slow_dcp_stage(self, *args, **kwargs):  # fsdp: DCP's copy on its staging thread
         if self._config.use_async_staging:  # (ddptrain's own copies use a DefaultStager too, in their thread)
@@ -87,4 +87,22 @@ def test_each_background_copy_reuses_the_buffers_of_the_one_before():
     weights.add_(1)
     second = background.copy({"w": weights})["w"]
     assert second.data_ptr() == first.data_ptr() != weights.data_ptr() and torch.equal(second, weights)
+    background.close()
+
+
+def test_the_first_background_copy_reuses_the_copy_made_ahead_of_it():
+    from ddptrain.async_save import Background
+
+    class Recording(Background):
+        def _copied(self, obj, keep):
+            out = super()._copied(obj, keep)
+            if isinstance(obj, torch.Tensor):
+                made.append(out)
+            return out
+    made, weights = [], torch.arange(1000.0)
+    background = Recording()
+    background.prepare({"w": weights})  # on the thread, and the optimizer step need not wait for it
+    assert background.staging is None
+    first = background.copy({"w": weights})["w"]  # waits for the copy made ahead
+    assert len(made) == 2 and first.data_ptr() == made[0].data_ptr() and torch.equal(first, weights)
     background.close()
