@@ -50,8 +50,10 @@ class _Writes:
 
     def prepare(self, module: nn.Module, optimizer) -> None:
         """After the first optimizer step (the optimizer's state exists now): the CPU copy that background
-        saves reuse is made in the background, ahead of the first save."""
-        if self.background is not None:
+        saves reuse is made in the background, ahead of the first save (when the run saves at all but for a
+        preemption)."""
+        c = self.cfg.checkpoint
+        if self.background is not None and (c.every_steps or c.every_epochs):
             self._prepare(module, optimizer)
 
     def wait(self) -> None:
