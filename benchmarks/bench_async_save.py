@@ -129,7 +129,7 @@ def main() -> None:
             r = results[f"{strategy}, {save}"] = {
                 "saves": each[0]["saves"], "rounds": each,
                 **{key: statistics.median(e[key] for e in each) for key in ("train_s", "cost_per_save_s", "step_s")},
-                "each_save_s": [statistics.median(costs) for costs in zip(*(e["each_save_s"] for e in each))]}
+                "each_save_s": [statistics.median(save) for save in zip(*(e["each_save_s"] for e in each))]}
             first, later = (r["each_save_s"][0], statistics.median(r["each_save_s"][1:])) if r["saves"] else (0, 0)
             lines.append(f"| {strategy}, {save} | {r['train_s']:.2f} | {r['saves']} | {r['cost_per_save_s']:.3f} | "
                          f"{first:.3f} | {later:.3f} | {r['step_s']:.3f} |")
