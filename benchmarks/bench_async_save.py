@@ -1,13 +1,17 @@
 """How long training stalls for a checkpoint, written synchronously and in the background (checkpoint.async_save).
 
 Workload: an MLP of 8 layers 2048 wide (33.6M parameters), AdamW: about 400 MB of training state (parameters
-and the two moments, fp32). It trains 38 steps with a checkpoint every 8 (`--every`) and without any; the cost of a save is the
-training time it adds, per save (see `train`): the whole write when synchronous; when asynchronous, the
-copy left after overlapping the next step's forward and backward, plus the background write's competition
-with training for the CPU. Each save's own cost (its step and the next seven against the same steps without
-saves) is reported too: the first save's (which allocates the CPU copy that later saves reuse) and the
-median of the later ones. Under ddp it runs in one process (a whole copy), under fsdp on 2 spawned ranks
-(each rank writes its half).
+and the two moments, fp32). It trains 38 steps with a checkpoint every 8 (`--every`) and without any. Two
+measures per save:
+- the stall (issue 12's target): the time the loop is blocked by it, in the save call (the whole write when
+  synchronous; the copy of what the next forward changes and the thread's start when asynchronous) and, when
+  asynchronous, in the next optimizer step's wait for the background copy of the weights;
+- the cost: all the training time it adds against the run without saves (see `train`), which also counts
+  the background write's competition with training for the CPU. On a CPU that training keeps busy (fsdp,
+  2 ranks on 2 cores) that competition is most of it; on a GPU, or with `--idle-s`, the CPU has time free.
+Each save's own cost (its step and the next seven against the same steps without saves) is reported too:
+the first save's and the median of the later ones. Under ddp it runs in one process (a whole copy), under
+fsdp on 2 spawned ranks (each rank writes its half).
 
 Run from the repository root:  .venv/bin/python benchmarks/bench_async_save.py
 """
@@ -65,17 +69,30 @@ def train(strategy: str, save: str, runs: str, idle_s: float = 0.0, every: int =
     flight: with saves (`sync` or `async`) or without (`none`). The cost of a save is the difference over
     `none`, per save: what it adds wherever it lands (the copy, waits for it, the background write's
     competition for the CPU), not only the time the loop spends in the save call."""
-    from ddptrain import trainer
+    from ddptrain import strategy as strategies, trainer
     from ddptrain.config import from_dict
     from ddptrain.dist import detect
-    ends = []
-    after_step = trainer.Training.after_step
+    ends, blocked = [], {"save_s": [], "copy_wait_s": [], "end_wait_s": 0.0}
+    after_step, save_checkpoint, before_update = (trainer.Training.after_step, trainer.Training.save_checkpoint,
+                                                  strategies._Writes.before_update)
 
     def timed(self, epoch):
         done = after_step(self, epoch)
         ends.append(time.perf_counter())
         return done
-    trainer.Training.after_step = timed
+
+    def timed_save(self):  # the loop stalls here: the whole write when synchronous, the copy's start when not
+        start = time.perf_counter()
+        save_checkpoint(self)
+        blocked["save_s"].append(time.perf_counter() - start)
+
+    def timed_update(self):  # and here, asynchronously: the optimizer step waits for the copy of the weights
+        start = time.perf_counter()
+        before_update(self)
+        if blocked["save_s"]:
+            blocked["copy_wait_s"].append(time.perf_counter() - start)
+    trainer.Training.after_step, trainer.Training.save_checkpoint = timed, timed_save
+    strategies._Writes.before_update = timed_update
     cfg = from_dict({"name": f"{strategy}-{save}", "runs_dir": runs, "task_args": {"idle_s": idle_s},
                      "loss": {"name": "cross_entropy"},
                      "optim": {"name": "adamw", "lr": 1e-4}, "data": {"batch_size": 16},
@@ -85,8 +102,13 @@ def train(strategy: str, save: str, runs: str, idle_s: float = 0.0, every: int =
                                     "save_best": False, "keep_last": 1, "async_save": save == "async"}})
     trainer.run(cfg, detect(os.environ), task)
     times = [b - a for a, b in zip(ends[1:], ends[2:])]  # steps 3 to the last: where a save's cost lands
-    return {"train_s": time.perf_counter() - ends[1], "saves": SAVES if save != "none" else 0,
-            "step_s": statistics.median(times), "steps_s": [round(t, 5) for t in times]}
+    end = time.perf_counter()
+    stall = sum(blocked["save_s"]) + sum(blocked["copy_wait_s"])
+    return {"train_s": end - ends[1], "saves": SAVES if save != "none" else 0,
+            "step_s": statistics.median(times), "steps_s": [round(t, 5) for t in times],
+            "stall_per_save_s": stall / SAVES if save != "none" else 0.0, "end_s": end - ends[-1],
+            "save_call_s": [round(t, 5) for t in blocked["save_s"]],
+            "copy_wait_s": round(sum(blocked["copy_wait_s"]), 5)}
 
 
 def costs(r: dict, none: dict, every: int) -> dict:
@@ -121,24 +143,27 @@ def main() -> None:
                             for save in ("none", "sync", "async")}
                 for save, r in runs_now.items():
                     rounds.setdefault(f"{strategy}, {save}", []).append(costs(r, runs_now["none"], args.every))
-    lines = ["| strategy, save | training time (s) | saves | cost per save (s) | first save (s) | later saves (s) "
-             "| median step (s) |", "|---|---|---|---|---|---|---|"]
+    lines = ["| strategy, save | training time (s) | saves | stall per save (s) | cost per save (s) | first save (s) "
+             "| later saves (s) | median step (s) |", "|---|---|---|---|---|---|---|---|"]
     for strategy in strategies:
         for save in ("none", "sync", "async"):
             each = rounds[f"{strategy}, {save}"]
             r = results[f"{strategy}, {save}"] = {
                 "saves": each[0]["saves"], "rounds": each,
-                **{key: statistics.median(e[key] for e in each) for key in ("train_s", "cost_per_save_s", "step_s")},
+                **{key: statistics.median(e[key] for e in each) for key in ("train_s", "stall_per_save_s", "cost_per_save_s", "step_s")},
                 "each_save_s": [statistics.median(save) for save in zip(*(e["each_save_s"] for e in each))]}
             first, later = (r["each_save_s"][0], statistics.median(r["each_save_s"][1:])) if r["saves"] else (0, 0)
-            lines.append(f"| {strategy}, {save} | {r['train_s']:.2f} | {r['saves']} | {r['cost_per_save_s']:.3f} | "
+            lines.append(f"| {strategy}, {save} | {r['train_s']:.2f} | {r['saves']} | {r['stall_per_save_s']:.3f} | "
+                         f"{r['cost_per_save_s']:.3f} | "
                          f"{first:.3f} | {later:.3f} | {r['step_s']:.3f} |")
         sync, async_ = results[f"{strategy}, sync"], results[f"{strategy}, async"]
         ratio = async_["cost_per_save_s"] / sync["cost_per_save_s"]
         later = statistics.median(async_["each_save_s"][1:]) / statistics.median(sync["each_save_s"][1:])
+        stall = async_["stall_per_save_s"] / sync["stall_per_save_s"]
         results[f"{strategy} async/sync"], results[f"{strategy} async/sync, later saves"] = ratio, later
-        lines.append(f"\n{strategy}: an asynchronous save costs {ratio:.3f} of a synchronous one "
-                     f"({later:.3f} after the first)\n")
+        results[f"{strategy} async/sync stall"] = stall
+        lines.append(f"\n{strategy}: an asynchronous save stalls the loop {stall:.3f} as long as a synchronous one; "
+                     f"it costs {ratio:.3f} of its training time ({later:.3f} after the first)\n")
     out = Path(args.out) if args.out else HERE / "results" / f"async_save_{time.strftime('%Y-%m-%d_%H%M')}.json"
     out.write_text(json.dumps(results, indent=2))
     print("\n".join(lines))

@@ -186,9 +186,16 @@ class Dist:
         return answer
 
     def first_error(self, error: str | None) -> str | None:
-        """The first rank's error (by rank) on every rank, or None if no rank had one. Call on all ranks."""
-        errors = self.gather_object(error)
-        return self.broadcast_object(next((e for e in errors if e), None) if errors else None)
+        """The first rank's error (by rank) on every rank, or None if no rank had one: one small all-reduce,
+        and the message sent only when there is one (this runs at every checkpoint). Call on all ranks."""
+        if not self.active:
+            return error
+        first = self.min_later([self.env.rank if error else self.env.world_size])()[0]
+        if first == self.env.world_size:
+            return None
+        box = [error]
+        dist.broadcast_object_list(box, src=first, group=self.control)
+        return box[0]
 
     def broadcast_object(self, obj, after_rank0_alone: bool = False):
         """Rank 0's `obj` on every rank. Call on all ranks; others pass anything.

@@ -197,3 +197,17 @@ def test_a_damaged_best_checkpoint_is_not_used_and_the_run_still_ends_with_test_
     final = [json.loads(line) for line in open(tmp_path / "r" / "metrics.jsonl")]
     assert final[-1]["split"] == "test" and final[-1]["loss"] == summary["test"]["loss"]
     assert any("best.pt' cannot be used (content differs" in m for m in diagnostics)
+
+
+def test_a_failure_on_some_ranks_reaches_every_rank_as_the_first_ones_message():
+    """How a checkpoint write that failed on one rank (a full disk) stops all of them with one message."""
+    def first(rank, failing):
+        from ddptrain.dist import Dist
+        dist = Dist(detect(os.environ), torch.device("cpu"), "gloo", 10, 10)
+        try:
+            return dist.first_error(f"rank {rank} failed" if rank in failing else None)
+        finally:
+            dist.close()
+
+    assert run_ranks(first, 3, {1, 2}, timeout=60) == ["rank 1 failed"] * 3
+    assert run_ranks(first, 3, set(), timeout=60) == [None] * 3
