@@ -4,10 +4,12 @@ and written on a thread while training goes on; at most one write is in flight.
 The copies go into buffers kept from one save to the next (DCP's `DefaultStager`, which caches a CPU copy
 per tensor storage; pinned on CUDA): a fresh 400 MB copy costs this machine 0.14-1.1 s of page faults, a
 copy into the kept buffers 0.06 s. The copy is made after the run's first step, in the background
-(`prepare`), so the run holds one copy of its state in CPU memory from then on.
+(`prepare`), so the run holds one copy of its state in CPU memory from then on. Where torch's stager
+cannot keep them (`keeps_buffers`), every save makes fresh copies with a stager of its own.
 """
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Callable
 
@@ -32,6 +34,21 @@ def _stager(pin: bool, in_background: bool):
                                         use_async_staging=in_background, use_non_blocking_copy=pin and in_background))
 
 
+@functools.cache
+def keeps_buffers() -> bool:
+    """Whether a DefaultStager keeps its CPU copies from one stage to the next and may be used again: in
+    torch 2.13, but in 2.11 it frees them after every stage, and then fails on a DTensor's attributes."""
+    stager = _stager(pin=False, in_background=False)
+    t = torch.zeros(1)
+    try:
+        first, second = stager.stage(t), stager.stage(t)  # both alive, so a freed one's memory cannot be reused
+        return first.data_ptr() == second.data_ptr()
+    except Exception:
+        return False
+    finally:
+        stager.close()
+
+
 class Background:
     """At most one checkpoint write in flight, on a thread of its own; a failure is raised by the next `wait`
     (and the checkpoint it was writing never gets its marker, so it is never taken as valid).
@@ -45,6 +62,7 @@ class Background:
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
         self.staging: Callable[[], None] | None = None  # waits until the state in flight is copied
+        self.reuse = keeps_buffers()
         self.copier = _stager(pin, in_background=False)  # ddptrain's copies, in the caller or on the thread
         self.dcp = None  # DCP's own stager, copying the shards on its staging thread (`dcp_stager`)
 
@@ -57,7 +75,15 @@ class Background:
 
     def _copied(self, obj, keep: Callable[[torch.Tensor], bool]):
         if isinstance(obj, torch.Tensor):
-            return obj if keep(obj) else self.copier.stage(obj.detach())
+            if keep(obj):
+                return obj
+            if self.reuse:
+                return self.copier.stage(obj.detach())
+            stager = _stager(self.pin, in_background=False)  # one stage each: this torch's stager serves one
+            try:
+                return stager.stage(obj.detach())
+            finally:
+                stager.close()
         if isinstance(obj, dict):  # dict or OrderedDict
             return type(obj)((k, self._copied(v, keep)) for k, v in obj.items())
         if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
@@ -75,7 +101,11 @@ class Background:
         self.start(lambda: write(copy["state"]), stage)
 
     def dcp_stager(self):
-        """The stager for `dcp.async_save`, kept for the run so that its copies are reused too."""
+        """The stager for `dcp.async_save`, kept for the run so that its copies are reused too (a fresh one
+        for each save where torch's cannot be used again; the write before it has ended)."""
+        if self.dcp is not None and not self.reuse:
+            self.dcp.close()
+            self.dcp = None
         if self.dcp is None:
             self.dcp = _stager(self.pin, in_background=True)
         return self.dcp
@@ -83,7 +113,10 @@ class Background:
     def prepare(self, tensors, for_dcp: bool = False) -> None:
         """Make the kept copy of `tensors` ahead of the first save, on a thread (DCP's own with `for_dcp`), so
         that the first save costs what the later ones do. What it copies is thrown away: training goes on
-        changing the originals meanwhile (the next save copies them again, after this copy ended)."""
+        changing the originals meanwhile (the next save copies them again, after this copy ended). Nothing
+        where the copies cannot be kept."""
+        if not self.reuse:
+            return
         if for_dcp:
             self.dcp_stager().stage(tensors)  # a save's staging waits behind it, on the same one thread
         else:
