@@ -1,11 +1,11 @@
 """Checkpoints written in the background (`checkpoint.async_save`): the training state is copied to CPU memory
 and written on a thread while training goes on; at most one write is in flight.
 
-The copies go into buffers kept from one save to the next (DCP's `DefaultStager`, which caches a CPU copy
-per tensor storage; pinned on CUDA): a fresh 400 MB copy costs this machine 0.14-1.1 s of page faults, a
-copy into the kept buffers 0.06 s. The copy is made after the run's first step, in the background
-(`prepare`), so the run holds one copy of its state in CPU memory from then on. Where torch's stager
-cannot keep them (`keeps_buffers`), every save makes fresh copies with a stager of its own.
+The copies go into buffers kept from one save to the next (DCP's stagers, which cache a CPU copy per tensor
+storage; pinned on CUDA): a fresh 400 MB copy costs this machine 0.14-1.1 s of page faults, a copy into the
+kept buffers 0.06 s. The copy is made after the run's first step, in the background (`prepare`), so the
+run holds one copy of its state in CPU memory from then on. torch 2.11's `DefaultStager` frees its copies
+after every stage (`keeps_buffers`): there each `dcp.async_save` copies the shards afresh.
 """
 from __future__ import annotations
 
@@ -28,20 +28,28 @@ def updated_in_place(module: torch.nn.Module, optimizer) -> Callable[[torch.Tens
     return lambda t: t.numel() > 0 and storage(t) in live
 
 
-def _stager(pin: bool, in_background: bool):
+def _dcp_stager(pin: bool):
+    """DCP's stager for `dcp.async_save`: it copies on a thread of its own (ordered on a CUDA stream)."""
     from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-    return DefaultStager(StagingOptions(use_pinned_memory=pin, use_shared_memory=False,
-                                        use_async_staging=in_background, use_non_blocking_copy=pin and in_background))
+    return DefaultStager(StagingOptions(use_pinned_memory=pin, use_shared_memory=False, use_async_staging=True,
+                                        use_non_blocking_copy=pin))
+
+
+def _copier(pin: bool):
+    """The engine under DCP's stagers, for ddptrain's own copies: synchronous, in the caller or on the writer's
+    thread. Used directly because torch 2.11's `DefaultStager` around it frees its copies after every stage."""
+    from torch.distributed.checkpoint._state_dict_stager import StateDictStager
+    return StateDictStager(pin_memory=pin, share_memory=False)
 
 
 @functools.cache
 def keeps_buffers() -> bool:
-    """Whether a DefaultStager keeps its CPU copies from one stage to the next and may be used again: in
-    torch 2.13, but in 2.11 it frees them after every stage, and then fails on a DTensor's attributes."""
-    stager = _stager(pin=False, in_background=False)
-    t = torch.zeros(1)
+    """Whether DCP's `DefaultStager` keeps its CPU copies from one stage to the next and may be used again: in
+    torch 2.10 and 2.13; 2.11's frees them after every stage, and a second stage of a DTensor then fails."""
+    stager, t = _dcp_stager(pin=False), torch.zeros(1)
     try:
-        first, second = stager.stage(t), stager.stage(t)  # both alive, so a freed one's memory cannot be reused
+        first = stager.stage(t).result()
+        second = stager.stage(t).result()  # with the first still alive, so that its memory cannot be reused
         return first.data_ptr() == second.data_ptr()
     except Exception:
         return False
@@ -62,8 +70,7 @@ class Background:
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
         self.staging: Callable[[], None] | None = None  # waits until the state in flight is copied
-        self.reuse = keeps_buffers()
-        self.copier = _stager(pin, in_background=False)  # ddptrain's copies, in the caller or on the thread
+        self.copier = _copier(pin)  # ddptrain's copies, in the caller or on the thread
         self.dcp = None  # DCP's own stager, copying the shards on its staging thread (`dcp_stager`)
 
     def copy(self, obj, keep: Callable[[torch.Tensor], bool] = lambda t: False):
@@ -75,15 +82,7 @@ class Background:
 
     def _copied(self, obj, keep: Callable[[torch.Tensor], bool]):
         if isinstance(obj, torch.Tensor):
-            if keep(obj):
-                return obj
-            if self.reuse:
-                return self.copier.stage(obj.detach())
-            stager = _stager(self.pin, in_background=False)  # one stage each: this torch's stager serves one
-            try:
-                return stager.stage(obj.detach())
-            finally:
-                stager.close()
+            return obj if keep(obj) else self.copier.stage(obj.detach())
         if isinstance(obj, dict):  # dict or OrderedDict
             return type(obj)((k, self._copied(v, keep)) for k, v in obj.items())
         if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
@@ -103,22 +102,21 @@ class Background:
     def dcp_stager(self):
         """The stager for `dcp.async_save`, kept for the run so that its copies are reused too (a fresh one
         for each save where torch's cannot be used again; the write before it has ended)."""
-        if self.dcp is not None and not self.reuse:
+        if self.dcp is not None and not keeps_buffers():
             self.dcp.close()
             self.dcp = None
         if self.dcp is None:
-            self.dcp = _stager(self.pin, in_background=True)
+            self.dcp = _dcp_stager(self.pin)
         return self.dcp
 
     def prepare(self, tensors, for_dcp: bool = False) -> None:
         """Make the kept copy of `tensors` ahead of the first save, on a thread (DCP's own with `for_dcp`), so
         that the first save costs what the later ones do. What it copies is thrown away: training goes on
-        changing the originals meanwhile (the next save copies them again, after this copy ended). Nothing
-        where the copies cannot be kept."""
-        if not self.reuse:
-            return
+        changing the originals meanwhile (the next save copies them again, after this copy ended). None for
+        DCP where its stager cannot keep them."""
         if for_dcp:
-            self.dcp_stager().stage(tensors)  # a save's staging waits behind it, on the same one thread
+            if keeps_buffers():
+                self.dcp_stager().stage(tensors)  # a save's staging waits behind it, on the same one thread
         else:
             self.start(lambda: None, lambda: self._copied(tensors, keep=lambda t: False), awaited=False)
 

@@ -81,24 +81,29 @@ def test_background_copies_hold_the_state_of_their_step_even_when_slower_than_a_
 
 
 def test_each_background_copy_reuses_the_buffers_of_the_one_before():
-    """Where torch's stager keeps its copies (2.13; not 2.11, where each save copies afresh)."""
-    from ddptrain.async_save import Background, keeps_buffers
-    if torch.__version__ >= (2, 13) or torch.__version__[:4] == "2.11":  # the two seen
-        assert keeps_buffers() == (torch.__version__ >= (2, 13))
+    from ddptrain.async_save import Background
     weights, background = torch.arange(1000.0), Background()
     first = background.copy({"w": weights})["w"]
     weights.add_(1)
     second = background.copy({"w": weights})["w"]
-    assert torch.equal(second, weights) and second.data_ptr() != weights.data_ptr()
-    assert (second.data_ptr() == first.data_ptr()) == keeps_buffers()
-    if not keeps_buffers():
-        assert torch.equal(first, weights - 1)  # a copy of its own, untouched by the next save's
+    assert second.data_ptr() == first.data_ptr() != weights.data_ptr() and torch.equal(second, weights)
+    background.close()
+
+
+def test_dcp_stagers_are_kept_only_where_torch_can_use_them_again():
+    """torch 2.11's DefaultStager frees its copies after every stage, and a second stage of a DTensor then
+    fails (KeyError: <class 'type'>): there every save gets a fresh one (the fsdp tests above pass on both)."""
+    from ddptrain.async_save import Background, keeps_buffers
+    if torch.__version__ >= (2, 13) or torch.__version__[:4] == "2.11":  # the two seen
+        assert keeps_buffers() == (torch.__version__ >= (2, 13))
+    background = Background()
+    first = background.dcp_stager()
+    assert (background.dcp_stager() is first) == keeps_buffers()
     background.close()
 
 
 def test_the_first_background_copy_reuses_the_copy_made_ahead_of_it():
-    """Where torch's stager keeps its copies; elsewhere none is made ahead, as it would be thrown away."""
-    from ddptrain.async_save import Background, keeps_buffers
+    from ddptrain.async_save import Background
 
     class Recording(Background):
         def _copied(self, obj, keep):
@@ -111,9 +116,5 @@ def test_the_first_background_copy_reuses_the_copy_made_ahead_of_it():
     background.prepare({"w": weights})  # on the thread, and the optimizer step need not wait for it
     assert background.staging is None
     first = background.copy({"w": weights})["w"]  # waits for the copy made ahead
-    assert torch.equal(first, weights) and first.data_ptr() != weights.data_ptr()
-    if keeps_buffers():
-        assert len(made) == 2 and first.data_ptr() == made[0].data_ptr()
-    else:
-        assert len(made) == 1
+    assert len(made) == 2 and first.data_ptr() == made[0].data_ptr() and torch.equal(first, weights)
     background.close()
