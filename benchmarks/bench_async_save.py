@@ -72,7 +72,7 @@ def train(strategy: str, save: str, runs: str, idle_s: float = 0.0, every: int =
     from ddptrain import strategy as strategies, trainer
     from ddptrain.config import from_dict
     from ddptrain.dist import detect
-    ends, blocked = [], {"save_s": [], "copy_wait_s": [], "end_wait_s": 0.0}
+    ends, blocked = [], {"save_s": [], "copy_wait_s": []}
     after_step, save_checkpoint, before_update = (trainer.Training.after_step, trainer.Training.save_checkpoint,
                                                   strategies._Writes.before_update)
 
@@ -151,7 +151,7 @@ def main() -> None:
             r = results[f"{strategy}, {save}"] = {
                 "saves": each[0]["saves"], "rounds": each,
                 **{key: statistics.median(e[key] for e in each) for key in ("train_s", "stall_per_save_s", "cost_per_save_s", "step_s")},
-                "each_save_s": [statistics.median(save) for save in zip(*(e["each_save_s"] for e in each))]}
+                "each_save_s": [statistics.median(by_round) for by_round in zip(*(e["each_save_s"] for e in each))]}
             first, later = (r["each_save_s"][0], statistics.median(r["each_save_s"][1:])) if r["saves"] else (0, 0)
             lines.append(f"| {strategy}, {save} | {r['train_s']:.2f} | {r['saves']} | {r['stall_per_save_s']:.3f} | "
                          f"{r['cost_per_save_s']:.3f} | "
