@@ -1,6 +1,8 @@
 """Small deterministic tasks for the tests: no dropout, so runs differ only through what is tested."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
@@ -62,6 +64,24 @@ class Slow(Dataset):
     def __getitem__(self, i):
         import time
         time.sleep(self.delay)
+        return self.inner[i]
+
+
+class Held(Dataset):
+    """Wraps a dataset; items wait while the file `path` exists (at most 120 s), so a test decides how long a
+    run lasts."""
+
+    def __init__(self, inner, path):
+        self.inner, self.path = inner, Path(path)
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        import time
+        deadline = time.monotonic() + 120
+        while self.path.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
         return self.inner[i]
 
 
@@ -147,10 +167,13 @@ class KillOnce(Dataset):
 
 
 def regression_for_launch(cfg) -> Task:
-    """regression(), with training items slowed by task_args.delay and, with task_args.kill_after, a crash."""
+    """regression(), with training items slowed by task_args.delay, held while the file task_args.hold_while
+    exists and, with task_args.kill_after, a crash."""
     task = regression(cfg)
     if cfg.task_args.get("delay"):
         task.train = Slow(task.train, cfg.task_args["delay"])
+    if cfg.task_args.get("hold_while"):
+        task.train = Held(task.train, cfg.task_args["hold_while"])
     if cfg.task_args.get("kill_after"):
         task.train = KillOnce(task.train, cfg.task_args["kill_after"])
     return task

@@ -34,15 +34,19 @@ def write_config(tmp_path: Path, name: str, **extra) -> Path:
 
 
 def test_a_second_run_in_the_same_directory_is_refused_while_the_first_runs(tmp_path):
+    hold = tmp_path / "hold"
     first = subprocess.Popen([sys.executable, "-m", "ddptrain", "train", str(write_config(
-        tmp_path, "a", task_args={"delay": 0.02}))], cwd=TESTS, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        tmp_path, "a", task_args={"delay": 0.02, "hold_while": str(hold)}))], cwd=TESTS, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
     lock = tmp_path / "runs" / ".shared.lock"
     deadline = time.monotonic() + 60
     while not (lock.exists() and lock.read_text()) and time.monotonic() < deadline:
         time.sleep(0.05)
+    hold.touch()  # the first run holds the lock with seconds of training left: now its items wait for the second
     # another config with the same name, as in a typo'd copy of a config
     second = subprocess.run([sys.executable, "-m", "ddptrain", "train", str(write_config(tmp_path, "b", seed=1))],
                             cwd=TESTS, capture_output=True, text=True, timeout=60)
+    hold.unlink()
     out, err = first.communicate(timeout=120)
     assert first.returncode == 0, err
     assert second.returncode == 2
