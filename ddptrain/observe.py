@@ -29,6 +29,41 @@ def peak_flops(device: torch.device, configured: float | None) -> float | None:
     return next((peak for part, peak in PEAK_BF16_FLOPS if part in name), None)
 
 
+class Rates:
+    """The clocks behind the rates of the train log and the summary, for this attempt (from step `start_step`):
+    its training time and, apart, its first step's (compiling, CUDA's and the loader's start); since the last
+    train log, the wait for data and the pauses (validation, epoch-end saves), which the rates leave out."""
+
+    def __init__(self, start_step: int):
+        self.start_step, self.train_s, self.warm_up_s = start_step, 0.0, 0.0
+        self.first_step_time: float | None = None  # the run's clock when this attempt's first step ended
+        self.log_time, self.log_step = time.perf_counter(), start_step  # where the current log interval began
+        self.data_wait_s = self.paused_s = 0.0  # in the current log interval
+        self.tokens = 0  # of the logged intervals
+
+    def pause(self, seconds: float, in_epoch: bool = False) -> None:
+        """Seconds spent validating or saving: out of the log interval's rates, and out of the training time
+        when they were spent within an epoch's training."""
+        self.paused_s += seconds
+        if in_epoch:
+            self.train_s -= seconds
+
+    def next_interval(self, now: float, step: int) -> None:
+        self.log_time, self.log_step, self.data_wait_s, self.paused_s = now, step, 0.0, 0.0
+
+    def steps_per_s(self, step: int) -> float | None:
+        """Optimizer steps per second after this attempt's first step (its warm-up is time_to_first_step_s);
+        over every step when it trained only one; None when it trained none."""
+        trained = step - self.start_step
+        if trained > 1 and self.train_s > self.warm_up_s:
+            return (trained - 1) / (self.train_s - self.warm_up_s)
+        return trained / self.train_s if trained and self.train_s else None
+
+    def tokens_per_step(self) -> float:
+        """The logged intervals' tokens per optimizer step."""
+        return self.tokens / (self.log_step - self.start_step) if self.log_step > self.start_step else 0.0
+
+
 class RankTime:
     """The time this rank's forwards take (with its wait for data, the rank's own time per step).
 

@@ -129,9 +129,9 @@ def planned_steps(tc: config_mod.TrainConfig, steps_per_epoch: int | None) -> in
     return min(tc.epochs * steps_per_epoch, tc.max_steps or tc.epochs * steps_per_epoch)
 
 
-def _timed(iterable, waited: list[float]):
-    """Yield from iterable, adding the time spent waiting for each item to waited[0]; a failure of the
-    user's dataset is a TaskError that names it."""
+def _timed(iterable, rates: observe.Rates):
+    """Yield from iterable, adding the time spent waiting for each item to the log interval's wait for data; a
+    failure of the user's dataset is a TaskError that names it."""
     it = iter(iterable)
     while True:
         t = time.perf_counter()
@@ -141,7 +141,7 @@ def _timed(iterable, waited: list[float]):
             return
         except Exception as e:
             raise user_error(e, "the training data") from e
-        waited[0] += time.perf_counter() - t
+        rates.data_wait_s += time.perf_counter() - t
         yield item
 
 
@@ -203,12 +203,8 @@ class Training:
         self.done = self.finished_summary()
         self.log = NullLogger() if self.done is not None else self._loggers(tracking)
         self.preemption = Preemption(cfg.preempt.signals, dist)
-        # timing and bookkeeping of this attempt
-        self.start_step, self.train_time, self.first_step_time = self.progress.step, 0.0, None
-        self.warm_up_s = 0.0  # the training time of this attempt's first step (compiling, CUDA's and the loader's start)
+        self.rates = observe.Rates(self.progress.step)  # this attempt's
         self.finite_at = self.progress.step  # the last step at which the weights were seen finite
-        self.last_log, self.data_wait, self.tokens = (time.perf_counter(), self.progress.step), [0.0], 0
-        self.paused = 0.0  # seconds since the last train log spent in validation and epoch-end saving
         self.norm: torch.Tensor | None = torch.zeros(())
         self.last: Computed | None = None  # the latest micro-batch's result
         self.validated_at = -1  # the step of this attempt's latest validation
@@ -286,12 +282,12 @@ class Training:
         if self.stream:  # the pass ends where the first rank's part of the stream does
             self.position.start_pass(epoch)
             left = None if self.total_steps is None else self.total_steps - p.step
-            self.steps = StreamSteps(_timed(self.loader, self.data_wait), k, self.dist, self.position, left)
+            self.steps = StreamSteps(_timed(self.loader, self.rates), k, self.dist, self.position, left)
         else:
             self.sampler.set_epoch(epoch)
             self.sampler.start = p.step_in_epoch * k * self.loader.batch_size
             left = (self.steps_per_epoch - p.step_in_epoch) * k
-            self.steps = Steps(_timed(itertools.islice(self.loader, left), self.data_wait), k)
+            self.steps = Steps(_timed(itertools.islice(self.loader, left), self.rates), k)
         self.model.train()
         started, micro_step = time.perf_counter(), 0
         try:
@@ -311,8 +307,8 @@ class Training:
                     micro_step += 1
                 self.steps.read_ahead()  # a stream reads its next steps while this one's optimizer steps
                 done = self.after_step(epoch)
-                if self.progress.step == self.start_step + 1:
-                    self.warm_up_s = self.train_time + time.perf_counter() - started
+                if p.step == self.rates.start_step + 1:
+                    self.rates.warm_up_s = self.rates.train_s + time.perf_counter() - started
                 if done:
                     break
             else:  # the data ran out: one whole pass
@@ -324,7 +320,7 @@ class Training:
                         f"{self.dist.env.world_size} ranks and train.grad_accum_steps={k})")
         finally:
             self.steps.settle()
-        self.train_time += time.perf_counter() - started
+        self.rates.train_s += time.perf_counter() - started
 
     def _out_of_memory(self, e: BaseException) -> task_mod.TaskError:
         """A CUDA out-of-memory error as one line with the figures and what to try (this rank's alone)."""
@@ -349,8 +345,8 @@ class Training:
         p.step += 1
         self.profile.after_step(p.step)
         p.step_in_epoch += 1
-        if self.first_step_time is None:
-            self.first_step_time = self.clock()
+        if self.rates.first_step_time is None:
+            self.rates.first_step_time = self.clock()
             self.strategy.prepare(self.module, self.optimizer)  # checkpoint.async_save: its copy made ahead
         p.skipped_in_a_row = 0 if stepped else p.skipped_in_a_row + 1
         p.skipped_total += not stepped
@@ -378,29 +374,28 @@ class Training:
         started = time.perf_counter()
         self.validate(epoch)
         self.phase = "training"
-        self.train_time -= time.perf_counter() - started
-        self.paused += time.perf_counter() - started
+        self.rates.pause(time.perf_counter() - started, in_epoch=True)
 
     def log_train(self, epoch: int) -> None:
         """Reduce the train sums (the loop's own collective, every log_every steps) and record them. Call on all ranks."""
-        p, sums, env = self.progress, self.sums, self.dist.env
-        steps = p.step - self.last_log[1]
+        p, sums, env, rates = self.progress, self.sums, self.dist.env, self.rates
+        steps = p.step - rates.log_step
         own = None  # each rank's own time per step (observe.RankTime), in its slot: it rides on the reduction
         if env.world_size > 1:
             own = torch.zeros(env.world_size, dtype=torch.float64)
-            own[env.rank] = (self.data_wait[0] + self.rank_time.take()) / max(steps, 1)
+            own[env.rank] = (rates.data_wait_s + self.rank_time.take()) / max(steps, 1)
         own = sums.reduce(self.dist, nonfinite=nonfinite_count(self.step.params), ride=own)  # finiteness agreed too
         values = sums.values()  # on the host: the device has done the interval's work (rates are not queueing rates)
         now = time.perf_counter()
-        elapsed, tokens = now - self.last_log[0] - self.paused, sums.tokens()
+        elapsed, tokens = now - rates.log_time - rates.paused_s, sums.tokens()
         event = {"split": "train", "step": p.step, "epoch": epoch, **values,
                  "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": float(self.norm),
                  "skipped_steps": p.skipped_total,
                  "samples_per_s": steps * self.cfg.data.batch_size / elapsed,
-                 "data_wait_share": self.data_wait[0] / elapsed, "time": self.clock()}
+                 "data_wait_share": rates.data_wait_s / elapsed, "time": self.clock()}
         if tokens:
             event["tokens_per_s"] = tokens / elapsed
-            self.tokens += tokens
+            rates.tokens += tokens
         if self.peak_flops and self.flops_per_sample:
             event["mfu"] = self._mfu(event["samples_per_s"])
         if own is not None and env.is_main:
@@ -412,7 +407,7 @@ class Training:
         self.log.progress(p.step, self.total_steps)
         self.check_finite(sums.all_finite())
         sums.zero()
-        self.last_log, self.data_wait[0], self.paused = (now, p.step), 0.0, 0.0
+        rates.next_interval(now, p.step)
 
     def end_epoch(self, epoch: int) -> None:
         """After an epoch's steps: the finite check, validation, early stopping, the epoch checkpoint."""
@@ -429,7 +424,7 @@ class Training:
         if every and ((epoch + 1) % every == 0 or last_epoch or p.stopped_early):
             self.phase = "checkpointing"
             self.save_checkpoint()
-        self.paused += time.perf_counter() - started  # the train log's rates exclude validation and saving
+        self.rates.pause(time.perf_counter() - started)  # the train log's rates exclude validation and saving
 
     def validate(self, epoch: int) -> None:
         """Validate, then early stopping and best.pt from rank 0's decision. Call on all ranks."""
@@ -559,32 +554,25 @@ class Training:
         return "best", None
 
     def summary(self, status: str, test: dict | None = None, tested: str | None = None) -> dict:
-        p, s, rate = self.progress, self.stopper, self._steps_per_s()
+        p, s, rates = self.progress, self.stopper, self.rates
+        rate = rates.steps_per_s(p.step)
         out = {
             "status": status, "world_size": self.dist.env.world_size, "strategy": self.cfg.dist.strategy,
             "epochs_completed": p.passes if self.stream else p.step // self.steps_per_epoch, "steps": p.step, "stopped_early": p.stopped_early,
             "monitor": self.cfg.early_stop.monitor, "best_value": s.best, "best_epoch": s.best_epoch,
             "best_step": s.best_step, "restored_best": tested == "best", "tested_weights": tested,
             "val": p.last_val, "test": test, "skipped_steps": p.skipped_total,
-            "resumed_from": str(self.resumed_from) if self.resumed_from else None, "resumed_at_step": self.start_step,
+            "resumed_from": str(self.resumed_from) if self.resumed_from else None, "resumed_at_step": rates.start_step,
             "samples_per_s": rate and rate * self.cfg.data.batch_size,
-            "time_to_first_step_s": self.first_step_time, "wall_time_s": self.clock(),
+            "time_to_first_step_s": rates.first_step_time, "wall_time_s": self.clock(),
         }
-        if self.tokens:  # the logged intervals' tokens per step, at the steady rate
-            out["tokens_per_s"] = rate and rate * self.tokens / (self.last_log[1] - self.start_step)
+        if rates.tokens:  # the logged intervals' tokens per step, at the steady rate
+            out["tokens_per_s"] = rate and rate * rates.tokens_per_step()
         if self.flops_per_sample:
             out["flops_per_sample"] = self.flops_per_sample  # of training: 3 forwards
             if self.peak_flops and out["samples_per_s"]:
                 out["mfu"] = self._mfu(out["samples_per_s"])
         return out
-
-    def _steps_per_s(self) -> float | None:
-        """This attempt's optimizer steps per second after its first step (its compile and warm-up are
-        time_to_first_step_s); over every step when it trained only one; None when it trained none."""
-        trained = self.progress.step - self.start_step
-        if trained > 1 and self.train_time > self.warm_up_s:
-            return (trained - 1) / (self.train_time - self.warm_up_s)
-        return trained / self.train_time if trained and self.train_time else None
 
     def _mfu(self, samples_per_s: float) -> float:
         """The model FLOPs utilisation at this rate: the model's FLOPs per second over all devices' peak."""

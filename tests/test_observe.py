@@ -13,6 +13,7 @@ import pytest
 
 from ddptrain.config import from_dict
 from ddptrain.dist import detect
+from ddptrain.observe import Rates
 from ddptrain.trainer import run
 
 from multirank import run_ranks
@@ -62,6 +63,21 @@ def test_the_summary_rate_leaves_out_the_first_step_which_time_to_first_step_sho
     steady_s = (summary["steps"] - 1) * BASE["data"]["batch_size"] / summary["samples_per_s"]
     # 12 steps; over all of them the rate's time would be at least 11/12 s
     assert summary["time_to_first_step_s"] > 1.0 and steady_s < 0.5, summary
+
+
+def test_rates_leave_out_the_warm_up_and_the_pauses_within_an_epoch():
+    rates = Rates(start_step=10)  # resumed at step 10
+    assert rates.steps_per_s(10) is None and rates.tokens_per_step() == 0.0
+    rates.train_s, rates.warm_up_s = 7.0, 3.0  # step 11 took 3 s, steps 12-15 took 4 s with a 2 s validation
+    rates.pause(2.0, in_epoch=True)
+    rates.pause(5.0)  # an epoch-end save: outside the training time already
+    assert rates.steps_per_s(15) == 4 / 2.0 and rates.paused_s == 7.0
+    rates.tokens = 1000
+    rates.next_interval(now=0.0, step=15)
+    assert rates.tokens_per_step() == 200 and rates.paused_s == rates.data_wait_s == 0.0
+    one = Rates(start_step=0)
+    one.train_s = one.warm_up_s = 3.0
+    assert one.steps_per_s(1) == 1 / 3.0  # one step: its own time, warm-up and all
 
 
 def test_a_rank_with_a_slow_forward_is_named_the_slowest_and_warned_about(tmp_path):
