@@ -190,6 +190,9 @@ def prune(directory: Path, keep_last: int) -> None:
 def load(path: Path) -> dict:
     """Read a checkpoint onto the CPU with weights_only=True; raise CheckpointError naming the file."""
     path = Path(path)
+    if path.name.endswith(".done"):
+        raise CheckpointError(f"checkpoint '{path}': a completeness marker, not a checkpoint; name the checkpoint "
+                              f"beside it, '{path.with_name(path.name[:-5])}'")
     if path.is_dir():  # FSDP: the shards are read by the strategy, the rest is here
         return _read(path / STATE, path)
     return _read(path, path)

@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plot", help="draw loss, monitored metric and learning rate curves of runs into a PNG")
     pl.add_argument("run_dirs", nargs="+", help="run directories (several are overlaid)")
-    pl.add_argument("-o", "--output", default="curves.png", help="PNG file to write (default curves.png)")
+    pl.add_argument("-o", "--output", default="curves.png", help="image file to write: .png (default curves.png), .pdf, .svg, ...")
 
     sub.add_parser("keys", help="print every config key with its default and description (Markdown)")
     # Parsed by ddptrain/submit.py (unknown --options go to sbatch); listed here for `ddptrain --help`.
@@ -117,16 +117,42 @@ def torchrun_env() -> dict:
     return {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
+def output_file(value: str, suffixes: dict | None = None):
+    """-o's file as a Path, its directory made if missing; one that is a directory, or whose directory cannot be
+    made, is a ConfigError (before any work, so no result is lost). `suffixes`: the formats known, by suffix."""
+    from pathlib import Path
+    from .config import ConfigError
+    out = Path(value)
+    if out.is_dir() or value.endswith(("/", os.sep)):
+        raise ConfigError(f"-o '{value}': is a directory; expected a file name")
+    if suffixes is not None and out.suffix[1:].lower() not in suffixes:
+        raise ConfigError(f"-o '{value}': expected a file name ending in one of "
+                          f"{', '.join('.' + k for k in sorted(suffixes))}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"-o '{value}': cannot make its directory '{out.parent}' ({e.strerror or e})") from None
+    return out
+
+
+def _written(out, write) -> None:
+    from .config import ConfigError
+    try:
+        write()
+    except OSError as e:
+        raise ConfigError(f"-o '{out}': cannot write it ({e.strerror or e})") from None
+
+
 def _eval(args) -> int:
     import json
     from .trained import evaluate
+    out = output_file(args.output) if args.output else None
     result = evaluate(args.run, args.checkpoint, args.split, args.overrides)
     if _is_main():
         shown = ", ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, float))
         print(f"{result['split']} ({result['checkpoint']}, step {result['step']}): {shown}", flush=True)
-        if args.output:
-            from pathlib import Path
-            Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+        if out is not None:
+            _written(out, lambda: out.write_text(json.dumps(result, indent=2) + "\n"))
     return 0
 
 
@@ -135,10 +161,14 @@ def _export(args) -> int:
     import torch
     from .trained import checkpoint_path, load_model, run_config
     cfg = run_config(args.run)
+    out = output_file(args.output) if args.output else cfg.run_dir / "model.pt"
     source = checkpoint_path(cfg, args.checkpoint)
     model = load_model(args.run, str(source))
-    out = Path(args.output) if args.output else cfg.run_dir / "model.pt"
-    torch.save(model.state_dict(), out)
+
+    def write():
+        with open(out, "wb") as f:
+            torch.save(model.state_dict(), f)
+    _written(out, write)
     print(f"wrote {out} ({sum(t.numel() for t in model.state_dict().values())} values, from {source})")
     return 0
 
@@ -274,12 +304,14 @@ def main(argv: list[str] | None = None) -> int:
             return _sweep(args)
         if args.command == "plot":
             from pathlib import Path
-            from .plot import plot
             try:
-                plot([Path(d) for d in args.run_dirs], Path(args.output))
+                from matplotlib.backend_bases import FigureCanvasBase
+                from .plot import plot
             except ModuleNotFoundError as e:
                 raise ConfigError(f"ddptrain plot needs '{e.name}': pip install 'ddptrain[plot]'") from None
-            print(f"wrote {args.output}")
+            out = output_file(args.output, FigureCanvasBase.get_supported_filetypes())
+            _written(out, lambda: plot([Path(d) for d in args.run_dirs], out))
+            print(f"wrote {out}")
             return 0
         if args.command == "launch":
             return _launch(args, launched, launch_argv)

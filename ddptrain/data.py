@@ -247,20 +247,20 @@ class StreamPosition:
         self.window, self.steps_done = (self.loader.state_dict(), self.rng.state), 0
 
     def state_dict(self) -> dict | None:
-        if self.progress.epoch_complete or self.window is None:
+        if self.progress.pass_ended or self.window is None:
             return None
         loader_state, rng = self.window
         return {"loader": loader_state, "rng": saveable(self.pass_rng if self.rereads_pass else rng),
                 "steps_done": self.steps_done}
 
     def load_state_dict(self, state: dict | None) -> None:
-        if state is not None and not self.progress.epoch_complete:
+        if state is not None and not self.progress.pass_ended:
             self.loader.load_state_dict(state["loader"])
             self.rng.state = self.pass_rng = from_saved(state["rng"])
             self.resumed_steps, self.window = state["steps_done"], (state["loader"], self.rng.state)
 
     def load_other_world_size(self, states: list, rank: int) -> None:
-        if any(s is not None for s in states) and not self.progress.epoch_complete and rank == 0:
+        if any(s is not None for s in states) and not self.progress.pass_ended and rank == 0:
             from .runlog import warn
             warn(f"the checkpoint was made on {len(states)} ranks: a stream's place in a pass cannot move to another "
                  f"world size, so pass {self.progress.epoch} starts again from its beginning")

@@ -188,3 +188,4 @@ class Sums:
         if len(state) == len(self.tensor) - 3:  # format 1's [loss sum, samples, metric stats...]
             state = torch.cat([state[:1], state.new_zeros(1), state[1:2], state.new_zeros(1), state[2:]])
         self.tensor[:-1].copy_(state)
+        self.tensor[self.TOKENS] = 0  # they count for tokens/s alone, whose clock starts with this attempt

@@ -153,9 +153,11 @@ class Profile:
 
     def before_step(self, step: int) -> None:
         """`step`: the optimizer step about to run (1-based)."""
-        if not self.on or step < self.first:
+        if not self.on or not self.first <= step <= self.last:  # a resumed run may start past the range
             return
         if self.profiler is None:
+            if self.path.exists():  # an earlier attempt's trace, of the range's first steps: kept
+                self.path = self.path.with_name(f"{self.path.stem}-from-step{step}.json")
             from torch.profiler import ProfilerActivity, profile
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
             self.profiler = profile(activities=activities, record_shapes=True)

@@ -17,13 +17,24 @@ MAX_LAYER_LABELS = 80  # beyond this, every k-th layer is named so the labels st
 
 
 def _read(run_dir: Path) -> tuple[list[dict], dict]:
+    """The run's events and its summary; a run without one yet (still training, or stopped) has the monitored
+    metric of its config.yaml."""
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
         raise ConfigError(f"run directory '{run_dir}': no metrics.jsonl (is this a ddptrain run directory?)")
     events = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     summary_file = run_dir / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    if "monitor" not in summary and (run_dir / "config.yaml").is_file():
+        import yaml
+        config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        summary["monitor"] = (config.get("early_stop") or {}).get("monitor", "val_loss")
     return events, summary
+
+
+def _values(events: list[dict], key: str) -> list[float]:
+    """`key` of each event as a number: metrics.jsonl writes NaN and Inf as the strings "nan" and "inf"."""
+    return [math.nan if e.get(key) is None else float(e[key]) for e in events]
 
 
 def _label(run_dir: Path, all_dirs: list[Path]) -> str:
@@ -86,11 +97,11 @@ def plot(run_dirs: list[Path], out: Path):
         train = [e for e in events if e["split"] == "train"]
         val = [e for e in events if e["split"] == "val"]
         monitor = summary.get("monitor", "val_loss")[4:]
-        ax_loss.plot([e["step"] for e in train], [e["loss"] for e in train], color=color, label=f"{label} train")
+        ax_loss.plot(_values(train, "step"), _values(train, "loss"), color=color, label=f"{label} train")
         if val:
-            ax_loss.plot([e["step"] for e in val], [e["loss"] for e in val], color=color, ls="--", marker="o",
+            ax_loss.plot(_values(val, "step"), _values(val, "loss"), color=color, ls="--", marker="o",
                          ms=3, label=f"{label} val")
-            ax_metric.plot([e["step"] for e in val], [e.get(monitor) for e in val], color=color, marker="o", ms=3,
+            ax_metric.plot(_values(val, "step"), _values(val, monitor), color=color, marker="o", ms=3,
                            label=f"{label} val_{monitor}")
         if summary.get("best_step") is not None:
             ax_metric.plot([summary["best_step"]], [summary["best_value"]], color=color, marker="*", ms=14, ls="",
@@ -98,7 +109,7 @@ def plot(run_dirs: list[Path], out: Path):
         if summary.get("stopped_early"):
             for ax in (ax_loss, ax_metric):
                 ax.axvline(summary["steps"], color=color, ls=":", label=f"{label} early stop" if ax is ax_metric else None)
-        ax_lr.plot([e["step"] for e in train], [e["lr"] for e in train], color=color, label=label)
+        ax_lr.plot(_values(train, "step"), _values(train, "lr"), color=color, label=label)
     for ax, title in ((ax_loss, "loss"), (ax_metric, "monitored validation metric"), (ax_lr, "learning rate")):
         ax.set_title(title)
         ax.set_xlabel("step")

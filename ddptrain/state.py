@@ -30,18 +30,21 @@ class Progress:
     epoch: int = 0             # the epoch in progress (or the last one, when epoch_complete)
     step: int = 0              # optimizer steps taken in the whole run
     step_in_epoch: int = 0     # optimizer steps taken in `epoch`
-    epoch_complete: bool = False  # `epoch` is finished, its validation included
+    epoch_complete: bool = False  # `epoch` has ended (all its data read, or the run's steps done), its validation included
+    pass_ended: bool = False   # all of `epoch`'s data has been read (not so when max_steps ended the run within it)
     stopped_early: bool = False
     skipped_total: int = 0     # steps skipped for non-finite gradients
     skipped_in_a_row: int = 0
     records: int = 0           # lines of metrics.jsonl written up to this point
     passes: int = 0            # complete passes over the training data
     last_val: dict | None = None  # the latest validation metrics
+    val_step: int = -1         # the step of the latest validation
 
     def state_dict(self) -> dict:
         return asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
+        state = {"pass_ended": state.get("epoch_complete", False), **state}  # older checkpoints: an epoch ended whole
         for key, value in state.items():
             setattr(self, key, value)
 

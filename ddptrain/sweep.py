@@ -85,14 +85,15 @@ def _pruner(spec: dict):
 
 
 def _val_values(metrics: Path, seen: int, name: str) -> tuple[list[float], int]:
-    """New validation values of `name` in a trial's metrics.jsonl past the first `seen` lines."""
+    """New validation values of `name` in a trial's metrics.jsonl past the first `seen` lines, as floats
+    (metrics.jsonl writes NaN and Inf as strings)."""
     if not metrics.exists():
         return [], seen
     text = metrics.read_text()
     lines = text.splitlines()
     complete = lines if text.endswith("\n") else lines[:-1]  # the last line may still be being written
     values = [json.loads(l).get(name) for l in complete[seen:] if '"split": "val"' in l]
-    return [v for v in values if v is not None], len(complete)
+    return [float(v) for v in values if v is not None], len(complete)
 
 
 def worker_name(env=os.environ) -> str:
@@ -212,7 +213,8 @@ class Runner:
                 # any later ones): reading it from the start gives the pruner every validation of the run.
                 values, seen = _val_values(run_dir / "metrics.jsonl", seen, metric)
                 for value in values:
-                    best = value if best is None else better(best, value)
+                    if math.isfinite(value):  # a NaN is reported (the pruner prunes on it), never the best
+                        best = value if best is None else better(best, value)
                     trial.report(value, step)
                     step += 1
                     if pruned_after is None and trial.should_prune():

@@ -46,8 +46,8 @@ from .optim import build_optimizer, build_scheduler, nonfinite_count
 from .precision import Precision
 from .preempt import Preempted, Preemption
 from .runlog import Clock, ConsoleLogger, Loggers, NullLogger, RunDirLogger, archive, prefix_warnings, warn
-from .state import (Progress, RngState, RunState, check_compatible, rank_seed, resume_path,
-                    seed_everything)
+from .state import (Progress, RngState, RunState, check_compatible, cpu_rng, rank_seed, resume_path,
+                    seed_everything, set_cpu_rng)
 from .step import TrainStep
 
 class NonFiniteError(RuntimeError):
@@ -207,7 +207,6 @@ class Training:
         self.finite_at = self.progress.step  # the last step at which the weights were seen finite
         self.norm: torch.Tensor | None = torch.zeros(())
         self.last: Computed | None = None  # the latest micro-batch's result
-        self.validated_at = -1  # the step of this attempt's latest validation
         self.steps: Steps | None = None  # the epoch in progress, in whole steps
 
     def _reseed(self, rank: int) -> None:
@@ -216,6 +215,11 @@ class Training:
     def _resume(self) -> dict:
         """Load the checkpoint into every part; return its tracking ids (wandb's run)."""
         saved = ckpt.load(self.resumed_from)
+        if "config" not in saved or "progress" not in saved:
+            raise ckpt.CheckpointError(
+                f"checkpoint '{self.resumed_from}': holds the best validation's weights alone, not a run's state to "
+                f"continue; resume from a step checkpoint (checkpoints/step-*), or test these weights with "
+                f"`ddptrain eval`")
         check_compatible(saved["config"], config_mod.to_dict(self.cfg), self.resumed_from,
                          self.task.reads_model_config)
         self.state.load_state_dict(saved, self.resumed_from)
@@ -250,7 +254,8 @@ class Training:
             with warnings.catch_warnings():
                 # A step skipped by the gradient scaler makes torch warn that the schedule stepped first.
                 warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
-                for epoch in range(p.epoch + 1 if p.epoch_complete else p.epoch, self.cfg.train.epochs):
+                for epoch in range(p.epoch + 1 if p.epoch_complete and p.pass_ended else p.epoch,
+                                   self.cfg.train.epochs):
                     if self.reached_end():
                         break
                     self.phase = "training"
@@ -259,6 +264,7 @@ class Training:
             self.profile.close()
             self.preemption.close()
         except Preempted:
+            self.profile.close()  # the trace of the steps it recorded
             self.preemption.close()
             self.log.summary(self.summary("preempted"))
             self.log.close()
@@ -276,7 +282,8 @@ class Training:
         """The optimizer steps of one epoch (the rest of it, when resumed mid-epoch)."""
         p, k, device = self.progress, self.cfg.train.grad_accum_steps, self.dist.device
         if epoch != p.epoch:
-            p.epoch, p.step_in_epoch, p.epoch_complete = epoch, 0, False
+            p.epoch, p.step_in_epoch, p.pass_ended = epoch, 0, False
+        p.epoch_complete = False  # also where a longer run continues the epoch in which max_steps had ended it
         resumed_mid_pass = p.step_in_epoch > 0
         self.loader.generator.manual_seed(rank_seed(self.cfg.seed, self.dist.env.rank) + epoch)
         if self.stream:  # the pass ends where the first rank's part of the stream does
@@ -289,7 +296,7 @@ class Training:
             left = (self.steps_per_epoch - p.step_in_epoch) * k
             self.steps = Steps(_timed(itertools.islice(self.loader, left), self.rates), k)
         self.model.train()
-        started, micro_step = time.perf_counter(), 0
+        started, micro_step, ran_out = time.perf_counter(), 0, False
         try:
             for batches in self.steps:
                 self.profile.before_step(p.step + 1)
@@ -312,7 +319,7 @@ class Training:
                 if done:
                     break
             else:  # the data ran out: one whole pass
-                p.passes += 1
+                ran_out = True
                 if self.stream and p.step_in_epoch == 0 and not resumed_mid_pass:
                     raise task_mod.TaskError(
                         f"the training stream gave no whole step in pass {epoch}: each rank needs {k} x "
@@ -320,6 +327,8 @@ class Training:
                         f"{self.dist.env.world_size} ranks and train.grad_accum_steps={k})")
         finally:
             self.steps.settle()
+        p.pass_ended = ran_out or (not self.stream and p.step_in_epoch >= self.steps_per_epoch)
+        p.passes += p.pass_ended
         self.rates.train_s += time.perf_counter() - started
 
     def _out_of_memory(self, e: BaseException) -> task_mod.TaskError:
@@ -334,7 +343,17 @@ class Training:
         """Stopped early, or all planned steps or epochs done."""
         p = self.progress
         return (p.stopped_early or (self.total_steps is not None and p.step >= self.total_steps)
-                or (p.epoch_complete and p.epoch >= self.cfg.train.epochs - 1))
+                or (p.epoch_complete and p.pass_ended and p.epoch >= self.cfg.train.epochs - 1))
+
+    def last_epoch(self, epoch: int) -> bool:
+        """`epoch` is the run's last: its last epoch, or the one in which max_steps ends it."""
+        return (self.total_steps is not None and self.progress.step >= self.total_steps) or \
+            epoch == self.cfg.train.epochs - 1
+
+    def saves_at_epoch_end(self, epoch: int) -> bool:
+        """end_epoch writes a checkpoint for `epoch` (checkpoint.every_epochs, the last epoch, an early stop)."""
+        every = self.cfg.checkpoint.every_epochs
+        return bool(every) and ((epoch + 1) % every == 0 or self.last_epoch(epoch) or self.progress.stopped_early)
 
     def after_step(self, epoch: int) -> bool:
         """The optimizer step, then its bookkeeping: log, preemption, checkpoint. True when training is done."""
@@ -362,7 +381,10 @@ class Training:
             self.validate_mid_epoch(epoch)
         preempted = self.preemption.poll()
         every = self.cfg.checkpoint.every_steps
-        if preempted or (every and p.step % every == 0):
+        # A step checkpoint on an epoch's last step waits for the epoch's own, written at the same step once
+        # its validation is done: one write, not two of the same step (the second replacing the first).
+        ends_epoch = done or p.stopped_early or (not self.stream and p.step_in_epoch == self.steps_per_epoch)
+        if preempted or (every and p.step % every == 0 and not (ends_epoch and self.saves_at_epoch_end(epoch))):
             self.save_checkpoint()
         if preempted:
             self._collectively(self.strategy.wait)  # the checkpoint must be whole before the process ends
@@ -415,13 +437,11 @@ class Training:
         if cfg.train.nonfinite == "stop" and self.finite_at != p.step:  # validation would hide it
             count = nonfinite_count(self.step.params).double().reshape(1)
             self.check_finite(self.dist.all_reduce_sum(count)[0] == 0)
-        last_epoch = (self.total_steps is not None and p.step >= self.total_steps) or epoch == cfg.train.epochs - 1
-        validated = p.last_val is not None and self.validated_at == p.step  # by val.every_steps, at this step
-        if self.task.val is not None and ((epoch + 1) % cfg.val.every == 0 or last_epoch) and not validated:
+        validated = p.last_val is not None and p.val_step == p.step  # by val.every_steps, or before a preemption
+        if self.task.val is not None and ((epoch + 1) % cfg.val.every == 0 or self.last_epoch(epoch)) and not validated:
             self.validate(epoch)
         p.epoch_complete = True
-        every = cfg.checkpoint.every_epochs
-        if every and ((epoch + 1) % every == 0 or last_epoch or p.stopped_early):
+        if self.saves_at_epoch_end(epoch):
             self.phase = "checkpointing"
             self.save_checkpoint()
         self.rates.pause(time.perf_counter() - started)  # the train log's rates exclude validation and saving
@@ -430,8 +450,12 @@ class Training:
         """Validate, then early stopping and best.pt from rank 0's decision. Call on all ranks."""
         p, cfg = self.progress, self.cfg
         self.phase = "validation"
+        # A validation leaves the training's random streams as they were (a loader's iterator draws its seed
+        # from them), so when and how often a run validates does not change its training.
+        training_rng = cpu_rng()
         p.last_val = values = self.evaluate(self.module, self.task.val)
-        self.validated_at = p.step
+        set_cpu_rng(training_rng)
+        p.val_step = p.step
         self.log.record({"split": "val", "step": p.step, "epoch": epoch, **values, "time": self.clock()})
         monitored = values[cfg.early_stop.monitor[4:]]
         improved = self.stopper.update(monitored, epoch, p.step)

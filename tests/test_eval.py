@@ -69,7 +69,7 @@ def test_load_model_reproduces_the_final_test_predictions(trained):
 
 def test_eval_under_launch_writes_the_result_and_bad_input_is_one_line(trained, tmp_path):
     run_dir, summary = trained
-    out = tmp_path / "eval.json"
+    out = tmp_path / "results" / "eval.json"  # -o makes its directory
     proc = subprocess.run([sys.executable, "-m", "ddptrain", "launch", "--nproc-per-node", "2", "eval", str(run_dir),
                            "--checkpoint", "best", "-o", str(out)], cwd=TESTS, capture_output=True, text=True,
                           timeout=120)
@@ -81,3 +81,13 @@ def test_eval_under_launch_writes_the_result_and_bad_input_is_one_line(trained, 
                          text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr == f"ddptrain: error: '{tmp_path}': not a run directory (it has no " \
                                                  f"config.yaml)\n"
+
+
+def test_eval_and_export_check_their_output_before_the_work(trained, tmp_path, capsys):
+    from ddptrain.cli import main
+    run_dir, _ = trained
+    for command in ("eval", "export"):
+        assert main([command, str(run_dir), "-o", str(tmp_path)]) == 2
+        assert capsys.readouterr().err == f"ddptrain: error: -o '{tmp_path}': is a directory; expected a file name\n"
+    assert main(["export", str(run_dir), "-o", str(tmp_path / "new" / "model.pt")]) == 0
+    assert set(torch.load(tmp_path / "new" / "model.pt", weights_only=True)) == set(ddptrain.load_model(run_dir).state_dict())

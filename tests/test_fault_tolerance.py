@@ -13,6 +13,7 @@ import torch
 from ddptrain import checkpoint
 from ddptrain.config import from_dict
 from ddptrain.dist import detect
+from ddptrain.preempt import Preempted
 from ddptrain.trainer import run
 
 import rundirs
@@ -211,3 +212,53 @@ def test_a_failure_on_some_ranks_reaches_every_rank_as_the_first_ones_message():
 
     assert run_ranks(first, 3, {1, 2}, timeout=60) == ["rank 1 failed"] * 3
     assert run_ranks(first, 3, set(), timeout=60) == [None] * 3
+
+
+def test_a_longer_run_continues_the_epoch_that_max_steps_ended_as_if_never_stopped(tmp_path, monkeypatch):
+    """max_steps ends the first run within its last epoch (6 steps each); run again with more steps, it continues
+    that epoch from its next batch. The step that ends both the epoch and the run is written once."""
+    cfg = {**BASE, "sched": {"name": "constant"}, "train": {**BASE["train"], "epochs": 2}}
+    straight = train_rank(0, tmp_path / "straight", cfg)
+    writes = []
+    monkeypatch.setattr(checkpoint, "save", lambda path, state, save=checkpoint.save: (writes.append(path.name),
+                                                                                       save(path, state)))
+    first = train_rank(0, tmp_path, {**cfg, "train": {**cfg["train"], "max_steps": 8}})
+    assert first["summary"]["steps"] == 8 and writes.count("step-000000008.pt") == 1, writes
+    longer = train_rank(0, tmp_path, cfg)
+    assert longer["summary"]["resumed_at_step"] == 8 and longer["summary"]["steps"] == 12
+    assert_bitwise(longer["weights"], straight["weights"])
+    train = [e for e in records(tmp_path) if e["split"] == "train"]
+    assert train == [e for e in records(tmp_path / "straight") if e["split"] == "train"]
+
+
+def test_a_preemption_right_after_a_validation_does_not_repeat_it_on_resume(tmp_path):
+    """val.every_steps validates on an epoch's last step (6), then the preemption signal comes: the resumed run
+    goes on to step 7 without validating step 6 again (a repeat would count as no improvement)."""
+    cfg = {**BASE, "sched": {"name": "constant"}, "val": {"every_steps": 6}, "early_stop": {"patience": 1}}
+
+    def preempt_at_6(step, micro_step, batch):
+        if step == 5 and micro_step == 11:  # the last micro-batch of step 6
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return batch
+    with pytest.raises(Preempted):
+        run(from_dict({**cfg, "runs_dir": str(tmp_path), "name": "r"}), detect(os.environ),
+            hooks={"before_micro_step": preempt_at_6})
+    straight = train_rank(0, tmp_path / "straight", cfg)
+    resumed = train_rank(0, tmp_path, cfg)
+    assert resumed["summary"]["resumed_at_step"] == 6
+    assert [e["step"] for e in records(tmp_path) if e["split"] == "val"] == \
+        [e["step"] for e in records(tmp_path / "straight") if e["split"] == "val"]
+    assert resumed["summary"]["steps"] == straight["summary"]["steps"]
+
+
+def test_resuming_from_best_weights_or_a_marker_is_a_one_line_error(tmp_path):
+    cfg = {**BASE, "train": {**BASE["train"], "epochs": 1}, "runs_dir": str(tmp_path), "name": "r"}
+    run(from_dict(cfg), detect(os.environ))
+    ckpts = tmp_path / "r" / "checkpoints"
+    with pytest.raises(checkpoint.CheckpointError, match=r"holds the best validation's weights alone, not a run's "
+                                                         r"state to continue; resume from a step checkpoint"):
+        run(from_dict({**cfg, "checkpoint": {"resume": str(ckpts / "best.pt")}}), detect(os.environ))
+    marker = ckpts / "step-000000006.pt.done"
+    with pytest.raises(checkpoint.CheckpointError, match=f"a completeness marker, not a checkpoint; name the "
+                                                         f"checkpoint beside it, '{ckpts / 'step-000000006.pt'}'"):
+        run(from_dict({**cfg, "checkpoint": {"resume": str(marker)}}), detect(os.environ))

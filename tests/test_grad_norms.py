@@ -160,3 +160,30 @@ def test_plot_draws_a_heat_map_of_grad_norms(tmp_path):
     assert cells.shape == (3, 4) and cells.mask.sum() == 1 and bool(cells.mask[1, 1])
     assert cells[0].tolist() == pytest.approx([-2, -4, -6, -8])
     assert any(ax.get_ylabel() == "log10 gradient norm" for ax in fig.axes)  # the colorbar
+
+
+def test_plot_takes_nan_losses_as_numbers_the_monitor_from_the_config_and_checks_its_output_first(tmp_path, capsys):
+    """metrics.jsonl writes a NaN loss as "nan"; a run without a summary yet has its config's monitor; -o makes
+    its directory, and a directory or an unknown format is one line before anything is drawn."""
+    from ddptrain.cli import main
+    run = tmp_path / "diverging"
+    run.mkdir()
+    events = [{"split": "train", "step": s, "epoch": 0, "loss": loss, "lr": 0.1} for s, loss in
+              ((1, 2.0), (2, "nan"), (3, 1.5))] + [{"split": "val", "step": 3, "epoch": 0, "loss": 1.2, "r2": 0.3}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    (run / "config.yaml").write_text("early_stop: {monitor: val_r2}\n")
+    out = tmp_path / "new" / "dir" / "curves.svg"
+    assert main(["plot", str(run), "-o", str(out)]) == 0 and out.stat().st_size > 0
+    assert capsys.readouterr().out == f"wrote {out}\n"
+
+    from ddptrain.plot import plot
+    ax_loss, ax_metric, _ = plot([run], tmp_path / "again.png").axes
+    train = ax_loss.lines[0].get_ydata()
+    assert train.dtype.kind == "f" and math.isnan(train[1]) and train[2] == 1.5
+    assert ax_metric.lines[0].get_label() == "diverging val_r2" and list(ax_metric.lines[0].get_ydata()) == [0.3]
+
+    for bad, expected in ((tmp_path, f"-o '{tmp_path}': is a directory; expected a file name"),
+                          (tmp_path / "curves.txt", f"-o '{tmp_path / 'curves.txt'}': expected a file name ending in "
+                                                    f"one of ")):
+        assert main(["plot", str(run), "-o", str(bad)]) == 2
+        assert capsys.readouterr().err.startswith(f"ddptrain: error: {expected}")

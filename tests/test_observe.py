@@ -4,6 +4,7 @@ trace that loads, and a CUDA out-of-memory error as one line."""
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ import pytest
 from ddptrain.config import from_dict
 from ddptrain.dist import detect
 from ddptrain.observe import Rates
+from ddptrain.preempt import Preempted
 from ddptrain.trainer import run
 
 from multirank import run_ranks
@@ -135,3 +137,37 @@ def test_per_layer_gradient_norms_at_log_steps_add_up_to_the_global_norm(tmp_pat
     assert len(events) == 6 and all(list(e["grad_norms"]) == ["a", "b", "head"] for e in events)
     for e in events:
         assert sum(v * v for v in e["grad_norms"].values()) ** 0.5 == pytest.approx(e["grad_norm"], rel=1e-5)
+
+
+def preempted_at(step: int, cfg: dict, runs_dir) -> None:
+    """Run `cfg` in this process until the preemption signal, sent during optimizer step `step`, stops it."""
+    def signal_at(s, micro_step, batch):
+        if s == step - 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return batch
+    with pytest.raises(Preempted):
+        run(from_dict({"name": "r", **cfg, "runs_dir": str(runs_dir)}), detect(os.environ),
+            hooks={"before_micro_step": signal_at})
+
+
+def test_a_profile_split_by_a_preemption_keeps_both_parts_and_a_longer_run_records_no_more(tmp_path):
+    cfg = {**BASE, "train": {**BASE["train"], "profile": [2, 3], "max_steps": 4}}
+    preempted_at(2, cfg, tmp_path)
+    train(0, tmp_path, cfg)
+    train(0, tmp_path, {**cfg, "train": {**cfg["train"], "max_steps": 6}})  # steps 5 and 6: past the range
+    traces = {p.name: {e["name"] for e in json.loads(p.read_text())["traceEvents"]
+                       if e.get("name", "").startswith("ddptrain step")} for p in (tmp_path / "r" / "profile").iterdir()}
+    assert traces == {"rank0.json": {"ddptrain step 2"}, "rank0-from-step3.json": {"ddptrain step 3"}}
+
+
+def test_tokens_per_second_after_a_resume_counts_this_attempts_tokens_alone(tmp_path):
+    """Preempted at step 2 of 8, between logs: the resumed run's first log holds the train sums of steps 1-4 but
+    timed steps 3-4 alone. 12 tokens per sample, always."""
+    cfg = {"task": "tasks_any_batch:causal_lm", "data": {"batch_size": 16}, "loss": {"name": "cross_entropy"},
+           "train": {"epochs": 1, "log_every": 4}, "checkpoint": {"every_steps": 2, "save_best": False}}
+    preempted_at(2, cfg, tmp_path)
+    summary = train(0, tmp_path, cfg)["summary"]
+    events = train_events(tmp_path / "r")
+    assert summary["resumed_at_step"] == 2 and [e["step"] for e in events] == [4, 8]
+    for rates in (*events, summary):
+        assert rates["tokens_per_s"] / rates["samples_per_s"] == pytest.approx(12)

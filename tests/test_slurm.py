@@ -86,7 +86,13 @@ def wait_for(job: str, timeout: float) -> dict:
     raise AssertionError(f"job {job} not finished after {timeout} s: {scontrol_job(job)}")
 
 
-def wait_for_step(run_dir: Path, step: int, job: str, timeout: float = 120) -> None:
+def wait_for_step(run_dir: Path, step: int, job: str, timeout: float = 120, queued: float = 300) -> None:
+    """Wait until the job's run has logged `step`: `timeout` s from when it left the queue, where it may wait up
+    to `queued` s for the jobs submitted before it to free their CPUs."""
+    deadline = time.monotonic() + queued
+    while scontrol_job(job).get("JobState") == "PENDING":
+        assert time.monotonic() < deadline, f"job {job} still pending after {queued} s"
+        time.sleep(0.5)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if (run_dir / "metrics.jsonl").exists() and any(s >= step for s in train_steps(run_dir)):
@@ -412,10 +418,11 @@ def batch(cluster, tmp_path_factory):
             signaller.start()
 
         def signals_sent():
+            deadline = time.monotonic() + 280  # within the timeout of the tests that call this
             for signaller in signallers:
-                signaller.join(200)
+                signaller.join(max(deadline - time.monotonic(), 0))
             assert not any(t.is_alive() for t in signallers) and not signal_errors, \
-                signal_errors or "signals not sent in 200 s"
+                signal_errors or "signals not sent in 280 s"
         out["signals_sent"] = signals_sent
         yield out
     finally:

@@ -150,3 +150,18 @@ def test_a_pass_resumed_on_another_world_size_starts_again_from_its_beginning(tm
     assert resumed["summary"]["steps"] == 6 + 12 + 12 and resumed["summary"]["epochs_completed"] == 2
     first = [i for step, ids in resumed["seen"] if step < 18 for i in ids]
     assert sorted(first) == list(range(192))
+
+
+def test_a_longer_run_continues_the_pass_that_max_steps_ended_with_its_next_items(tmp_path):
+    cfg = config({"kind": "items", "lengths": [192]}, checkpoint={"every_epochs": 1})  # 12 steps per pass
+    straight = run_ranks(train_rank, 2, tmp_path / "straight", cfg, None, "tasks_stream", True, timeout=60)
+    run_ranks(train_rank, 2, tmp_path, {**cfg, "train": {**cfg["train"], "max_steps": 17}}, None, "tasks_stream",
+              timeout=60)
+    longer = run_ranks(train_rank, 2, tmp_path, cfg, None, "tasks_stream", True, timeout=60)
+    assert longer[0]["summary"]["resumed_at_step"] == 17 and longer[0]["summary"]["epochs_completed"] == 2
+    for rank in (0, 1):
+        assert longer[rank]["seen"] == [(s, ids) for s, ids in straight[rank]["seen"] if s >= 17]
+        assert all(torch.equal(longer[rank]["weights"][k], v) for k, v in straight[rank]["weights"].items())
+    # logged every 2 steps: the first run's last, 17, made the log of 18 one step's; from 20 on, the same
+    assert [e for e in records(tmp_path / "r") if e["split"] == "train" and e["step"] >= 20] == \
+        [e for e in records(tmp_path / "straight" / "r") if e["split"] == "train" and e["step"] >= 20]

@@ -1,6 +1,7 @@
 """Hyperparameter sweeps: real trials (subprocess runs), real Optuna storage, checked before any trial starts."""
 import csv
 import json
+import math
 import os
 import re
 import signal
@@ -238,3 +239,12 @@ def test_a_crashing_trial_is_recorded_as_failed_and_the_sweep_goes_on(tmp_path):
     rows = {json.loads(r["data.batch_size"]): r for r in trials(tmp_path / "runs" / "reg-sweep")}
     assert rows[16]["state"] == "COMPLETE" and rows[5000]["state"] == "FAIL"
     assert "is larger than the training set" in Path(rows[5000]["log"]).read_text()
+
+
+def test_validation_values_are_read_as_numbers_nan_included(tmp_path):
+    from ddptrain.sweep import _val_values
+    lines = [{"split": "val", "step": 2, "loss": 0.5}, {"split": "train", "step": 3, "loss": 0.1},
+             {"split": "val", "step": 4, "loss": "nan"}, {"split": "val", "step": 6, "loss": "inf"}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines) + '{"split": "va')
+    values, seen = _val_values(tmp_path / "metrics.jsonl", 0, "loss")
+    assert seen == 4 and values[0] == 0.5 and math.isnan(values[1]) and values[2] == math.inf
