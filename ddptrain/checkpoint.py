@@ -313,6 +313,7 @@ def save_sharded(path: Path, tensors: dict, rest: dict | None, dist, keep_last: 
 
 def _finish_sharded(path: Path, tmp: Path, rest: dict, keep_last: int | None) -> None:
     """Rank 0, once every shard is written: state.pt, the rename, the marker listing every file's size."""
+    old = path.with_name(f".{path.name}.old.tmp")
     try:
         with open(tmp / STATE, "wb") as f:
             torch.save({"format_version": FORMAT_VERSION, **rest}, f)
@@ -321,12 +322,18 @@ def _finish_sharded(path: Path, tmp: Path, rest: dict, keep_last: int | None) ->
         files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.name != STATE}
         meta = {"files": files, STATE: {"size": (tmp / STATE).stat().st_size, "sha256": _sha256(tmp / STATE)},
                 "step": rest.get("progress", {}).get("step")}
-        _remove(path)
+        if path.exists():  # the same step saved again: a rename moves the whole one aside, removed once replaced
+            _remove(old)
+            os.replace(path, old)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
         _write_atomic(marker(path), lambda f: f.write(json.dumps(meta).encode()))
+        _remove(old)
     except OSError as e:
         _remove(tmp)
+        if old.exists():  # the marker still describes it: back into place
+            _remove(path)
+            os.replace(old, path)
         raise CheckpointError(f"checkpoint '{path}': {e.strerror or e}; the previous checkpoint is kept") from None
     if keep_last:
         prune(path.parent, keep_last)

@@ -132,10 +132,10 @@ def stream_length(stream: IterableDataset) -> int | None:
 
 
 class Steps:
-    """The micro-batches of a map-style epoch in whole optimizer steps of k: lists of k."""
+    """The micro-batches of a map-style epoch in whole optimizer steps of k: lists of k; `count` steps."""
 
-    def __init__(self, batches: Iterable, k: int):
-        self.batches, self.k = batches, k
+    def __init__(self, batches: Iterable, k: int, count: int | None = None):
+        self.batches, self.k, self.count = batches, k, count
 
     def __iter__(self) -> Iterator[list]:
         it = iter(self.batches)
@@ -144,6 +144,11 @@ class Steps:
 
     def read_ahead(self) -> None:
         """Called between a step's backward and its optimizer step; a stream reads its next step there."""
+        self.count -= 1
+
+    def ends_pass(self) -> bool:
+        """The step just taken (after its read_ahead) is the pass's last."""
+        return self.count == 0
 
     def settle(self) -> None:
         """Called when the loop leaves the epoch early."""
@@ -173,7 +178,7 @@ class StreamSteps(Steps):
         super().__init__(batches, k)
         self.dist, self.position, self.left = dist, position, left
         self.size, self.window, self.agreement = 1, [], None
-        self.whole, self.last_window, self.since = 0, False, None
+        self.whole, self.last_window, self.since, self.window_done = 0, False, None, False
 
     def __iter__(self) -> Iterator[list]:
         with self.position.rng:
@@ -183,7 +188,7 @@ class StreamSteps(Steps):
             self.position.resumed_steps = 0
         self._read()
         while self.agreement is not None:
-            (self.whole, self.size), self.agreement = self.agreement(), None
+            (self.whole, self.size), self.agreement = self._agreed(), None
             self.last_window = self.whole < self.asked  # a rank had fewer
             yield from self.window[:self.whole]
             if self.last_window:
@@ -209,14 +214,29 @@ class StreamSteps(Steps):
             self.left -= len(self.window)
         self.agreement = self.dist.min_later([len(self.window), proposal])
 
+    def _agreed(self) -> list[int]:
+        """The agreement in progress, waited for once: [whole steps on every rank, the next window's size]."""
+        if callable(self.agreement):
+            self.agreement = self.agreement()
+        return self.agreement
+
     def read_ahead(self) -> None:
         self.position.steps_done += 1
-        if self.position.steps_done == self.whole and not self.last_window and self.left != 0:
+        self.window_done = self.position.steps_done == self.whole
+        if self.window_done and not self.last_window and self.left != 0:
             self._read()
+
+    def ends_pass(self) -> bool:
+        """The step just taken ends the pass: the last of a window that a rank could not fill, or of one whose
+        next (read in read_ahead) has no whole step, which this waits for. Not known where max_steps ends
+        the reads."""
+        if not self.window_done:
+            return False
+        return self.last_window or (self.agreement is not None and self._agreed()[0] == 0)
 
     def settle(self) -> None:
         if self.agreement is not None:  # every rank posted this agreement: finish it, so the next one pairs up
-            self.agreement()
+            self._agreed()
             self.agreement = None
 
 

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 from .config import ConfigError
+from .runlog import read_event
 
 MAX_LAYER_LABELS = 80  # beyond this, every k-th layer is named so the labels stay legible
 
@@ -22,7 +23,7 @@ def _read(run_dir: Path) -> tuple[list[dict], dict]:
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
         raise ConfigError(f"run directory '{run_dir}': no metrics.jsonl (is this a ddptrain run directory?)")
-    events = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    events = [read_event(line) for line in metrics.read_text().splitlines() if line.strip()]
     summary_file = run_dir / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     if "monitor" not in summary and (run_dir / "config.yaml").is_file():
@@ -33,8 +34,8 @@ def _read(run_dir: Path) -> tuple[list[dict], dict]:
 
 
 def _values(events: list[dict], key: str) -> list[float]:
-    """`key` of each event as a number: metrics.jsonl writes NaN and Inf as the strings "nan" and "inf"."""
-    return [math.nan if e.get(key) is None else float(e[key]) for e in events]
+    """`key` of each event, NaN where an event lacks it."""
+    return [e.get(key, math.nan) for e in events]
 
 
 def _label(run_dir: Path, all_dirs: list[Path]) -> str:

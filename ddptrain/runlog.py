@@ -86,6 +86,25 @@ def _clean(value):
     return value
 
 
+_NONFINITE = ("nan", "inf", "-inf")  # what _clean writes
+
+
+def _restore(value):
+    """_clean's inverse: the strings it wrote for NaN and Infinity as floats again."""
+    if value in _NONFINITE:
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _restore(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_restore(v) for v in value]
+    return value
+
+
+def read_event(line: str) -> dict:
+    """One line of metrics.jsonl as written, NaN and Infinity as floats."""
+    return _restore(json.loads(line))
+
+
 class RunDirLogger:
     """metrics.jsonl (one JSON object per event, flushed at once) and summary.json in the run directory.
 

@@ -40,6 +40,11 @@ class Progress:
     last_val: dict | None = None  # the latest validation metrics
     val_step: int = -1         # the step of the latest validation
 
+    @property
+    def epoch_done(self) -> bool:
+        """`epoch` is over: all its data read, and its end (validation, checkpoint) done."""
+        return self.epoch_complete and self.pass_ended
+
     def state_dict(self) -> dict:
         return asdict(self)
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from . import config as config_mod
 from .config import Config, ConfigError
+from .runlog import read_event
 from .space import Space, as_overrides, check_objective, load_space
 from .sweep_report import report
 
@@ -85,15 +86,14 @@ def _pruner(spec: dict):
 
 
 def _val_values(metrics: Path, seen: int, name: str) -> tuple[list[float], int]:
-    """New validation values of `name` in a trial's metrics.jsonl past the first `seen` lines, as floats
-    (metrics.jsonl writes NaN and Inf as strings)."""
+    """New validation values of `name` in a trial's metrics.jsonl past the first `seen` lines."""
     if not metrics.exists():
         return [], seen
     text = metrics.read_text()
     lines = text.splitlines()
     complete = lines if text.endswith("\n") else lines[:-1]  # the last line may still be being written
-    values = [json.loads(l).get(name) for l in complete[seen:] if '"split": "val"' in l]
-    return [float(v) for v in values if v is not None], len(complete)
+    values = [read_event(l).get(name) for l in complete[seen:] if '"split": "val"' in l]
+    return [v for v in values if v is not None], len(complete)
 
 
 def worker_name(env=os.environ) -> str:

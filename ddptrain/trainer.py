@@ -254,8 +254,7 @@ class Training:
             with warnings.catch_warnings():
                 # A step skipped by the gradient scaler makes torch warn that the schedule stepped first.
                 warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
-                for epoch in range(p.epoch + 1 if p.epoch_complete and p.pass_ended else p.epoch,
-                                   self.cfg.train.epochs):
+                for epoch in range(p.epoch + 1 if p.epoch_done else p.epoch, self.cfg.train.epochs):
                     if self.reached_end():
                         break
                     self.phase = "training"
@@ -294,7 +293,7 @@ class Training:
             self.sampler.set_epoch(epoch)
             self.sampler.start = p.step_in_epoch * k * self.loader.batch_size
             left = (self.steps_per_epoch - p.step_in_epoch) * k
-            self.steps = Steps(_timed(itertools.islice(self.loader, left), self.rates), k)
+            self.steps = Steps(_timed(itertools.islice(self.loader, left), self.rates), k, left // k)
         self.model.train()
         started, micro_step, ran_out = time.perf_counter(), 0, False
         try:
@@ -327,7 +326,7 @@ class Training:
                         f"{self.dist.env.world_size} ranks and train.grad_accum_steps={k})")
         finally:
             self.steps.settle()
-        p.pass_ended = ran_out or (not self.stream and p.step_in_epoch >= self.steps_per_epoch)
+        p.pass_ended = ran_out or self.steps.ends_pass()
         p.passes += p.pass_ended
         self.rates.train_s += time.perf_counter() - started
 
@@ -343,7 +342,7 @@ class Training:
         """Stopped early, or all planned steps or epochs done."""
         p = self.progress
         return (p.stopped_early or (self.total_steps is not None and p.step >= self.total_steps)
-                or (p.epoch_complete and p.pass_ended and p.epoch >= self.cfg.train.epochs - 1))
+                or (p.epoch_done and p.epoch >= self.cfg.train.epochs - 1))
 
     def last_epoch(self, epoch: int) -> bool:
         """`epoch` is the run's last: its last epoch, or the one in which max_steps ends it."""
@@ -354,6 +353,11 @@ class Training:
         """end_epoch writes a checkpoint for `epoch` (checkpoint.every_epochs, the last epoch, an early stop)."""
         every = self.cfg.checkpoint.every_epochs
         return bool(every) and ((epoch + 1) % every == 0 or self.last_epoch(epoch) or self.progress.stopped_early)
+
+    def epoch_save_follows(self, epoch: int, done: bool) -> bool:
+        """The step just taken ends the epoch, whose checkpoint is written at this step once its validation is
+        done: a step checkpoint here waits for it (one write of the step, not a second replacing the first)."""
+        return (done or self.progress.stopped_early or self.steps.ends_pass()) and self.saves_at_epoch_end(epoch)
 
     def after_step(self, epoch: int) -> bool:
         """The optimizer step, then its bookkeeping: log, preemption, checkpoint. True when training is done."""
@@ -381,10 +385,7 @@ class Training:
             self.validate_mid_epoch(epoch)
         preempted = self.preemption.poll()
         every = self.cfg.checkpoint.every_steps
-        # A step checkpoint on an epoch's last step waits for the epoch's own, written at the same step once
-        # its validation is done: one write, not two of the same step (the second replacing the first).
-        ends_epoch = done or p.stopped_early or (not self.stream and p.step_in_epoch == self.steps_per_epoch)
-        if preempted or (every and p.step % every == 0 and not (ends_epoch and self.saves_at_epoch_end(epoch))):
+        if preempted or (every and p.step % every == 0 and not self.epoch_save_follows(epoch, done)):
             self.save_checkpoint()
         if preempted:
             self._collectively(self.strategy.wait)  # the checkpoint must be whole before the process ends

@@ -279,3 +279,32 @@ def test_fsdp_setups_that_cannot_work_are_one_line_errors(tmp_path, overrides, e
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"ddptrain: error: {expected}" in proc.stderr
+
+
+def test_the_same_step_saved_again_keeps_the_whole_one_until_the_new_one_is_marked(tmp_path, monkeypatch):
+    """A step's sharded checkpoint written a second time (an epoch's end after a resume at its last step) is
+    renamed aside, not removed, until the new one is in place: a failure before its marker puts it back."""
+    path = tmp_path / "step-000000006"
+
+    def finish(value):
+        tmp = tmp_path / ".step-000000006.tmp"
+        tmp.mkdir()
+        (tmp / "__0_0.distcp").write_bytes(bytes([value]) * 8)
+        checkpoint._finish_sharded(path, tmp, {"progress": {"step": 6}, "value": value}, None)
+    finish(1)
+    assert checkpoint.verify(path) is None
+    writes = checkpoint._write_atomic
+
+    def marker_fails(target, write):
+        if target.name.endswith(".done"):
+            raise OSError(28, "No space left on device")
+        writes(target, write)
+    monkeypatch.setattr(checkpoint, "_write_atomic", marker_fails)
+    with pytest.raises(checkpoint.CheckpointError, match="No space left on device; the previous checkpoint is kept"):
+        finish(2)
+    assert checkpoint.verify(path) is None and checkpoint.load(path)["value"] == 1
+    assert (path / "__0_0.distcp").read_bytes() == bytes([1]) * 8
+    monkeypatch.setattr(checkpoint, "_write_atomic", writes)
+    finish(3)
+    assert checkpoint.verify(path) is None and checkpoint.load(path)["value"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000000006", "step-000000006.done"]

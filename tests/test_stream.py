@@ -165,3 +165,20 @@ def test_a_longer_run_continues_the_pass_that_max_steps_ended_with_its_next_item
     # logged every 2 steps: the first run's last, 17, made the log of 18 one step's; from 20 on, the same
     assert [e for e in records(tmp_path / "r") if e["split"] == "train" and e["step"] >= 20] == \
         [e for e in records(tmp_path / "straight" / "r") if e["split"] == "train" and e["step"] >= 20]
+
+
+def train_counting_writes(rank, runs_dir, cfg):
+    """train_rank, and the names of the checkpoint files this rank wrote."""
+    from ddptrain import checkpoint
+    writes, save = [], checkpoint.save
+    checkpoint.save = lambda path, state: (writes.append(path.name), save(path, state))
+    train_rank(rank, runs_dir, cfg, None, "tasks_stream")
+    return writes
+
+
+def test_a_pass_that_ends_on_a_step_checkpoint_writes_that_step_once(tmp_path):
+    # 12 steps per pass, a step checkpoint every 4: a pass's last step is known as such before its checkpoint
+    # (the next window's agreement is waited for), so the epoch's own checkpoint is its only write.
+    cfg = config({"kind": "items", "lengths": [192]}, checkpoint={"every_steps": 4, "every_epochs": 1})
+    writes = run_ranks(train_counting_writes, 2, tmp_path, cfg, timeout=60)
+    assert writes == [[f"step-{s:09d}.pt" for s in (4, 8, 12, 16, 20, 24)], []]
