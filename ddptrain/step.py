@@ -2,7 +2,10 @@
 
 All but the last micro-batch run under DDP's `no_sync`, so gradients are all-reduced once per step.
 Each micro-batch's loss is a mean over its samples; dividing it by k makes the accumulated gradient
-the mean over the whole step's batch, whatever the world size and k.
+the mean over the whole step's batch, whatever the world size and k. A loss that is a mean over counted
+tokens (the built-in cross entropy on sequences, with padding) is weighted by its micro-batch's share of
+the step's tokens on all ranks instead (one all-reduce of one number per step), so that the gradient is
+the mean over all of them, not a mean of each micro-batch's mean.
 """
 from __future__ import annotations
 
@@ -21,15 +24,25 @@ from .precision import Precision
 class TrainStep:
     def __init__(self, model: Callable, module: nn.Module, forward: Forward, optimizer, scheduler,
                  precision: Precision, tc: TrainConfig, l1: float, no_sync: Callable | None, timer,
-                 layer_norms: Callable[[], dict] | None = None):
+                 layer_norms: Callable[[], dict] | None = None, dist=None):
         """`model` is what runs the forward pass (DDP-wrapped, maybe compiled); `module` is the bare network;
         `timer` times the forwards (observe.RankTime); `layer_norms()`, if given, is measured at log steps."""
         self.model, self.module, self.forward, self.timer = model, module, forward, timer
         self.layer_norms, self.norms = layer_norms, None  # norms: the latest log step's, by layer
         self.optimizer, self.scheduler, self.precision, self.tc, self.l1 = optimizer, scheduler, precision, tc, l1
-        self.no_sync = no_sync
+        self.no_sync, self.dist = no_sync, dist
+        self.scale: torch.Tensor | None = None  # world size / the step's counted tokens on all ranks (begin)
         self.params = list(module.parameters())  # made once: walking the module tree costs as much as a small step
         self.steps_schedule = not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+
+    def begin(self, batches: list) -> None:
+        """Before a step's micro-batches: with a token-mean loss, count the step's tokens on all ranks. Call on all ranks."""
+        counts = [self.forward.counted(b) for b in batches]
+        if self.dist is None or counts[0] is None:
+            self.scale = None
+            return
+        total = self.dist.all_reduce_sum(torch.stack(counts).sum().double().to(self.dist.device).reshape(1))
+        self.scale = (self.dist.env.world_size / total.clamp(min=1)[0]).float()  # DDP averages the ranks' gradients
 
     def micro_step(self, batch, last: bool) -> Computed:
         """Forward and backward of one micro-batch; the gradients are all-reduced only when `last`."""
@@ -40,7 +53,11 @@ class TrainStep:
                 c = self.forward(self.model, batch)
                 self.timer.end()
                 objective = c.loss + l1_penalty(self.module, self.l1) if self.l1 else c.loss
-            self.precision.backward(objective / k if k > 1 else objective)
+            if self.scale is not None:
+                objective = objective * (c.weight * self.scale)
+            elif k > 1:
+                objective = objective / k
+            self.precision.backward(objective)
         return c
 
     def optimizer_step(self, measure: bool) -> tuple[torch.Tensor | None, bool]:

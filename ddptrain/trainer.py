@@ -3,7 +3,7 @@
 `run` does everything that needs no process group (config checks, the task, the pre-flight check),
 then `Training` holds the run's parts and its schedule: epochs of optimizer steps (step.py), logging,
 validation, early stopping, checkpoints (one `RunState` lists what they hold).
-The loop has no per-step collective or host sync of its own: train sums stay on the device and are
+The loop has no per-step collective or host sync of its own (but a sequence loss's token count, step.py): train sums stay on the device and are
 reduced only every `train.log_every` steps, and with `train.nonfinite: stop` the weights are checked
 for NaN/Inf in the same reduction (and at each epoch's end), not at every step. Validation results
 and stop decisions come from rank 0.
@@ -184,7 +184,7 @@ class Training:
                                             dist if self.strategy.sharded else None)
         self.step = TrainStep(torch.compile(model, backend=tc.compile_backend) if tc.compile else model,
                               self.module, forward, self.optimizer, self.scheduler, self.precision, tc,
-                              cfg.optim.l1, self.strategy.no_sync(), self.rank_time, layer_norms)
+                              cfg.optim.l1, self.strategy.no_sync(), self.rank_time, layer_norms, dist)
         # FLOPs per optimizer step: a forward counted in the pre-flight check, times 3 (the backward is two)
         self.flops_per_sample, self.peak_flops = 3 * forward.flops_per_sample, observe.peak_flops(device, tc.peak_flops)
         self.profile = observe.Profile(tc.profile, tc.profile_ranks, env.rank, cfg.run_dir)
@@ -299,6 +299,7 @@ class Training:
         try:
             for batches in self.steps:
                 self.profile.before_step(p.step + 1)
+                self.step.begin(batches)
                 for i, batch in enumerate(batches):
                     if before_micro_step is not None:
                         batch = before_micro_step(p.step, micro_step, batch)

@@ -167,3 +167,38 @@ def gpt2(cfg) -> Task:
 
     return Task(model=model, train=HF(96, 12, 16, 1), val=HF(32, 12, 16, 2), loss="model",
                 metrics={"accuracy": lambda out, y: (out.logits[:, :-1].argmax(-1) == y[:, 1:]).float()})
+
+
+class TinyLM(nn.Module):
+    """Embeddings and a head, no dropout: its training depends on the data alone."""
+
+    def __init__(self, vocab: int = 16, width: int = 8):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(vocab, width), nn.Linear(width, vocab)
+
+    def forward(self, idx):
+        return self.head(torch.tanh(self.embed(idx)))
+
+
+class Padded(Dataset):
+    """Sequences of 1 to `block` tokens, padded: inputs with 0, labels with -100 (uneven tokens per sample)."""
+
+    def __init__(self, n, block, vocab, seed):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randint(1, vocab, (n, block), generator=g)
+        self.y = (3 * self.x + 1) % vocab
+        pad = torch.arange(block) >= torch.randint(1, block + 1, (n, 1), generator=g)
+        self.x[pad], self.y[pad] = 0, -100
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+def padded_lm(cfg) -> Task:
+    torch.manual_seed(cfg.seed)
+    model = TinyLM()
+    MODELS.append(model)
+    return Task(model=model, train=Padded(64, 10, 16, 1), val=Padded(37, 10, 16, 2), test=Padded(37, 10, 16, 3))

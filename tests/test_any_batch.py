@@ -94,6 +94,16 @@ def test_a_causal_mask_lm_checkpoints_resumes_bitwise_after_sigkill_and_is_teste
     assert all(e["tokens_per_s"] > 0 for e in train)
 
 
+def test_a_token_mean_loss_on_padded_sequences_trains_alike_on_any_world_size_and_accumulation(tmp_path):
+    """The gradient is the mean over all the step's counted tokens, not a mean of each rank's micro-batch means."""
+    cfg = {"task": "tasks_any_batch:padded_lm", "data": {"batch_size": 16}, "loss": {"name": "cross_entropy"},
+           "optim": {"name": "sgd", "lr": 0.5}, "train": {"epochs": 2, "log_every": 2},
+           "checkpoint": {"every_epochs": 0, "save_best": False}}
+    one = run_ranks(train_rank, 1, tmp_path / "one", cfg)[0]
+    two = run_ranks(train_rank, 2, tmp_path / "two", with_(cfg, train={**cfg["train"], "grad_accum_steps": 2}))[0]
+    assert_close_runs(two, one)
+
+
 def test_a_hugging_face_model_trains_on_its_own_loss_and_resumes_bitwise(tmp_path):
     import transformers  # noqa: F401  a dev dependency; imported here once, not in each forked rank
     cfg = {"task": "tasks_any_batch:gpt2", "data": {"batch_size": 16}, "optim": {"name": "adamw", "lr": 0.003},
