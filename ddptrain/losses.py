@@ -18,7 +18,8 @@ from .config import LossConfig
 class CrossEntropy:
     """Cross entropy of (N, C) logits and (N,) classes, or of sequences: (B, T, V) logits, classes last as
     a language model gives them, with (B, T) targets. The loss is the mean over the counted targets (not
-    `ignore_index`); `weight` says how many there are, so logged and evaluated losses are exact token means.
+    `ignore_index`), 0 when there is none (not the NaN of a mean over nothing, which would make the sums NaN);
+    `weight` says how many there are, so logged and evaluated losses are exact token means.
     """
 
     def __init__(self, label_smoothing: float = 0.0, ignore_index: int = -100):
@@ -27,7 +28,8 @@ class CrossEntropy:
     def __call__(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if out.dim() > 2 and out.shape[:-1] == y.shape:
             out, y = out.reshape(-1, out.shape[-1]), y.reshape(-1)
-        return F.cross_entropy(out, y, label_smoothing=self.label_smoothing, ignore_index=self.ignore_index)
+        loss = F.cross_entropy(out, y, label_smoothing=self.label_smoothing, ignore_index=self.ignore_index)
+        return loss if y.is_floating_point() else loss.where((y != self.ignore_index).any(), 0.0)
 
     def weight(self, out, y) -> torch.Tensor | int:
         # Sequences: the counted tokens (a device tensor, no host sync). One label per sample: the samples.

@@ -11,7 +11,7 @@ from ddptrain.config import from_dict
 from ddptrain.dist import Dist, detect
 from ddptrain.batch import Forward
 from ddptrain.evaluation import Evaluator
-from ddptrain.losses import R2, as_metric, squared_error
+from ddptrain.losses import R2, CrossEntropy, as_metric, squared_error
 from ddptrain.precision import Precision
 from ddptrain.trainer import run
 
@@ -62,6 +62,31 @@ def test_validation_is_identical_for_world_size_1_2_3(mode):
             assert values["n"] == N_VAL and values["mean_id"] == reference["mean_id"]
             for key in ("loss", "mse", "r2"):
                 assert values[key] == pytest.approx(reference[key], rel=1e-9), (ws, key)
+
+
+def evaluate_tokens_on_ranks(rank, eval_batch_size):
+    """Next-token logits (as given) of padded sequences, the last of which is padding alone."""
+    cfg = from_dict({"data": {"eval_batch_size": eval_batch_size}})
+    dist = Dist(detect(os.environ), torch.device("cpu"), "gloo", 30, 30)
+    try:
+        g = torch.Generator().manual_seed(3)
+        logits, y = torch.randn(9, 5, 4, generator=g), torch.randint(0, 4, (9, 5), generator=g)
+        y[:, 3:], y[-1] = -100, -100
+        evaluate = Evaluator(dist, Forward(CrossEntropy()), {}, Precision("fp32", torch.device("cpu")), "sharded",
+                             cfg.data)
+        return evaluate(nn.Identity(), TensorDataset(logits, y))
+    finally:
+        dist.close()
+
+
+def test_a_batch_of_padding_alone_counts_nothing_instead_of_making_the_loss_nan():
+    g = torch.Generator().manual_seed(3)
+    logits, y = torch.randn(9, 5, 4, generator=g), torch.randint(0, 4, (9, 5), generator=g)
+    y[:, 3:], y[-1] = -100, -100
+    expected = nn.functional.cross_entropy(logits.reshape(-1, 4).double(), y.reshape(-1)).item()
+    for world_size, eval_batch_size in ((1, 1), (1, 256), (2, 1)):
+        values = run_ranks(evaluate_tokens_on_ranks, world_size, eval_batch_size)[0]
+        assert values["loss"] == pytest.approx(expected, rel=1e-12), (world_size, eval_batch_size)
 
 
 def test_r2_matches_scikit_learn():
