@@ -108,7 +108,7 @@ class Computed:
     output: Any = None
     target: Any = None
     samples: int = 0
-    weight: torch.Tensor | int = 0   # what the loss is a mean over: samples, or tokens for sequence losses
+    weight: torch.Tensor | int = 0   # what the loss is a mean over: samples, or the counted classes (tokens) of cross entropy
     tokens: int = 0                  # target elements of a sequence target (B, T, ...); 0 otherwise
 
 
@@ -118,7 +118,7 @@ class Forward:
     def __init__(self, loss_fn, step: Callable | None = None, target_key: str = "labels"):
         self.loss_fn, self.step, self.target_key = loss_fn, step, target_key
         self.own_loss = loss_fn == "model"
-        self.weigh = getattr(loss_fn, "weight", None)  # built-in sequence losses count their tokens
+        self.weigh = getattr(loss_fn, "weight", None)  # the built-in cross entropy counts its targets (tokens)
         self.flops_per_sample = 0  # the model's forward FLOPs per sample, counted by the pre-flight check
         self.cpu_batches = True  # the pre-flight check's training batch held CPU tensors only (they can be pinned)
 

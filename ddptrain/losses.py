@@ -32,8 +32,9 @@ class CrossEntropy:
         return loss if y.is_floating_point() else loss.where((y != self.ignore_index).any(), 0.0)
 
     def weight(self, out, y) -> torch.Tensor | int:
-        # Sequences: the counted tokens (a device tensor, no host sync). One label per sample: the samples.
-        return (y != self.ignore_index).sum() if y.dim() >= 2 else len(y)
+        # Classes: the counted ones, tokens of sequences or samples (a device tensor, no host sync); the loss is a mean
+        # over them, also where some (N,) classes are ignore_index. Probabilities: the samples.
+        return len(y) if y.is_floating_point() else (y != self.ignore_index).sum()
 
 
 def build_loss(cfg: LossConfig) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | str | None:

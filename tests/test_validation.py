@@ -89,6 +89,18 @@ def test_a_batch_of_padding_alone_counts_nothing_instead_of_making_the_loss_nan(
         assert values["loss"] == pytest.approx(expected, rel=1e-12), (world_size, eval_batch_size)
 
 
+def test_classes_of_which_some_are_ignored_give_the_mean_over_the_others_for_any_eval_batch_size():
+    g = torch.Generator().manual_seed(0)
+    logits, y = torch.randn(10, 4, generator=g), torch.randint(0, 4, (10,), generator=g)
+    y[[1, 2, 3, 7]] = -100  # unlabelled samples
+    expected = nn.functional.cross_entropy(logits.double(), y).item()
+    dist = Dist(detect({}), torch.device("cpu"), "gloo", 30, 30)
+    for eval_batch_size in (1, 3, 256):
+        evaluate = Evaluator(dist, Forward(CrossEntropy()), {}, Precision("fp32", torch.device("cpu")), "sharded",
+                             from_dict({"data": {"eval_batch_size": eval_batch_size}}).data)
+        assert evaluate(nn.Identity(), TensorDataset(logits, y))["loss"] == pytest.approx(expected, rel=1e-12)
+
+
 def test_r2_matches_scikit_learn():
     from sklearn.metrics import r2_score
     y, out = torch.randn(50, 1, dtype=torch.float64), torch.randn(50, 1, dtype=torch.float64)
