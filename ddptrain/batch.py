@@ -41,15 +41,24 @@ def _rebuild(like, values: dict):
     return type(like)(**values)
 
 
+def map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], batch):
+    """`batch` with `fn` applied to every tensor in it, its structure (and record types) unchanged."""
+    if isinstance(batch, torch.Tensor):
+        return fn(batch)
+    if type(batch) in (tuple, list):
+        return type(batch)(map_tensors(fn, b) for b in batch)
+    if is_record(batch):
+        return _rebuild(batch, {k: map_tensors(fn, v) for k, v in fields(batch).items()})
+    return batch
+
+
 def to_device(batch, device: torch.device, non_blocking: bool = True):
     """`batch` with every tensor in it on `device`, its structure (and record types) unchanged."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=non_blocking)
-    if type(batch) in (tuple, list):
-        return type(batch)(to_device(b, device, non_blocking) for b in batch)
-    if is_record(batch):
-        return _rebuild(batch, {k: to_device(v, device, non_blocking) for k, v in fields(batch).items()})
-    return batch
+    return map_tensors(lambda t: t.to(device, non_blocking=non_blocking), batch)
+
+
+def _double(t: torch.Tensor) -> torch.Tensor:
+    return t.double() if t.is_floating_point() else t
 
 
 def collate(items: list):
@@ -157,7 +166,7 @@ class Forward:
             if self.own_loss:
                 loss = model_loss(output)
             elif precise and isinstance(output, torch.Tensor) and output.is_floating_point():
-                loss = self.loss_fn(output.double(), target.double() if target.is_floating_point() else target)
+                loss = self.loss_fn(output.double(), map_tensors(_double, target))  # a target may be (y, weights)
             else:
                 loss = self.loss_fn(output, target)
         lead = target if isinstance(target, torch.Tensor) else first_tensor(batch if target is None else target)

@@ -202,3 +202,26 @@ def padded_lm(cfg) -> Task:
     model = TinyLM()
     MODELS.append(model)
     return Task(model=model, train=Padded(64, 10, 16, 1), val=Padded(37, 10, 16, 2), test=Padded(37, 10, 16, 3))
+
+
+class WeightedItems(Items):
+    """(x, (y, w)): a per-sample weight travels in the target, for the task's weighted loss."""
+
+    def __getitem__(self, i):
+        return self.x[i], (self.y[i], 0.5 + self.x[i, :1].abs())
+
+
+def weighted(cfg) -> Task:
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(48, 8, generator=g)
+    y = x[:, :1] - x[:, 1:2]
+    torch.manual_seed(cfg.seed)
+    model = OneInput()
+    MODELS.append(model)
+
+    def weighted_mse(out, target):
+        y, w = target
+        return (w * (out - y) ** 2).mean()
+    val = WeightedItems(x[32:], y[32:], None)
+    return Task(model=model, train=WeightedItems(x[:32], y[:32], None), val=val, test=val,
+                loss=weighted_mse, metrics={"mse": lambda out, t: squared_error(out, t[0])})

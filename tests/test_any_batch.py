@@ -60,6 +60,14 @@ def test_every_batch_shape_trains_like_a_pair_of_tensors_on_one_and_two_ranks(tm
         assert all(torch.equal(two[0][shape]["weights"][k], two[1][shape]["weights"][k]) for k in reference["weights"])
 
 
+def test_a_target_with_per_sample_weights_is_validated_on_one_and_two_ranks(tmp_path):
+    """(x, (y, w)): the validation's float64 loss casts the target's tensors, not the tuple."""
+    cfg = with_(BASE, task="tasks_any_batch:weighted", data={"batch_size": 8, "eval_batch_size": 4}, train={"epochs": 1})
+    one = run_ranks(train_rank, 1, tmp_path / "one", cfg)[0]
+    two = run_ranks(train_rank, 2, tmp_path / "two", cfg)[0]
+    assert_close_runs(two, one)
+
+
 def test_an_item_of_another_shape_asks_for_a_step_function(tmp_path):
     cfg = from_dict(with_(BASE, task_args={"shape": "triple"}, runs_dir=str(tmp_path)))
     with pytest.raises(TaskError, match=r"a batch must be an \(input, target\) pair or a dict/dataclass/named tuple "
