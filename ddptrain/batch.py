@@ -13,8 +13,9 @@ first tensor in the batch.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -36,8 +37,19 @@ def fields(record) -> dict:
 
 
 def _rebuild(like, values: dict):
+    """A record like `like` with these values; a mapping as torch's default_collate rebuilds one (a defaultdict, a
+    UserDict keep their type and attributes), or a plain dict where its type cannot be made from one."""
+    if type(like) is dict:
+        return values
+    if isinstance(like, MutableMapping):
+        clone = copy.copy(like)
+        clone.update(values)
+        return clone
     if isinstance(like, Mapping):
-        return type(like)(values) if type(like) is not dict else values
+        try:
+            return type(like)(values)
+        except TypeError:
+            return values
     return type(like)(**values)
 
 

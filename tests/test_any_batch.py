@@ -8,7 +8,7 @@ import torch
 
 
 from ddptrain import checkpoint
-from ddptrain.batch import on_cpu
+from ddptrain.batch import on_cpu, to_device
 from ddptrain.config import DataConfig, from_dict
 from ddptrain.data import pinned
 from ddptrain.dist import detect
@@ -137,6 +137,39 @@ def test_an_optimizer_path_that_does_not_import_is_a_config_error(tmp_path):
     cfg = from_dict(with_(BASE, optim={"name": "no_such_pkg.Opt"}, runs_dir=str(tmp_path)))
     with pytest.raises(ConfigError, match="config key 'optim.name': cannot import 'no_such_pkg'"):
         run(cfg, detect({}))
+
+
+def test_mapping_batches_of_other_types_reach_the_device_as_default_collate_rebuilds_them():
+    """A defaultdict (whose constructor takes a factory first) or a UserDict with attributes of its own, as a
+    Hugging Face BatchEncoding is, keeps its type; a read-only mapping that cannot be made from a dict is a dict."""
+    import collections
+
+    class Encoding(collections.UserDict):
+        n_sequences = None
+
+    class Frozen(collections.abc.Mapping):
+        def __init__(self, values, tag):
+            self.values, self.tag = values, tag
+
+        def __getitem__(self, k):
+            return self.values[k]
+
+        def __iter__(self):
+            return iter(self.values)
+
+        def __len__(self):
+            return len(self.values)
+
+    meta = torch.device("meta")
+    moved = to_device(collections.defaultdict(list, {"labels": torch.ones(2)}), meta)
+    assert type(moved) is collections.defaultdict and moved["labels"].is_meta and moved["other"] == []
+    encoding = Encoding({"input_ids": torch.ones(2, 3)})
+    encoding.n_sequences = 1
+    moved = to_device(encoding, meta)
+    assert type(moved) is Encoding and moved.n_sequences == 1 and moved["input_ids"].is_meta
+    assert not encoding["input_ids"].is_meta  # the item itself is left as it was
+    moved = to_device(Frozen({"x": torch.ones(1)}, "t"), meta)
+    assert type(moved) is dict and moved["x"].is_meta
 
 
 def test_only_batches_of_cpu_tensors_are_pinned():
