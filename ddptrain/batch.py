@@ -157,7 +157,7 @@ class Forward:
                         f"'{self.target_key}', got {describe(batch)}; for other shapes give the task a "
                         f"`step(model, batch)` function")
 
-    def counted(self, batch) -> torch.Tensor | None:
+    def counted(self, batch) -> int | None:
         """The targets that a built-in sequence loss counts in `batch` (its tokens, from the target alone), or None
         when the loss is a mean over samples."""
         if self.weigh is None or self.step is not None:
@@ -165,7 +165,7 @@ class Forward:
         target = self.split(batch)[1]
         if not isinstance(target, torch.Tensor) or target.dim() < 2 or target.is_floating_point():
             return None
-        return self.weigh(None, target)
+        return int(self.weigh(None, target))
 
     def __call__(self, model, batch, precise: bool = False) -> Computed:
         """`precise` (evaluation): the loss is taken in float64, so its sums do not depend on batching."""

@@ -175,10 +175,17 @@ class Dist:
     def min_later(self, values: list[int]) -> Callable[[], list[int]]:
         """Start an element-wise minimum of a few ints over ranks in the background, on the gloo control group
         (no device sync); the returned function waits for it and gives the minima. Call on all ranks."""
+        return self._later(values, dist.ReduceOp.MIN)
+
+    def sum_later(self, values: list[int]) -> Callable[[], list[int]]:
+        """min_later's sum."""
+        return self._later(values, dist.ReduceOp.SUM)
+
+    def _later(self, values: list[int], op) -> Callable[[], list[int]]:
         if not self.active:
             return lambda: list(values)
         t = torch.tensor(values, dtype=torch.int64)
-        work = dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.control, async_op=True)
+        work = dist.all_reduce(t, op=op, group=self.control, async_op=True)
 
         def answer() -> list[int]:
             work.wait()

@@ -4,8 +4,9 @@ All but the last micro-batch run under DDP's `no_sync`, so gradients are all-red
 Each micro-batch's loss is a mean over its samples; dividing it by k makes the accumulated gradient
 the mean over the whole step's batch, whatever the world size and k. A loss that is a mean over counted
 tokens (the built-in cross entropy on sequences, with padding) is weighted by its micro-batch's share of
-the step's tokens on all ranks instead (one all-reduce of one number per step), so that the gradient is
-the mean over all of them, not a mean of each micro-batch's mean.
+the step's tokens on all ranks instead, so that the gradient is the mean over all of them, not a mean of
+each micro-batch's mean: the count, taken from the targets still on the CPU, is summed over ranks on the gloo
+control group in the background while the first forward runs (no device sync).
 """
 from __future__ import annotations
 
@@ -31,18 +32,26 @@ class TrainStep:
         self.layer_norms, self.norms = layer_norms, None  # norms: the latest log step's, by layer
         self.optimizer, self.scheduler, self.precision, self.tc, self.l1 = optimizer, scheduler, precision, tc, l1
         self.no_sync, self.dist = no_sync, dist
-        self.scale: torch.Tensor | None = None  # world size / the step's counted tokens on all ranks (begin)
+        self.scale: float | Callable | None = None  # world size / the step's counted tokens on all ranks (begin)
         self.params = list(module.parameters())  # made once: walking the module tree costs as much as a small step
         self.steps_schedule = not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
 
     def begin(self, batches: list) -> None:
-        """Before a step's micro-batches: with a token-mean loss, count the step's tokens on all ranks. Call on all ranks."""
-        counts = [self.forward.counted(b) for b in batches]
-        if self.dist is None or counts[0] is None:
-            self.scale = None
+        """Before a step's micro-batches: with a token-mean loss, start the count of the step's tokens on all
+        ranks (one rank, one micro-batch: its own mean is the step's). Call on all ranks."""
+        self.scale = None
+        if self.dist is None or (len(batches) == 1 and self.dist.env.world_size == 1):
             return
-        total = self.dist.all_reduce_sum(torch.stack(counts).sum().double().to(self.dist.device).reshape(1))
-        self.scale = (self.dist.env.world_size / total.clamp(min=1)[0]).float()  # DDP averages the ranks' gradients
+        counts = [self.forward.counted(b) for b in batches]
+        if counts[0] is not None:
+            self.scale = self.dist.sum_later([sum(counts)])
+
+    def _share(self, weight: torch.Tensor) -> torch.Tensor:
+        """A micro-batch's part of the step: its counted tokens over the mean count of a rank (DDP and FSDP
+        average the ranks' gradients)."""
+        if callable(self.scale):
+            self.scale = self.dist.env.world_size / max(self.scale()[0], 1)
+        return weight * self.scale
 
     def micro_step(self, batch, last: bool) -> Computed:
         """Forward and backward of one micro-batch; the gradients are all-reduced only when `last`."""
@@ -54,7 +63,7 @@ class TrainStep:
                 self.timer.end()
                 objective = c.loss + l1_penalty(self.module, self.l1) if self.l1 else c.loss
             if self.scale is not None:
-                objective = objective * (c.weight * self.scale)
+                objective = objective * self._share(c.weight)
             elif k > 1:
                 objective = objective / k
             self.precision.backward(objective)

@@ -3,8 +3,9 @@
 `run` does everything that needs no process group (config checks, the task, the pre-flight check),
 then `Training` holds the run's parts and its schedule: epochs of optimizer steps (step.py), logging,
 validation, early stopping, checkpoints (one `RunState` lists what they hold).
-The loop has no per-step collective or host sync of its own (but a sequence loss's token count, step.py): train sums stay on the device and are
-reduced only every `train.log_every` steps, and with `train.nonfinite: stop` the weights are checked
+The loop has no per-step collective or host sync of its own (but a sequence loss's token count, summed in the
+background on the control group: step.py): train sums stay on the device and are reduced only every
+`train.log_every` steps, and with `train.nonfinite: stop` the weights are checked
 for NaN/Inf in the same reduction (and at each epoch's end), not at every step. Validation results
 and stop decisions come from rank 0.
 """
