@@ -180,9 +180,11 @@ def latest_valid(directory: Path) -> Path | None:
     return None
 
 
-def prune(directory: Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` step checkpoints (and their markers)."""
-    for path in step_files(directory)[:-keep_last]:
+def prune(directory: Path, keep_last: int, written: Path | None = None) -> None:
+    """Delete all but the newest `keep_last` step checkpoints (and their markers), counting from `written`, the
+    one just saved: a newer one (left unmarked by an attempt that died, the run resumed before it) never counts
+    and never makes it go."""
+    for path in [p for p in step_files(directory) if written is None or p.name <= written.name][:-keep_last]:
         marker(path).unlink(missing_ok=True)
         _remove(path)
 
@@ -336,7 +338,7 @@ def _finish_sharded(path: Path, tmp: Path, rest: dict, keep_last: int | None) ->
             os.replace(old, path)
         raise CheckpointError(f"checkpoint '{path}': {e.strerror or e}; the previous checkpoint is kept") from None
     if keep_last:
-        prune(path.parent, keep_last)
+        prune(path.parent, keep_last, path)
 
 
 def first_line(e: BaseException) -> str:

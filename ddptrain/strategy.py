@@ -138,7 +138,7 @@ class Replicated(_Writes):
 
         def write(state):
             ckpt.save(path, state)
-            ckpt.prune(path.parent, keep)
+            ckpt.prune(path.parent, keep, path)
         if self.background is None:
             write(state)
             return

@@ -262,3 +262,17 @@ def test_resuming_from_best_weights_or_a_marker_is_a_one_line_error(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match=f"a completeness marker, not a checkpoint; name the "
                                                          f"checkpoint beside it, '{ckpts / 'step-000000006.pt'}'"):
         run(from_dict({**cfg, "checkpoint": {"resume": str(marker)}}), detect(os.environ))
+
+
+def test_a_newer_unmarked_checkpoint_never_makes_keep_last_delete_the_one_just_written(tmp_path):
+    """keep_last 1; step 12 was renamed into place but never marked (its writer died), the run resumed from 8 and
+    saves at 10: the prune keeps step 10, which a later resume takes."""
+    cfg = {**BASE, "sched": {"name": "constant"}, "task_args": {},
+           "train": {**BASE["train"], "epochs": 4, "max_steps": 8},
+           "checkpoint": {"every_steps": 4, "every_epochs": 0, "keep_last": 1}}
+    train_rank(0, tmp_path, cfg)
+    ckpts = tmp_path / "r" / "checkpoints"
+    (ckpts / "step-000000012.pt").write_bytes((ckpts / "step-000000008.pt").read_bytes())
+    train_rank(0, tmp_path, {**cfg, "train": {**cfg["train"], "max_steps": 10},
+                             "checkpoint": {**cfg["checkpoint"], "every_epochs": 1}})
+    assert checkpoint.latest_valid(ckpts) == ckpts / "step-000000010.pt"
