@@ -257,6 +257,10 @@ class Training:
                 warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
                 for epoch in range(p.epoch + 1 if p.epoch_done else p.epoch, self.cfg.train.epochs):
                     if self.reached_end():
+                        if not p.epoch_complete:  # resumed from the run's last step, saved before its epoch's end
+                            p.pass_ended = not self.stream and p.step_in_epoch == self.steps_per_epoch
+                            p.passes += p.pass_ended
+                            self.end_epoch(epoch)
                         break
                     self.phase = "training"
                     self.train_epoch(epoch, before_micro_step)
@@ -531,7 +535,7 @@ class Training:
         """When resumed from the checkpoint at the end of a run that completed, its summary (unchanged, with
         `already_trained`), else None. Call on all ranks."""
         p, summary = self.progress, None
-        if self.resumed_from is None or not p.epoch_complete or not self.reached_end():
+        if self.resumed_from is None or not self.reached_end():  # its last checkpoint may precede its end
             return None
         if self.dist.env.is_main:
             try:

@@ -276,3 +276,32 @@ def test_a_newer_unmarked_checkpoint_never_makes_keep_last_delete_the_one_just_w
     train_rank(0, tmp_path, {**cfg, "train": {**cfg["train"], "max_steps": 10},
                              "checkpoint": {**cfg["checkpoint"], "every_epochs": 1}})
     assert checkpoint.latest_valid(ckpts) == ckpts / "step-000000010.pt"
+
+
+def test_a_preemption_at_the_last_step_still_ends_its_epoch_on_resume(tmp_path):
+    """Preempted on the run's last step (12), before that epoch's validation, best.pt and checkpoint: the resumed
+    run does them, as the uninterrupted one did. A completed run whose last checkpoint came before its end
+    (every_epochs 0), run again, only reports that it is done."""
+    cfg = {**BASE, "sched": {"name": "constant"}, "train": {**BASE["train"], "epochs": 2}}
+
+    def preempt_at_12(step, micro_step, batch):
+        if step == 11 and micro_step == 11:  # the last micro-batch of step 12 (the 12th of epoch 1)
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return batch
+    with pytest.raises(Preempted):
+        run(from_dict({**cfg, "runs_dir": str(tmp_path), "name": "r"}), detect(os.environ),
+            hooks={"before_micro_step": preempt_at_12})
+    straight = train_rank(0, tmp_path / "straight", cfg)
+    resumed = train_rank(0, tmp_path, cfg)
+    assert resumed["summary"]["resumed_at_step"] == 12
+    assert records(tmp_path) == records(tmp_path / "straight")
+    for key in rundirs.SUMMARY:
+        assert resumed["summary"][key] == straight["summary"][key], key
+    assert_bitwise(checkpoint.load(tmp_path / "r" / "checkpoints" / "best.pt")["model"],
+                   checkpoint.load(tmp_path / "straight" / "r" / "checkpoints" / "best.pt")["model"])
+
+    steps_only = {**cfg, "checkpoint": {"every_steps": 6, "every_epochs": 0}}
+    train_rank(0, tmp_path / "again", steps_only)
+    before = (tmp_path / "again" / "r" / "metrics.jsonl").read_text()
+    assert train_rank(0, tmp_path / "again", steps_only)["summary"].get("already_trained")
+    assert (tmp_path / "again" / "r" / "metrics.jsonl").read_text() == before
