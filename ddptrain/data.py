@@ -21,7 +21,7 @@ from . import batch
 from . import stream as stream_mod
 from .config import DataConfig, ConfigError
 from .dist import DistEnv
-from .state import OwnRng, from_saved, saveable
+from .state import OwnRng, from_saved, saveable, seed_everything
 
 
 def split(dataset: Dataset, fractions: Sequence[float], seed: int) -> list[Subset]:
@@ -50,16 +50,57 @@ class ShardSampler(Sampler[int]):
         return len(range(self.rank, self.length, self.world_size))
 
 
+class _Seeded(int):
+    """The first index of a batch, carrying the seed of the random streams that batch is loaded with."""
+
+    def __new__(cls, index: int, seed: int):
+        self = super().__new__(cls, index)
+        self.seed = seed
+        return self
+
+    def __reduce__(self):  # to the worker
+        return _Seeded, (int(self), self.seed)
+
+
+class SeededBatches(Dataset):
+    """A map-style dataset read by DataLoader workers: each batch draws its random numbers (augmentation) from
+    streams seeded by its place in the epoch, not from its worker's, whose position depends on what that worker
+    loaded before (other epochs, with persistent workers; batches that a resumed run skips). So a run resumed
+    mid-epoch loads the same batches as one that never stopped."""
+
+    def __init__(self, inner: Dataset):
+        self.inner = inner
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, index):
+        return self.inner[int(index)]
+
+    def __getitems__(self, indices: list) -> list:
+        if hasattr(indices[0], "seed"):
+            seed_everything(indices[0].seed)
+        indices = [int(i) for i in indices]
+        getitems = getattr(self.inner, "__getitems__", None)
+        return getitems(indices) if getitems is not None else [self.inner[i] for i in indices]
+
+
 class ResumableSampler(DistributedSampler):
     """DistributedSampler that can start an epoch part-way: `start` of this rank's indices are skipped.
 
-    Resuming mid-epoch then costs nothing: the skipped samples are never loaded.
+    Resuming mid-epoch then costs nothing: the skipped samples are never loaded. With `seed_batches` (the
+    batch size), the first index of each batch carries its seed (`SeededBatches`).
     """
 
-    start = 0
+    start, seed_batches = 0, None
 
     def __iter__(self) -> Iterator[int]:
-        return itertools.islice(super().__iter__(), self.start, None)
+        indices = itertools.islice(super().__iter__(), self.start, None)
+        if self.seed_batches is None:
+            return indices
+        b, base = self.seed_batches, (self.seed * 1_000_003 + self.rank) * 1_000_003 + self.epoch
+        return (_Seeded(i, (base * 1_000_003 + n) % 2**63) if n % b == 0 else i
+                for n, i in enumerate(indices, self.start))
 
     def __len__(self) -> int:
         return self.num_samples - self.start
@@ -104,6 +145,8 @@ def train_loader(dataset: Dataset, cfg: DataConfig, env: DistEnv, grad_accum_ste
     check_batch_size(dataset, cfg)
     sampler = ResumableSampler(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True,
                                seed=seed, drop_last=True)
+    if cfg.num_workers > 0:  # in the main process (no workers) the training's own RNG, checkpointed, is drawn from
+        sampler.seed_batches, dataset = per_rank, SeededBatches(dataset)
     # The loader draws its workers' base seed from its own generator (re-seeded every epoch by the
     # loop), not from the global RNG, whose state a checkpoint restores exactly.
     loader = DataLoader(dataset, batch_size=per_rank, sampler=sampler, drop_last=True,

@@ -33,8 +33,23 @@ def regression(cfg) -> Task:
     def part(lo, hi):
         return TensorDataset(x[lo:hi], y[lo:hi]) if hi > lo else None
 
-    return Task(model=model, train=part(0, n_train), val=part(n_train, n_train + n_val),
+    train = part(0, n_train) if not a.get("augment") else Augmented(part(0, n_train))
+    return Task(model=model, train=train, val=part(n_train, n_train + n_val),
                 test=part(n_train + n_val, len(x)), loss=nn.functional.mse_loss, metrics={"mse": squared_error})
+
+
+class Augmented(Dataset):
+    """Random noise added to every input as it is loaded (in a DataLoader worker, from the worker's RNG)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        x, y = self.inner[i]
+        return x + 0.1 * torch.randn(x.shape), y
 
 
 def classification(cfg) -> Task:

@@ -305,3 +305,23 @@ def test_a_preemption_at_the_last_step_still_ends_its_epoch_on_resume(tmp_path):
     before = (tmp_path / "again" / "r" / "metrics.jsonl").read_text()
     assert train_rank(0, tmp_path / "again", steps_only)["summary"].get("already_trained")
     assert (tmp_path / "again" / "r" / "metrics.jsonl").read_text() == before
+
+
+def test_augmentation_in_persistent_loader_workers_resumes_mid_epoch_bitwise(tmp_path):
+    """Random noise drawn in 2 persistent DataLoader workers: preempted mid-epoch 1 (step 8), the resumed run's
+    batches (new workers) are those of the uninterrupted run."""
+    cfg = {**BASE, "task_args": {"augment": True}, "sched": {"name": "constant"},
+           "data": {"batch_size": 16, "num_workers": 2}, "train": {**BASE["train"], "epochs": 2}}
+
+    def preempt_at_8(step, micro_step, batch):
+        if step == 7 and micro_step == 3:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return batch
+    with pytest.raises(Preempted):
+        run(from_dict({**cfg, "runs_dir": str(tmp_path), "name": "r"}), detect(os.environ),
+            hooks={"before_micro_step": preempt_at_8})
+    straight = train_rank(0, tmp_path / "straight", cfg)
+    resumed = train_rank(0, tmp_path, cfg)
+    assert resumed["summary"]["resumed_at_step"] == 8
+    assert_bitwise(resumed["weights"], straight["weights"])
+    assert records(tmp_path) == records(tmp_path / "straight")
