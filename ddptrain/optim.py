@@ -14,7 +14,7 @@ from torch import nn
 from torch.optim import lr_scheduler as sch
 
 from .config import OPTIMIZERS, SCHEDULES, SPANS_RUN, ConfigError, OptimConfig, SchedConfig, TrainConfig
-from .importing import import_object
+from .importing import import_object, user_frame
 from .precision import Precision
 
 
@@ -33,11 +33,35 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _built(what: str, make: Callable, expected: type | None = None):
+    """make(), where a failure (the user's optimizer or schedule, or its arguments) or an object of the wrong type
+    is one line naming `what`: the config keys and their values, or the task's function and its file:line."""
+    from .task import TaskError
+    try:
+        made = make()
+    except (ConfigError, TaskError):
+        raise
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        if what.startswith("config"):  # torch's own classes (or the user's, named by import path) and the config's arguments
+            raise ConfigError(f"{what} raised {type(e).__name__}: {first}") from e
+        raise TaskError(f"{what} raised {type(e).__name__}: {first} ({user_frame(e)})") from e
+    if expected is not None and not isinstance(made, expected):
+        message = f"{what}: expected a torch.optim.{expected.__name__}, got {type(made).__name__}"
+        raise ConfigError(message) if what.startswith("config") else TaskError(message)
+    return made
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig, task_optimizer: Callable | None = None) -> torch.optim.Optimizer:
     """The task's optimizer (given the parameter groups), else the configured one by name or import path."""
     groups = param_groups(model, cfg.weight_decay)
     if task_optimizer is not None:
-        return task_optimizer(groups)
+        return _built("the task's optimizer (Task.optimizer)", lambda: task_optimizer(groups), torch.optim.Optimizer)
+    what = f"config keys 'optim.name', 'optim.args': {cfg.name} with lr={cfg.lr:g} and args {cfg.args}"
+    return _built(what, lambda: _named_optimizer(groups, cfg), torch.optim.Optimizer)
+
+
+def _named_optimizer(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
     if cfg.name not in OPTIMIZERS:
         return import_object(cfg.name, "optim.name")(groups, lr=cfg.lr, **cfg.args)
     kw = dict(lr=cfg.lr, **cfg.args)
@@ -67,7 +91,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedConfig, total_st
     """Return the scheduler; `total_steps` is the number of optimizer steps the run will take (None: unknown,
     a stream without a length and no train.max_steps)."""
     if task_scheduler is not None:
-        return task_scheduler(optimizer, total_steps)
+        return _built("the task's schedule (Task.scheduler)", lambda: task_scheduler(optimizer, total_steps))
     if total_steps is None and cfg.name in SPANS_RUN:
         raise unknown_length(cfg.name)
     if cfg.name == "plateau":
@@ -77,7 +101,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedConfig, total_st
     warmup = cfg.warmup_steps if total_steps is None else min(cfg.warmup_steps, max(total_steps - 1, 0))
     rest = None if total_steps is None else max(total_steps - warmup, 1)  # only the schedules that span the run use it
     if cfg.name not in SCHEDULES:
-        main = import_object(cfg.name, "sched.name")(optimizer, **cfg.args)
+        schedule = import_object(cfg.name, "sched.name")
+        main = _built(f"config keys 'sched.name', 'sched.args': {cfg.name} with args {cfg.args}",
+                      lambda: schedule(optimizer, **cfg.args))
         if isinstance(main, sch.ReduceLROnPlateau):
             return main
     elif cfg.name == "constant":

@@ -158,6 +158,15 @@ def bad_sample(cfg) -> Task:
     return task
 
 
+def optimizer_raises(cfg) -> Task:
+    task = regression(cfg)
+
+    def optimizer(groups):
+        raise ValueError("no such optimizer setting")
+    task.optimizer = optimizer
+    return task
+
+
 def needs_missing_module(cfg) -> Task:
     import no_such_package  # noqa: F401
 

@@ -58,6 +58,25 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path, capsys, monkeypatch, conf
     assert not (tmp_path / "runs").exists()  # nothing was started
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["optim.args={bogus: 1}"], "config keys 'optim.name', 'optim.args': adamw with lr=0.001 and args {'bogus': 1} "
+     "raised TypeError: AdamW.__init__() got an unexpected keyword argument 'bogus'"),
+    (["optim.name=torch.nn.Linear"], "config keys 'optim.name', 'optim.args': torch.nn.Linear with lr=0.001 and args "
+     "{} raised TypeError: Linear.__init__() got an unexpected keyword argument 'lr'"),
+    (["optim.name=builtins.dict"], "builtins.dict with lr=0.001 and args {}: expected a torch.optim.Optimizer, got dict"),
+    (["sched.name=torch.optim.lr_scheduler.ExponentialLR"], "config keys 'sched.name', 'sched.args': "
+     "torch.optim.lr_scheduler.ExponentialLR with args {} raised TypeError: "),
+    (["task=tasks_for_tests:optimizer_raises"], "the task's optimizer (Task.optimizer) raised ValueError: no such "
+     "optimizer setting (tasks_for_tests.py:"),
+])
+def test_an_optimizer_or_schedule_that_cannot_be_built_is_one_line(tmp_path, capsys, monkeypatch, overrides, message):
+    monkeypatch.chdir(TESTS)
+    f = write(tmp_path, f"task: tasks_for_tests:regression\nruns_dir: {tmp_path}\ntrain:\n  epochs: 1\n")
+    assert main(["train", str(f), *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ddptrain: error: ") and message in err and err.count("\n") == 1, err
+
+
 def test_bad_input_under_torchrun_exits_before_any_rank_starts(tmp_path):
     f = write(tmp_path, "data:\n  batch_size: 63\n")
     proc = subprocess.run([sys.executable, "-m", "ddptrain", "launch", "--nproc-per-node", "2", str(f)],
