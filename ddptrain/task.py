@@ -128,7 +128,11 @@ def _check_dataset(task: str, split: str, ds) -> None:
     if getitem is None or getitem is Dataset.__getitem__ or not hasattr(ds, "__len__"):
         raise TaskError(f"task '{task}': the {split} set ({type(ds).__name__}) must be a map-style dataset (with "
                         f"__getitem__ and __len__) or a stream (a subclass of torch.utils.data.IterableDataset)")
-    if len(ds) == 0:
+    try:
+        empty = len(ds) == 0
+    except Exception as e:
+        raise TaskError(f"task '{task}': len() of the {split} set raised {type(e).__name__}: {e} ({user_frame(e)})") from None
+    if empty:
         raise TaskError(f"task '{task}': the {split} dataset is empty")
 
 
@@ -162,7 +166,11 @@ def check(cfg: Config, task: Task, forward: Forward, metrics: dict) -> None:
         if not items:
             raise TaskError(f"{name}: the training stream is empty")
     else:
-        items = [task.train[i] for i in range(min(2, len(task.train)))]
+        try:
+            items = [task.train[i] for i in range(min(2, len(task.train)))]
+        except Exception as e:
+            raise TaskError(f"{name}: reading the training set's first items raised {type(e).__name__}: {e} "
+                            f"({user_frame(e)})") from None
     try:
         batch = (task.collate or collate)(items)
     except Exception as e:

@@ -167,6 +167,13 @@ def optimizer_raises(cfg) -> Task:
     return task
 
 
+def first_sample_bad(cfg) -> Task:
+    """The first training item raises: the pre-flight check reads it."""
+    task = classification(cfg)
+    task.train = Corrupt(task.train, 0)
+    return task
+
+
 def needs_missing_module(cfg) -> Task:
     import no_such_package  # noqa: F401
 

@@ -47,6 +47,8 @@ def write(tmp_path, text, name="exp.yaml"):
     ("task: tasks_for_tests:batch_mean_metric\n", [], "metric 'mse' must return one value per sample (first "
      "dimension 2 here), got ()"),
     ("runs_dir: exp.yaml\n", [], "config key 'runs_dir': cannot create the run directory 'exp.yaml/exp'"),
+    ("task: tasks_for_tests:first_sample_bad\n", [], "task 'tasks_for_tests:first_sample_bad': reading the training "
+     "set's first items raised ValueError: sample 0 is corrupt ("),
 ])
 def test_bad_input_gives_one_line_and_exit_2(tmp_path, capsys, monkeypatch, config, overrides, message):
     monkeypatch.chdir(tmp_path)
