@@ -110,6 +110,8 @@ def build(cfg: Config, fn: Callable[[Config], Task]) -> Task:
         raise TaskError(f"task '{cfg.task}': expected the task function to return a ddptrain.Task, got {type(task).__name__}")
     if not isinstance(task.model, nn.Module):
         raise TaskError(f"task '{cfg.task}': model must be a torch.nn.Module, got {type(task.model).__name__}")
+    if not isinstance(task.metrics, dict):
+        raise TaskError(f"task '{cfg.task}': metrics must be a dict of name -> metric, got {type(task.metrics).__name__}")
     for split in ("train", "val", "test"):
         _check_dataset(cfg.task, split, getattr(task, split))
     task.reads_model_config = bool(model_keys.read)

@@ -129,6 +129,12 @@ def batch_mean_metric(cfg) -> Task:
     return task
 
 
+def metrics_as_list(cfg) -> Task:
+    task = regression(cfg)
+    task.metrics = [squared_error]  # not a dict of name -> metric
+    return task
+
+
 def label_out_of_range(cfg) -> Task:
     """A class index the 4-class model does not have, in the second batch (the two-sample check misses it)."""
     task = classification(cfg)

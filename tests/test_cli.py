@@ -49,6 +49,8 @@ def write(tmp_path, text, name="exp.yaml"):
     ("runs_dir: exp.yaml\n", [], "config key 'runs_dir': cannot create the run directory 'exp.yaml/exp'"),
     ("task: tasks_for_tests:first_sample_bad\n", [], "task 'tasks_for_tests:first_sample_bad': reading the training "
      "set's first items raised ValueError: sample 0 is corrupt ("),
+    ("task: tasks_for_tests:metrics_as_list\n", [], "task 'tasks_for_tests:metrics_as_list': metrics must be a dict "
+     "of name -> metric, got list"),
 ])
 def test_bad_input_gives_one_line_and_exit_2(tmp_path, capsys, monkeypatch, config, overrides, message):
     monkeypatch.chdir(tmp_path)
