@@ -13,9 +13,9 @@ from pathlib import Path
 from .config import ConfigError
 
 
-def user_frame(error: BaseException) -> str:
+def user_frame(error: BaseException, fallback: bool = True) -> str | None:
     """`file:line` of the innermost frame of the error's traceback in the user's code (not torch's, ddptrain's
-    or the standard library's); the innermost frame if there is none."""
+    or the standard library's); the innermost frame if there is none (None, without `fallback`)."""
     import traceback
     frames = traceback.extract_tb(error.__traceback__)
     if isinstance(error, SyntaxError) and error.filename:
@@ -23,6 +23,8 @@ def user_frame(error: BaseException) -> str:
     ours = (str(Path(__file__).resolve().parent), str(Path(os.__file__).resolve().parent))
     mine = [f for f in frames if not f.filename.startswith(ours) and "/torch/" not in f.filename and
             not f.filename.startswith("<frozen")]
+    if not mine and not fallback:
+        return None
     where = (mine or frames)[-1] if frames else None
     if where is None:
         return "unknown location"

@@ -138,6 +138,12 @@ def _check_dataset(task: str, split: str, ds) -> None:
         raise TaskError(f"task '{task}': the {split} dataset is empty")
 
 
+def _in_user_code(e: Exception) -> str:
+    """` (file:line)` where the user's code raised, if it did (not torch's or ddptrain's)."""
+    where = user_frame(e, fallback=False)
+    return f" ({where})" if where else ""
+
+
 def _shape(t) -> str:
     return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
 
@@ -176,7 +182,7 @@ def check(cfg: Config, task: Task, forward: Forward, metrics: dict) -> None:
     try:
         batch = (task.collate or collate)(items)
     except Exception as e:
-        raise TaskError(f"{name}: training items cannot be batched ({describe(items[0])}): {e}") from None
+        raise TaskError(f"{name}: training items cannot be batched ({describe(items[0])}): {e}{_in_user_code(e)}") from None
     forward.cpu_batches = on_cpu(batch)
     model = task.model
     if on_meta(model):  # the shapes are checked on the meta device: no weights are needed for them
@@ -199,7 +205,7 @@ def check(cfg: Config, task: Task, forward: Forward, metrics: dict) -> None:
                         c = forward(model, batch)
                     except Exception as e:
                         raise TaskError(f"{name}: the task's step fails on a training batch {describe(batch)}: "
-                                        f"{e}") from None
+                                        f"{e}{_in_user_code(e)}") from None
                 else:
                     c = _check_forward(name, cfg, forward, model, batch)
             forward.flops_per_sample = flops.get_total_flops() // max(c.samples, 1)
@@ -213,7 +219,7 @@ def check(cfg: Config, task: Task, forward: Forward, metrics: dict) -> None:
                 raise
             except Exception as e:
                 raise TaskError(f"{name}: metrics fail on model output {describe(c.output)} and target "
-                                f"{describe(c.target)}: {e}") from None
+                                f"{describe(c.target)}: {e}{_in_user_code(e)}") from None
             if not (isinstance(c.loss, torch.Tensor) and c.loss.dim() == 0):
                 raise TaskError(f"{name}: the loss must be a scalar tensor, got {_shape(c.loss)}")
     finally:
@@ -257,7 +263,8 @@ def _check_forward(name: str, cfg: Config, forward: Forward, model: nn.Module, b
     try:
         out = call(model, inputs)
     except Exception as e:
-        raise TaskError(f"{name}: the model fails on a training batch of input {describe(inputs)}: {e}") from None
+        raise TaskError(f"{name}: the model fails on a training batch of input {describe(inputs)}: "
+                        f"{e}{_in_user_code(e)}") from None
     if isinstance(out, torch.Tensor) and isinstance(target, torch.Tensor) and out.shape != target.shape:
         loss = f"loss '{cfg.loss.name}'" if cfg.loss.name != "task" else "the task's loss"
         if cfg.loss.name in ELEMENTWISE:
@@ -271,4 +278,4 @@ def _check_forward(name: str, cfg: Config, forward: Forward, model: nn.Module, b
         return forward(lambda *a, **k: out, batch)  # the loss of the output just computed
     except Exception as e:
         raise TaskError(f"{name}: the loss fails on model output {describe(out)} and target {describe(target)}: "
-                        f"{e}") from None
+                        f"{e}{_in_user_code(e)}") from None

@@ -135,6 +135,17 @@ def metrics_as_list(cfg) -> Task:
     return task
 
 
+class RaisesInForward(nn.Linear):
+    def forward(self, x):
+        raise RuntimeError("no forward today")
+
+
+def forward_raises(cfg) -> Task:
+    task = regression(cfg)
+    task.model = RaisesInForward(8, 1)
+    return task
+
+
 def label_out_of_range(cfg) -> Task:
     """A class index the 4-class model does not have, in the second batch (the two-sample check misses it)."""
     task = classification(cfg)

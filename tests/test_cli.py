@@ -48,7 +48,9 @@ def write(tmp_path, text, name="exp.yaml"):
      "dimension 2 here), got ()"),
     ("runs_dir: exp.yaml\n", [], "config key 'runs_dir': cannot create the run directory 'exp.yaml/exp'"),
     ("task: tasks_for_tests:first_sample_bad\n", [], "task 'tasks_for_tests:first_sample_bad': reading the training "
-     "set's first items raised ValueError: sample 0 is corrupt ("),
+     f"set's first items raised ValueError: sample 0 is corrupt ({TESTS / 'tasks_for_tests.py'}:"),
+    ("task: tasks_for_tests:forward_raises\n", [], "task 'tasks_for_tests:forward_raises': the model fails on a "
+     f"training batch of input Tensor(2, 8): no forward today ({TESTS / 'tasks_for_tests.py'}:"),
     ("task: tasks_for_tests:metrics_as_list\n", [], "task 'tasks_for_tests:metrics_as_list': metrics must be a dict "
      "of name -> metric, got list"),
 ])
