@@ -376,7 +376,10 @@ def read_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file '{path}': not found")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file '{path}': cannot read it ({getattr(e, 'strerror', None) or e})") from None
     try:
         if path.suffix == ".toml":
             import tomllib

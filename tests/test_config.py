@@ -65,6 +65,10 @@ def test_missing_or_unparsable_file(tmp_path):
         C.load(bad)
     with pytest.raises(ConfigError, match="expected section.key=value"):
         C.apply_overrides({}, ["lr"])
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="config file '.*latin1.yaml': cannot read it .*can't decode byte 0xe9"):
+        C.load(latin1)
 
 
 def test_every_key_is_described():
