@@ -374,6 +374,8 @@ def to_dict(cfg: Config) -> dict:
 def read_file(path: str | Path) -> dict:
     """Read a YAML (.yaml/.yml) or TOML (.toml) file into nested plain data."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file '{path}': is a directory; expected a .yaml, .yml or .toml file")
     if not path.is_file():
         raise ConfigError(f"config file '{path}': not found")
     try:

@@ -69,6 +69,9 @@ def test_missing_or_unparsable_file(tmp_path):
     latin1.write_bytes("name: caf\xe9\n".encode("latin-1"))
     with pytest.raises(ConfigError, match="config file '.*latin1.yaml': cannot read it .*can't decode byte 0xe9"):
         C.load(latin1)
+    (tmp_path / "dir.yaml").mkdir()
+    with pytest.raises(ConfigError, match="config file '.*dir.yaml': is a directory"):
+        C.load(tmp_path / "dir.yaml")
 
 
 def test_every_key_is_described():
