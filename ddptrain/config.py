@@ -371,6 +371,16 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def _parse_error(e: Exception) -> str:
+    """A parser's error in one line: PyYAML's spans several (the context, the problem, each with a caret under
+    the line quoted), TOML's is one already."""
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+    if mark is not None and problem:
+        context = f"{e.context}: " if getattr(e, "context", None) else ""
+        return f"{context}{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(e).split())
+
+
 def read_file(path: str | Path) -> dict:
     """Read a YAML (.yaml/.yml) or TOML (.toml) file into nested plain data."""
     path = Path(path)
@@ -394,7 +404,7 @@ def read_file(path: str | Path) -> dict:
     except ConfigError:
         raise
     except Exception as e:  # the parsers' own errors carry line and column
-        raise ConfigError(f"config file '{path}': cannot parse: {e}") from None
+        raise ConfigError(f"config file '{path}': cannot parse: {_parse_error(e)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

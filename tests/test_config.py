@@ -61,8 +61,10 @@ def test_missing_or_unparsable_file(tmp_path):
         C.load(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("optim: [1, 2\n")
-    with pytest.raises(ConfigError, match="config file '.*bad.yaml': cannot parse"):
+    with pytest.raises(ConfigError, match="config file '.*bad.yaml': cannot parse") as e:
         C.load(bad)
+    assert str(e.value).endswith("while parsing a flow sequence: expected ',' or ']', but got '<stream end>' "
+                                 "(line 2, column 1)"), e.value  # one line, not PyYAML's five
     with pytest.raises(ConfigError, match="expected section.key=value"):
         C.apply_overrides({}, ["lr"])
     latin1 = tmp_path / "latin1.yaml"
