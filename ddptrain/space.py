@@ -111,6 +111,8 @@ def load_space(path: Path, base: dict) -> Space:
             config_mod.from_dict(config_mod.apply_overrides(base, as_overrides({key: value})))
         params.append(p)
     pruner = data.get("pruner") or {"name": "median"}
+    if not isinstance(pruner, dict):
+        raise ConfigError(f"search space '{path}': pruner must be a mapping such as {{name: median}}, got {pruner!r}")
     if pruner.get("name") not in PRUNERS:
         raise ConfigError(f"search space '{path}': pruner.name must be one of {', '.join(PRUNERS)}, got {pruner.get('name')!r}")
     return Space(objective, direction, params, pruner)

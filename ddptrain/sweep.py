@@ -81,7 +81,7 @@ def _pruner(spec: dict):
         if name == "successive_halving":
             return optuna.pruners.SuccessiveHalvingPruner(**kwargs)
         return optuna.pruners.NopPruner()
-    except TypeError as e:
+    except (TypeError, ValueError) as e:  # an unknown argument, or one out of its range
         raise ConfigError(f"search space: pruner {name}: {e}") from None
 
 

@@ -217,6 +217,10 @@ def test_two_worker_processes_share_one_study_without_running_a_trial_twice(tmp_
     ("objective: val_loss\nparams:\n  optim.lr: {low: -1, high: 0.1}\n", "config key 'optim.lr': expected > 0, got -1.0"),
     ("objective: val_acc\nparams:\n  optim.lr: {low: 0.01, high: 0.1}\n", "objective 'val_acc' is never reported; the runs report val_loss, val_mse"),
     ("objective: val_loss\nparams:\n  optim.lr: {low: 0.01, high: 0.1}\n", "--sampler grid needs choices, not ranges, for: optim.lr"),
+    ("objective: val_loss\nparams:\n  optim.lr: {low: 0.01, high: 0.1}\npruner: median\n",
+     "pruner must be a mapping such as {name: median}, got 'median'"),
+    ("objective: val_loss\nparams:\n  optim.lr: {low: 0.01, high: 0.1}\npruner: {name: median, n_startup_trials: -1}\n",
+     "search space: pruner median: Number of startup trials cannot be negative"),
 ])
 def test_bad_search_spaces_fail_before_any_trial(tmp_path, capsys, monkeypatch, space, message):
     monkeypatch.chdir(tmp_path)
