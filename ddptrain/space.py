@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,6 +77,8 @@ def _param(key: str, spec) -> Param:
         low, high = float(spec["low"]), float(spec["high"])
     except (KeyError, TypeError, ValueError):
         raise ConfigError(f"{where}: a range needs numeric low and high, got {spec!r}") from None
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ConfigError(f"{where}: a range needs finite low and high, got [{spec['low']}, {spec['high']}]")
     if not low < high:
         raise ConfigError(f"{where}: empty or inverted range [{spec['low']}, {spec['high']}]: expected low < high")
     log = bool(spec.get("log", False))

@@ -221,6 +221,8 @@ def test_two_worker_processes_share_one_study_without_running_a_trial_twice(tmp_
      "pruner must be a mapping such as {name: median}, got 'median'"),
     ("objective: val_loss\nparams:\n  optim.lr: {low: 0.01, high: 0.1}\npruner: {name: median, n_startup_trials: -1}\n",
      "search space: pruner median: Number of startup trials cannot be negative"),
+    ("objective: val_loss\nparams:\n  optim.lr: {low: 0.01, high: .inf}\n",
+     "search space key 'optim.lr': a range needs finite low and high, got [0.01, inf]"),
 ])
 def test_bad_search_spaces_fail_before_any_trial(tmp_path, capsys, monkeypatch, space, message):
     monkeypatch.chdir(tmp_path)
