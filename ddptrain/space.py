@@ -48,6 +48,8 @@ class Param:
         """Values that must all be valid config values: the ends of a range, every choice."""
         if self.kind == "fixed":
             return [self.value]
+        if self.kind == "int":  # what suggest() gives
+            return [int(self.low), int(self.high)]
         return list(self.choices) if self.kind == "choice" else [self.low, self.high]
 
 
