@@ -241,9 +241,19 @@ def _not_a_failed_trial(record: logging.LogRecord) -> bool:
     return not (message.startswith("Trial ") and " failed with " in message)
 
 
+def _without_password(url: str) -> str:
+    """The storage URL as it may be shown: its password, if any, hidden."""
+    from sqlalchemy.engine import make_url
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("@")[-1] if "@" in url else url
+
+
 def _open_study(url: str, study_name: str, space: Space):
     import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+    from sqlalchemy.exc import ArgumentError
     # A worker that dies leaves its trial RUNNING; the heartbeat marks it failed and a worker retries it.
     # SQLite serialises writers: wait for the lock instead of failing when several workers share the file.
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
@@ -255,6 +265,9 @@ def _open_study(url: str, study_name: str, space: Space):
                                  heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
             return optuna.create_study(study_name=study_name, storage=rdb, load_if_exists=True,
                                        direction=space.direction, pruner=_pruner(space.pruner))
+        except ArgumentError as e:  # not a URL, or a database SQLAlchemy does not know: no retry helps
+            raise ConfigError(f"--storage '{_without_password(url)}': {e}; expected a database URL such as "
+                              f"sqlite:///study.db") from None
         except Exception:
             if attempt == 4:
                 raise

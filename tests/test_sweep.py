@@ -238,6 +238,17 @@ def test_bad_search_spaces_fail_before_any_trial(tmp_path, capsys, monkeypatch, 
     assert not (tmp_path / "runs" / "reg-sweep" / "logs").exists()
 
 
+def test_a_storage_url_that_cannot_be_opened_is_one_line_without_its_password(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(ROOT / "tests"))
+    config = write(tmp_path / "reg.yaml", REGRESSION)
+    space_file = write(tmp_path / "space.yaml", "objective: val_loss\nparams:\n  optim.lr: {low: 0.01, high: 0.1}\n")
+    assert main(["sweep", str(config), str(space_file), "--storage", "nosuchdb://me:hunter2@db/study"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("ddptrain: error: --storage 'nosuchdb://me:***@db/study': Can't load plugin: "
+                   "sqlalchemy.dialects:nosuchdb; expected a database URL such as sqlite:///study.db\n"), err
+
+
 def test_a_crashing_trial_is_recorded_as_failed_and_the_sweep_goes_on(tmp_path):
     config = write(tmp_path / "reg.yaml", REGRESSION)
     space = write(tmp_path / "space.yaml", "objective: val_loss\ndirection: minimize\npruner: {name: none}\n"
