@@ -214,6 +214,7 @@ def _tuples(x):
 # max_steps, which extends a run, unless the schedule is laid out over the run's length.
 PINNED = ["task", "task_args", "seed", "data.batch_size", "data.val_fraction", "data.test_fraction",
           "data.split_seed", "model", "loss", "optim", "sched", "train.grad_accum_steps", "train.precision",
+          "early_stop.monitor", "early_stop.mode",  # the best value saved is of this metric, in this direction
           "dist.strategy"]  # ddp saves one file, fsdp a directory of shards: `ddptrain export` turns one into a model
 
 

@@ -126,6 +126,9 @@ def test_resume_under_a_different_training_config_is_refused(tmp_path):
     # a cosine schedule is laid out over the run: its length is pinned
     with pytest.raises(RankFailed, match=r"different config \(sched: .*; train.epochs: 1 -> 2"):
         run_ranks(train_rank, 1, tmp_path, {**with_("train", epochs=2), "sched": {"name": "cosine"}})
+    # the best value saved is of val_loss, the lower the better: another metric or direction cannot continue it
+    with pytest.raises(RankFailed, match=r"different config \(early_stop.mode: 'min' -> 'max'\)"):
+        run_ranks(train_rank, 1, tmp_path, {**constant, "early_stop": {"mode": "max"}})
     # with a constant schedule more epochs is fine: that is how a run is extended
     longer = run_ranks(train_rank, 1, tmp_path, {**constant, "train": {**constant["train"], "epochs": 2}})[0]
     assert longer["summary"]["resumed_at_step"] == 6 and longer["summary"]["steps"] == 12
