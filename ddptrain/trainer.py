@@ -523,12 +523,12 @@ class Training:
                    f"steps (it checks every step), or lower optim.lr")
         if self.dist.env.is_main:
             from .runlog import write_json_atomic
-            last = ckpt.step_files(self.ckpt_dir)
+            last = ckpt.latest_valid(self.ckpt_dir)  # whole: not one a dead attempt left unmarked
             write_json_atomic(cfg.run_dir / "nonfinite.json", {
                 "what": what, "step": p.step, "epoch": p.epoch,
                 "grad_norm": None if self.norm is None else str(float(self.norm)),
                 "lr": self.optimizer.param_groups[0]["lr"], "last_loss_per_rank": [str(v) for v in losses],
-                "last_good_checkpoint": str(last[-1]) if last else None})
+                "last_good_checkpoint": str(last) if last else None})
         raise NonFiniteError(message)
 
     def finished_summary(self) -> dict | None:

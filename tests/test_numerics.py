@@ -10,7 +10,7 @@ from ddptrain.config import from_dict
 from ddptrain.dist import detect
 from ddptrain.precision import Precision
 from ddptrain.optim import optimizer_step
-from ddptrain.trainer import run
+from ddptrain.trainer import NonFiniteError, run
 
 from multirank import RankFailed, run_ranks
 import tasks_for_tests
@@ -104,6 +104,22 @@ def test_nonfinite_on_one_rank_stops_every_rank_at_the_same_step(tmp_path, log_e
                               f"loss or gradient); stopped at step 3, epoch 0"), err
     diagnostic = json.loads((tmp_path / "t" / "nonfinite.json").read_text())
     assert diagnostic["step"] == 3 and diagnostic["last_good_checkpoint"] is None
+
+
+def test_the_diagnostic_names_the_newest_whole_checkpoint_not_an_unmarked_one(tmp_path):
+    def hook(step, micro_step, batch):
+        x, y = batch
+        if step == 3:  # a dead attempt's step file without its marker, then a NaN input
+            (tmp_path / "t" / "checkpoints" / "step-000000009.pt").write_bytes(b"half written")
+            x = x.clone()
+            x[0, 0] = float("nan")
+        return x, y
+    with pytest.raises(NonFiniteError):
+        train_losses(0, {"train": {"epochs": 2, "nonfinite": "stop", "log_every": 1},
+                         "checkpoint": {"every_steps": 2}}, tmp_path, hooks={"before_micro_step": hook})
+    diagnostic = json.loads((tmp_path / "t" / "nonfinite.json").read_text())
+    assert diagnostic["step"] == 4
+    assert diagnostic["last_good_checkpoint"] == str(tmp_path / "t" / "checkpoints" / "step-000000003.pt")  # epoch 0 ends at 3
 
 
 def test_stalled_rank_fails_within_the_timeout_instead_of_hanging(tmp_path):
