@@ -83,7 +83,9 @@ def _param(key: str, spec) -> Param:
         raise ConfigError(f"{where}: a range needs finite low and high, got [{spec['low']}, {spec['high']}]")
     if not low < high:
         raise ConfigError(f"{where}: empty or inverted range [{spec['low']}, {spec['high']}]: expected low < high")
-    log = bool(spec.get("log", False))
+    log = spec.get("log", False)
+    if not isinstance(log, bool):
+        raise ConfigError(f"{where}: log must be true or false, got {log!r}")
     if log and low <= 0:
         raise ConfigError(f"{where}: a log range must be above 0, got [{spec['low']}, {spec['high']}]")
     return Param(key, kind, low=low, high=high, log=log)

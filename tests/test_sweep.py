@@ -225,6 +225,8 @@ def test_two_worker_processes_share_one_study_without_running_a_trial_twice(tmp_
      "search space key 'optim.lr': a range needs finite low and high, got [0.01, inf]"),
     ("objective: val_loss\nparams:\n  optim.lr: {type: int, low: 0.5, high: 3}\n",
      "config key 'optim.lr': expected > 0, got 0.0"),  # the integers suggested, 0 to 3, are checked
+    ("objective: val_loss\nparams:\n  optim.lr: {low: 0.01, high: 0.1, log: \"false\"}\n",
+     "search space key 'optim.lr': log must be true or false, got 'false'"),
 ])
 def test_bad_search_spaces_fail_before_any_trial(tmp_path, capsys, monkeypatch, space, message):
     monkeypatch.chdir(tmp_path)
