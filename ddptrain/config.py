@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -298,17 +299,20 @@ def _coerce(value: Any, tp, key: str):
             return int(value)
         raise bad
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads `1e-3` as a string
-            try:
-                return float(value)
-            except ValueError:
-                raise bad from None
-        raise bad
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise bad
+        try:
+            number = float(value)  # YAML 1.1 reads `1e-3` as a string
+        except ValueError:
+            raise bad from None
+        if not math.isfinite(number):
+            raise ConfigError(f"config key '{key}': expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):  # `name: 2024`, `name=2024`
+            return str(value)
         raise bad
     if tp is dict:
         if isinstance(value, dict):
@@ -381,6 +385,25 @@ def _parse_error(e: Exception) -> str:
     return " ".join(str(e).split())
 
 
+def _safe_load(text: str):
+    """yaml.safe_load, where a key given twice in one mapping is an error (PyYAML keeps the last one silently)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, typing.Hashable):
+                    continue  # construct_mapping refuses it
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice",
+                                                            key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+    return yaml.load(text, Loader=Loader)
+
+
 def read_file(path: str | Path) -> dict:
     """Read a YAML (.yaml/.yml) or TOML (.toml) file into nested plain data."""
     path = Path(path)
@@ -397,8 +420,7 @@ def read_file(path: str | Path) -> dict:
             import tomllib
             data = tomllib.loads(text)
         elif path.suffix in (".yaml", ".yml"):
-            import yaml
-            data = yaml.safe_load(text)
+            data = _safe_load(text)
         else:
             raise ConfigError(f"config file '{path}': expected a .yaml, .yml or .toml file")
     except ConfigError:

@@ -29,6 +29,10 @@ def test_toml_config(tmp_path):
     assert (cfg.task, cfg.optim.lr, cfg.train.precision) == ("diabetes", 0.01, "bf16")
 
 
+def test_a_number_given_for_a_name_is_that_name():
+    assert C.load(None, ["name=2024", "task=7"]).name == "2024"
+
+
 def test_print_config_round_trips():
     cfg = C.from_dict({"optim": {"lr": 0.1}})
     import yaml
@@ -40,6 +44,8 @@ def test_print_config_round_trips():
     ({"trian": {}}, "unknown config key 'trian'; did you mean 'train'?"),
     ({"optim": {"lr": -1}}, "config key 'optim.lr': expected > 0, got -1.0"),
     ({"optim": {"lr": "fast"}}, "config key 'optim.lr': expected a number, got 'fast'"),
+    ({"optim": {"lr": float("inf")}}, "config key 'optim.lr': expected a finite number, got inf"),
+    ({"optim": {"eps": "inf"}}, "config key 'optim.eps': expected a finite number, got 'inf'"),
     ({"optim": {"name": "adagrad"}}, "config key 'optim.name': expected sgd, adam, adamw, rmsprop or an import path such as torch.optim.NAdam or my_pkg.opt:Lion, got 'adagrad'"),
     ({"train": {"precision": "fp8"}}, "config key 'train.precision': expected one of 'fp32', 'bf16', 'fp16', got 'fp8'"),
     ({"train": {"epochs": 2.5}}, "config key 'train.epochs': expected an integer, got 2.5"),
@@ -71,6 +77,11 @@ def test_missing_or_unparsable_file(tmp_path):
     latin1.write_bytes("name: caf\xe9\n".encode("latin-1"))
     with pytest.raises(ConfigError, match="config file '.*latin1.yaml': cannot read it .*can't decode byte 0xe9"):
         C.load(latin1)
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("optim:\n  lr: 0.1\n  lr: 0.01\n")
+    with pytest.raises(ConfigError, match=r"config file '.*twice.yaml': cannot parse: key 'lr' appears twice "
+                                          r"\(line 3, column 3\)$"):
+        C.load(twice)
     (tmp_path / "dir.yaml").mkdir()
     with pytest.raises(ConfigError, match="config file '.*dir.yaml': is a directory"):
         C.load(tmp_path / "dir.yaml")
