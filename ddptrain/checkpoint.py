@@ -189,6 +189,33 @@ def prune(directory: Path, keep_last: int, written: Path | None = None) -> None:
         _remove(path)
 
 
+def marked_step(path: Path) -> int | None:
+    """The step that a checkpoint's completeness marker records (None without a marker)."""
+    try:
+        return json.loads(marker(path).read_text()).get("step")
+    except (OSError, ValueError):
+        return None
+
+
+def set_aside_newer(directory: Path, step: int, best: str) -> Path | None:
+    """A run resumed from an earlier step than its newest checkpoints abandons what came after: its step
+    checkpoints past `step`, and `best` if written past it, go (with their markers) to `abandoned-after-step-N/`,
+    kept but never resumed from or tested. Returns that directory, or None if nothing was newer. Rank 0 only."""
+    newer = [p for p in step_files(directory) if int(STEP_FILE.match(p.name).group(1)) > step]
+    if (marked_step(directory / best) or -1) > step:
+        newer.append(directory / best)
+    if not newer:
+        return None
+    aside = directory / f"abandoned-after-step-{step:09d}"
+    aside.mkdir(exist_ok=True)
+    for path in newer:
+        for part in (path, marker(path)):
+            if part.exists():
+                os.replace(part, aside / part.name)
+    _fsync_dir(directory)
+    return aside
+
+
 def load(path: Path) -> dict:
     """Read a checkpoint onto the CPU with weights_only=True; raise CheckpointError naming the file."""
     path = Path(path)
@@ -323,7 +350,7 @@ def _finish_sharded(path: Path, tmp: Path, rest: dict, keep_last: int | None) ->
             os.fsync(f.fileno())
         files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.name != STATE}
         meta = {"files": files, STATE: {"size": (tmp / STATE).stat().st_size, "sha256": _sha256(tmp / STATE)},
-                "step": rest.get("progress", {}).get("step")}
+                "step": rest["progress"]["step"] if "progress" in rest else rest.get("step")}
         if path.exists():  # the same step saved again: a rename moves the whole one aside, removed once replaced
             _remove(old)
             os.replace(path, old)

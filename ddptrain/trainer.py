@@ -225,6 +225,11 @@ class Training:
                          self.task.reads_model_config)
         self.state.load_state_dict(saved, self.resumed_from)
         self.strategy.load(self.resumed_from, self.module, self.optimizer)
+        if self.dist.env.is_main:
+            aside = ckpt.set_aside_newer(self.ckpt_dir, self.progress.step, self.strategy.name("best"))
+            if aside is not None:
+                warn(f"resumed at step {self.progress.step}, before the newest checkpoints of '{self.ckpt_dir}': "
+                     f"those past it are moved to '{aside}' and never resumed from")
         return saved.get("tracking", {})
 
     def _loggers(self, tracking: dict | None):

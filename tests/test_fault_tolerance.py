@@ -328,3 +328,27 @@ def test_augmentation_in_persistent_loader_workers_resumes_mid_epoch_bitwise(tmp
     assert resumed["summary"]["resumed_at_step"] == 8
     assert_bitwise(resumed["weights"], straight["weights"])
     assert records(tmp_path) == records(tmp_path / "straight")
+
+
+def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside_and_never_tests_their_best(tmp_path):
+    """Resumed from step 6 of a run that went on to step 18: the later checkpoints, best.pt among them, are of
+    an abandoned course. They are moved aside, so neither a later resume nor the test takes them."""
+    cfg = {**BASE, "task_args": {}, "sched": {"name": "constant"}, "train": {**BASE["train"], "epochs": 3},
+           "checkpoint": {"every_epochs": 1, "keep_last": 5}}
+    first = train_rank(0, tmp_path, cfg)
+    ckpts = tmp_path / "r" / "checkpoints"
+    assert first["summary"]["best_step"] > 6 and checkpoint.marked_step(ckpts / "best.pt") > 6
+
+    def wrong_targets(step, micro_step, batch):  # the resumed course learns the opposite: it never improves
+        x, y = batch
+        return x, -10 * y
+    resumed = run(from_dict({**cfg, "runs_dir": str(tmp_path), "name": "r",
+                             "checkpoint": {**cfg["checkpoint"], "resume": str(ckpts / "step-000000006.pt")}}),
+                  detect(os.environ), hooks={"before_micro_step": wrong_targets})
+    assert resumed["best_step"] == 6 and resumed["tested_weights"] == "last"
+    aside = ckpts / "abandoned-after-step-000000006"
+    assert sorted(p.name for p in aside.iterdir()) == ["best.pt", "best.pt.done", "step-000000012.pt",
+                                                      "step-000000012.pt.done", "step-000000018.pt",
+                                                      "step-000000018.pt.done"]
+    assert checkpoint.latest_valid(ckpts).name == "step-000000018.pt"  # the resumed course's own
+    assert checkpoint.load(ckpts / "step-000000018.pt")["progress"]["stopped_early"] is False
