@@ -234,18 +234,27 @@ def test_a_longer_run_continues_the_epoch_that_max_steps_ended_as_if_never_stopp
     assert train == [e for e in records(tmp_path / "straight") if e["split"] == "train"]
 
 
+def preempted_at(tmp_path, cfg, at):
+    """Train in this process until the preemption signal, sent during step `at`'s last micro-batch."""
+    seen = []
+
+    def hook(step, micro_step, batch):
+        if step == at - 1:
+            seen.append(micro_step)
+            if len(seen) == cfg["train"]["grad_accum_steps"]:
+                os.kill(os.getpid(), signal.SIGUSR1)
+        return batch
+    with pytest.raises(Preempted):
+        run(from_dict({**cfg, "runs_dir": str(tmp_path), "name": "r"}), detect(os.environ),
+            hooks={"before_micro_step": hook})
+
+
 def test_a_preemption_right_after_a_validation_does_not_repeat_it_on_resume(tmp_path):
     """val.every_steps validates on an epoch's last step (6), then the preemption signal comes: the resumed run
     goes on to step 7 without validating step 6 again (a repeat would count as no improvement)."""
     cfg = {**BASE, "sched": {"name": "constant"}, "val": {"every_steps": 6}, "early_stop": {"patience": 1}}
 
-    def preempt_at_6(step, micro_step, batch):
-        if step == 5 and micro_step == 11:  # the last micro-batch of step 6
-            os.kill(os.getpid(), signal.SIGUSR1)
-        return batch
-    with pytest.raises(Preempted):
-        run(from_dict({**cfg, "runs_dir": str(tmp_path), "name": "r"}), detect(os.environ),
-            hooks={"before_micro_step": preempt_at_6})
+    preempted_at(tmp_path, cfg, 6)
     straight = train_rank(0, tmp_path / "straight", cfg)
     resumed = train_rank(0, tmp_path, cfg)
     assert resumed["summary"]["resumed_at_step"] == 6
@@ -287,13 +296,7 @@ def test_a_preemption_at_the_last_step_still_ends_its_epoch_on_resume(tmp_path):
     (every_epochs 0), run again, only reports that it is done."""
     cfg = {**BASE, "sched": {"name": "constant"}, "train": {**BASE["train"], "epochs": 2}}
 
-    def preempt_at_12(step, micro_step, batch):
-        if step == 11 and micro_step == 11:  # the last micro-batch of step 12 (the 12th of epoch 1)
-            os.kill(os.getpid(), signal.SIGUSR1)
-        return batch
-    with pytest.raises(Preempted):
-        run(from_dict({**cfg, "runs_dir": str(tmp_path), "name": "r"}), detect(os.environ),
-            hooks={"before_micro_step": preempt_at_12})
+    preempted_at(tmp_path, cfg, 12)
     straight = train_rank(0, tmp_path / "straight", cfg)
     resumed = train_rank(0, tmp_path, cfg)
     assert resumed["summary"]["resumed_at_step"] == 12
