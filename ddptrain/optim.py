@@ -75,10 +75,13 @@ def _named_optimizer(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimi
 
 
 def l1_penalty(model: nn.Module, strength: float) -> torch.Tensor | float:
+    """The L1 term of the objective. Under FSDP a parameter may be this rank's shard (a DTensor, once its block
+    is resharded after the forward): its own part of the penalty, whose gradient goes to that shard alone, as
+    the whole penalty's would (the penalty is the same on every rank, so it needs no reduction)."""
     if strength == 0:
         return 0.0
     decay, _ = _decayed(model)
-    return strength * sum(p.abs().sum() for p in decay)
+    return strength * sum(local(p).abs().sum() for p in decay)
 
 
 def unknown_length(name: str) -> ConfigError:

@@ -83,6 +83,15 @@ def test_compiled_fsdp_trains_like_eager_fsdp(ddp_and_fsdp, tmp_path):
     assert_close(run_ranks(train_rank, 2, tmp_path, compiled, None, None, timeout=240)[0], sharded)
 
 
+def test_l1_under_fsdp_trains_like_ddp(tmp_path):
+    # once a block is resharded after its forward, its parameters are DTensor shards: the penalty is each
+    # rank's own part, added to a plain loss
+    cfg = with_(BASE, optim={"l1": 1e-2}, train={"epochs": 1}, checkpoint={"save_best": False})
+    ddp = run_ranks(train_rank, 2, tmp_path / "ddp", cfg, None, None, timeout=120)[0]
+    sharded = run_ranks(train_rank, 2, tmp_path / "fsdp", fsdp(cfg), None, None, timeout=120)[0]
+    assert_close(sharded, ddp)
+
+
 def poison_rank1_at_step_2(step, micro_step, batch):
     x, y = batch
     if int(os.environ.get("RANK", 0)) == 1 and step == 2:
