@@ -212,6 +212,7 @@ class Sharded(_Writes):
         if d.activation_checkpointing:
             checkpoint_blocks(module, lambda m: m in set(found))
             found = blocks(module, d.blocks)  # the wrappers now stand where the blocks were
+        found = untied(module, found)
         if on_meta(module):
             materialize(module, init, self.cfg.seed, found, lambda block: fully_shard(block, **kwargs))
         else:
@@ -286,6 +287,21 @@ class Sharded(_Writes):
         except ckpt.CheckpointError as e:
             error = str(e)
         return self.dist.first_error(error)
+
+
+def untied(module: nn.Module, found: list[nn.Module]) -> list[nn.Module]:
+    """The blocks that FSDP2 can shard on their own: a block with a parameter that a module outside it holds
+    too (tied embeddings: an embedding and a head) stays in the root's group instead, as fully_shard requires."""
+    holders: dict[int, set[int]] = {}  # a parameter's id -> the ids of the modules that hold it
+    for m in module.modules():
+        for _, p in m.named_parameters(recurse=False, remove_duplicate=False):
+            holders.setdefault(id(p), set()).add(id(m))
+    kept = []
+    for block in found:
+        inside = {id(m) for m in block.modules()}
+        if all(holders[id(p)] <= inside for p in block.parameters()):
+            kept.append(block)
+    return kept
 
 
 def blocks(module: nn.Module, names: list[str]) -> list[nn.Module]:

@@ -200,6 +200,8 @@ class Padded(Dataset):
 def padded_lm(cfg) -> Task:
     torch.manual_seed(cfg.seed)
     model = TinyLM()
+    if cfg.task_args.get("tied"):  # the head's weight is the embedding's
+        model.head.weight = model.embed.weight
     MODELS.append(model)
     return Task(model=model, train=Padded(64, 10, 16, 1), val=Padded(37, 10, 16, 2), test=Padded(37, 10, 16, 3))
 
