@@ -90,15 +90,16 @@ def unknown_length(name: str) -> ConfigError:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedConfig, total_steps: int, lr: float,
-                    task_scheduler: Callable | None = None):
+                    task_scheduler: Callable | None = None, mode: str = "min"):
     """Return the scheduler; `total_steps` is the number of optimizer steps the run will take (None: unknown,
-    a stream without a length and no train.max_steps)."""
+    a stream without a length and no train.max_steps); `mode` (early_stop.mode) says whether plateau's
+    monitored value improves as it falls (min) or rises (max)."""
     if task_scheduler is not None:
         return _built("the task's schedule (Task.scheduler)", lambda: task_scheduler(optimizer, total_steps))
     if total_steps is None and cfg.name in SPANS_RUN:
         raise unknown_length(cfg.name)
     if cfg.name == "plateau":
-        return sch.ReduceLROnPlateau(optimizer, factor=cfg.gamma, patience=cfg.plateau_patience)
+        return sch.ReduceLROnPlateau(optimizer, mode=mode, factor=cfg.gamma, patience=cfg.plateau_patience)
     if cfg.name == "onecycle":
         return sch.OneCycleLR(optimizer, max_lr=lr, total_steps=max(total_steps, 2), pct_start=cfg.pct_start)
     warmup = cfg.warmup_steps if total_steps is None else min(cfg.warmup_steps, max(total_steps - 1, 0))

@@ -173,7 +173,8 @@ class Training:
                                                      task.collate)
             self.steps_per_epoch = self.sampler.num_samples // self.loader.batch_size // tc.grad_accum_steps
         self.total_steps = planned_steps(tc, self.steps_per_epoch)
-        self.scheduler = build_scheduler(self.optimizer, cfg.sched, self.total_steps, cfg.optim.lr, task.scheduler)
+        self.scheduler = build_scheduler(self.optimizer, cfg.sched, self.total_steps, cfg.optim.lr, task.scheduler,
+                                         cfg.early_stop.mode)
         self.precision = Precision(tc.precision, device)
         self.stopper = EarlyStopping(cfg.early_stop.mode, cfg.early_stop.patience, cfg.early_stop.min_delta)
         self.sums = Sums(metrics, device)

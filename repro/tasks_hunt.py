@@ -40,4 +40,4 @@ def regression(cfg):
     model = Net(a)
     MODELS.append(model)
     return Task(model=model, train=TensorDataset(x[:96], y[:96]), val=TensorDataset(x[96:], y[96:]),
-                loss=nn.functional.mse_loss, metrics={"mse": squared_error})
+                loss=nn.functional.mse_loss, metrics={"mse": squared_error, "score": lambda out, y: -squared_error(out, y)})

@@ -77,6 +77,23 @@ def test_plateau_schedule_decays_after_patience():
     assert opt.param_groups[0]["lr"] == 0.5
 
 
+def test_plateau_schedule_follows_the_early_stopping_mode(tmp_path):
+    """Monitoring a value that rises as the run improves (early_stop.mode: max), plateau keeps the lr."""
+    def task(cfg):
+        t = tasks_for_tests.regression(cfg)
+        t.metrics = {"score": lambda out, y: -squared_error(out, y)}
+        return t
+    cfg = {"task": "tasks_for_tests:regression", "runs_dir": str(tmp_path), "name": "p",
+           "optim": {"name": "sgd", "lr": 0.05}, "train": {"epochs": 4, "log_every": 1},
+           "sched": {"name": "plateau", "plateau_patience": 0, "gamma": 0.5},
+           "early_stop": {"monitor": "val_score", "mode": "max"}, "checkpoint": {"every_epochs": 0, "save_best": False}}
+    train(cfg, task=task)
+    events = [json.loads(line) for line in open(tmp_path / "p" / "metrics.jsonl")]
+    scores = [e["score"] for e in events if e["split"] == "val"]
+    assert scores == sorted(scores)  # every validation improved on the one before
+    assert {e["lr"] for e in events if e["split"] == "train"} == {0.05}
+
+
 @pytest.mark.parametrize("activation", ["relu", "gelu", "tanh", "sigmoid"])
 def test_mlp_builder(activation):
     cfg = from_dict({"model": {"hidden": [32, 16], "activation": activation, "dropout": 0.5, "batch_norm": True,
