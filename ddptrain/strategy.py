@@ -219,6 +219,9 @@ class Sharded(_Writes):
             for block in found:
                 fully_shard(block, **kwargs)
         fully_shard(module, **kwargs)
+        buffers = list(module.buffers())
+        if buffers:  # each rank's own batches would make batch norm's running statistics drift apart
+            module.register_forward_pre_hook(lambda m, args: _broadcast_buffers(buffers) if m.training else None)
         self.model = module
         return module
 
@@ -246,7 +249,7 @@ class Sharded(_Writes):
     def _states(self, module: nn.Module, optimizer) -> dict:
         from torch.distributed.checkpoint.state_dict import get_state_dict
         model_state, optimizer_state = get_state_dict(module, optimizer)
-        return {"model": model_state, "optimizer": optimizer_state}
+        return {"model": _rank0_buffers(model_state), "optimizer": optimizer_state}
 
     def _prepare(self, module: nn.Module, optimizer) -> None:
         self.background.prepare(self._states(module, optimizer), for_dcp=True)
@@ -270,8 +273,8 @@ class Sharded(_Writes):
     def save_weights(self, path: Path, module: nn.Module, extra: dict) -> None:
         """best/: the model's shards alone, and `extra`. Call on all ranks."""
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
-        ckpt.save_sharded(path, {"model": get_model_state_dict(module)}, extra if self.dist.env.is_main else None,
-                          self.dist)
+        ckpt.save_sharded(path, {"model": _rank0_buffers(get_model_state_dict(module))},
+                          extra if self.dist.env.is_main else None, self.dist)
 
     def load_weights(self, path: Path, module: nn.Module) -> str | None:
         """Every rank reads its shards of the weights if the directory is whole; else why not. Call on all ranks."""
@@ -287,6 +290,28 @@ class Sharded(_Writes):
         except ckpt.CheckpointError as e:
             error = str(e)
         return self.dist.first_error(error)
+
+
+@torch._disable_dynamo
+def _broadcast_buffers(buffers: list[torch.Tensor]) -> None:
+    """Rank 0's buffers on every rank, as DDP copies them before every forward in training (FSDP shards only the
+    parameters: the buffers are each rank's own). Call on all ranks."""
+    import torch.distributed
+    with torch.no_grad():
+        torch.distributed._broadcast_coalesced(torch.distributed.distributed_c10d._get_default_group(), buffers,
+                                               250 * 1024 * 1024, 0)
+
+
+def _rank0_buffers(state: dict) -> dict:
+    """A model state dict with copies of rank 0's buffers, the tensors that FSDP leaves whole (its parameters are
+    DTensors): DCP writes one rank's copy of such a tensor, not necessarily rank 0's, which DDP saves and every rank
+    continues from. Call on all ranks."""
+    keys = [k for k, v in state.items() if isinstance(v, torch.Tensor) and not hasattr(v, "to_local")]
+    if not keys:
+        return state
+    copies = [state[k].detach().clone() for k in keys]
+    _broadcast_buffers(copies)
+    return {**state, **dict(zip(keys, copies))}
 
 
 def untied(module: nn.Module, found: list[nn.Module]) -> list[nn.Module]:

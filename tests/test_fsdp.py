@@ -103,6 +103,18 @@ def test_tied_weights_under_fsdp_train_like_ddp(tmp_path):
     assert_close(sharded, ddp)
 
 
+def test_batch_norm_under_fsdp_trains_and_saves_like_ddp(tmp_path):
+    # the running statistics are buffers, each rank's own under FSDP: rank 0's before every training forward, as
+    # DDP has them, and rank 0's in the checkpoint
+    cfg = {"task": "tasks_for_tests:regression", "task_args": {"batch_norm": True, "n_test": 32}, "data": {"batch_size": 16},
+           "optim": {"name": "sgd", "lr": 0.05}, "train": {"epochs": 2}, "checkpoint": {"save_best": False},
+           "dist": {"timeout_s": 30}}
+    ddp = run_ranks(train_rank, 2, tmp_path / "ddp", cfg, None, None, timeout=120)[0]
+    sharded = run_ranks(train_rank, 2, tmp_path / "fsdp", fsdp(cfg), None, None, timeout=120)[0]
+    assert "1.running_mean" in sharded["weights"]
+    assert_close(sharded, ddp)
+
+
 def poison_rank1_at_step_2(step, micro_step, batch):
     x, y = batch
     if int(os.environ.get("RANK", 0)) == 1 and step == 2:
