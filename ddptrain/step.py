@@ -6,7 +6,8 @@ the mean over the whole step's batch, whatever the world size and k. A loss that
 tokens (the built-in cross entropy on sequences, with padding) is weighted by its micro-batch's share of
 the step's tokens on all ranks instead, so that the gradient is the mean over all of them, not a mean of
 each micro-batch's mean: the count, taken from the targets still on the CPU, is summed over ranks on the gloo
-control group in the background while the first forward runs (no device sync).
+control group in the background while the first forward runs (no device sync). The L1 penalty, a function
+of the weights alone, is divided by k and never weighted by tokens.
 """
 from __future__ import annotations
 
@@ -61,12 +62,9 @@ class TrainStep:
                 self.timer.begin()
                 c = self.forward(self.model, batch)
                 self.timer.end()
-                objective = c.loss + l1_penalty(self.module, self.l1) if self.l1 else c.loss
-            if self.scale is not None:
-                objective = objective * self._share(c.weight)
-            elif k > 1:
-                objective = objective / k
-            self.precision.backward(objective)
+                penalty = l1_penalty(self.module, self.l1) / k if self.l1 else None  # of the weights: never weighted
+            loss = c.loss * self._share(c.weight) if self.scale is not None else c.loss / k if k > 1 else c.loss
+            self.precision.backward(loss if penalty is None else loss + penalty)
         return c
 
     def optimizer_step(self, measure: bool) -> tuple[torch.Tensor | None, bool]:

@@ -92,6 +92,17 @@ def test_l1_under_fsdp_trains_like_ddp(tmp_path):
     assert_close(sharded, ddp)
 
 
+def test_l1_with_a_token_mean_loss_under_fsdp_trains_like_ddp(tmp_path):
+    # padded sequences: each rank's loss is weighted by its share of the step's tokens, the penalty is not (under
+    # FSDP each rank's part of it reaches its own shard alone, unaveraged)
+    cfg = {"task": "tasks_any_batch:padded_lm", "data": {"batch_size": 16}, "loss": {"name": "cross_entropy"},
+           "optim": {"name": "adamw", "lr": 0.01, "l1": 1e-2}, "train": {"epochs": 1},
+           "checkpoint": {"save_best": False}, "dist": {"timeout_s": 30}}
+    ddp = run_ranks(train_rank, 2, tmp_path / "ddp", cfg, None, None, timeout=120)[0]
+    sharded = run_ranks(train_rank, 2, tmp_path / "fsdp", fsdp(cfg), None, None, timeout=120)[0]
+    assert_close(sharded, ddp)
+
+
 def test_tied_weights_under_fsdp_train_like_ddp(tmp_path):
     # the embedding and the head hold one parameter: neither can be sharded alone, so both stay in the root's group
     cfg = {"task": "tasks_any_batch:padded_lm", "task_args": {"tied": True}, "data": {"batch_size": 16},
