@@ -105,6 +105,15 @@ def read_event(line: str) -> dict:
     return _restore(json.loads(line))
 
 
+def _key(line: str) -> tuple | None:
+    """(split, step) of one line of metrics.jsonl; None for a line cut short."""
+    try:
+        event = json.loads(line)
+        return event["split"], event["step"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 class RunDirLogger:
     """metrics.jsonl (one JSON object per event, flushed at once) and summary.json in the run directory.
 
@@ -116,12 +125,13 @@ class RunDirLogger:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.run_dir = run_dir
         path = run_dir / "metrics.jsonl"
-        self.records = self.replayed = 0
+        self.records, self.replayed = 0, []
         if keep_records is not None and path.exists():
             with open(path) as f:
                 lines = f.readlines()
             kept = lines[:keep_records]
-            self.replayed = len(lines) - len(kept)  # events the resumed run will write again
+            # (split, step) of the events the dead attempt wrote after the checkpoint, which the resumed run may write again
+            self.replayed = [_key(line) for line in lines[len(kept):]]
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text("".join(kept))
             os.replace(tmp, path)

@@ -34,8 +34,8 @@ def resolve_mode(mode: str) -> str:
 
 
 class WandbLogger:
-    def __init__(self, cfg: Config, run_id: str | None = None, skip_records: int = 0):
-        self.cfg, self.run, self._skip = cfg, None, skip_records
+    def __init__(self, cfg: Config, run_id: str | None = None, replayed: list | None = None):
+        self.cfg, self.run, self._skip = cfg, None, list(replayed or [])
         w = cfg.wandb
         try:
             import wandb
@@ -58,9 +58,11 @@ class WandbLogger:
         self.run = None
 
     def record(self, event: dict) -> None:
-        if self._skip > 0:  # already sent by the attempt that died after the checkpoint we resumed from
-            self._skip -= 1
-            return
+        if self._skip:  # already sent by the attempt that died after the checkpoint we resumed from
+            if self._skip[0] == (event["split"], event["step"]):
+                self._skip.pop(0)
+                return
+            self._skip = []  # this run takes another course (a longer run after its test): the rest is not written again
         if self.run is None:
             return
         split = event["split"]

@@ -246,7 +246,7 @@ class Training:
         loggers = [run_dir, ConsoleLogger(self.total_steps, self.progress.step)]
         if cfg.wandb.enabled:
             from .tracking import WandbLogger
-            loggers.append(WandbLogger(cfg, (tracking or {}).get("wandb_run_id"), skip_records=run_dir.replayed))
+            loggers.append(WandbLogger(cfg, (tracking or {}).get("wandb_run_id"), replayed=run_dir.replayed))
         return Loggers(*loggers)
 
     # ---- the loop -------------------------------------------------------------------------------

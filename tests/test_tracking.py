@@ -58,6 +58,17 @@ def test_a_restart_continues_the_same_run_and_steps_only_increase(tmp_path):
     assert steps == list(range(1, 19))  # strictly increasing across attempts, none lost, none repeated
 
 
+def test_a_longer_run_after_a_completed_one_sends_every_new_step(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    from ddptrain import train
+    cfg = {**BASE, "task": "tasks_for_tests:regression", "task_args": {"n_test": 40}, "runs_dir": str(tmp_path),
+           "checkpoint": {}, "train": {"epochs": 10, "log_every": 1, "max_steps": 8}}
+    train(cfg)  # its test event comes after its last checkpoint, and the longer run does not test at step 8
+    train({**cfg, "train": {**cfg["train"], "max_steps": 12}})
+    steps = [h["_step"] for wb in wandb_runs(tmp_path / "r") for h in wb["history"] if "train/loss" in h]
+    assert steps == list(range(1, 13))
+
+
 def test_a_wandb_failure_leaves_training_and_local_logs_complete(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
