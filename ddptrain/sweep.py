@@ -263,8 +263,9 @@ def _open_study(url: str, study_name: str, space: Space):
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 rdb = RDBStorage(url, engine_kwargs=engine, heartbeat_interval=2, grace_period=10,
                                  heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
-            return optuna.create_study(study_name=study_name, storage=rdb, load_if_exists=True,
-                                       direction=space.direction, pruner=_pruner(space.pruner))
+            study = optuna.create_study(study_name=study_name, storage=rdb, load_if_exists=True,
+                                        direction=space.direction, pruner=_pruner(space.pruner))
+            break
         except ArgumentError as e:  # not a URL, or a database SQLAlchemy does not know: no retry helps
             raise ConfigError(f"--storage '{_without_password(url)}': {e}; expected a database URL such as "
                               f"sqlite:///study.db") from None
@@ -272,6 +273,17 @@ def _open_study(url: str, study_name: str, space: Space):
             if attempt == 4:
                 raise
             time.sleep(0.5 + attempt)
+    # An existing study keeps its own direction (Optuna ignores the one asked for): its best trial and this
+    # search space's must mean the same thing.
+    stored = study.direction.name.lower()
+    objective = study.user_attrs.get("objective", space.objective)
+    if stored != space.direction or objective != space.objective:
+        raise ConfigError(f"study '{study_name}' in '{_without_password(url)}' was run to {stored} {objective}; the "
+                          f"search space asks to {space.direction} {space.objective}: give another --study, or "
+                          f"the same objective and direction")
+    if "objective" not in study.user_attrs:
+        study.set_user_attr("objective", space.objective)
+    return study
 
 
 def run_sweep(config_path: Path, space_path: Path, overrides: list[str], sampler: str, trials: int, workers: int,

@@ -269,3 +269,26 @@ def test_validation_values_are_read_as_numbers_nan_included(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines) + '{"split": "va')
     values, seen = _val_values(tmp_path / "metrics.jsonl", 0, "loss")
     assert seen == 4 and values[0] == 0.5 and math.isnan(values[1]) and values[2] == math.inf
+
+
+@pytest.mark.parametrize("space, message", [
+    ("objective: val_loss\ndirection: maximize\n", "was run to minimize val_loss; the search space asks to maximize val_loss"),
+    ("objective: val_mse\ndirection: minimize\n", "was run to minimize val_loss; the search space asks to minimize val_mse"),
+])
+def test_continuing_a_study_with_another_direction_or_objective_fails_before_any_trial(tmp_path, capsys, monkeypatch,
+                                                                                        space, message):
+    import optuna
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(ROOT / "tests"))
+    config = write(tmp_path / "reg.yaml", REGRESSION)
+    params = "params:\n  optim.lr: {low: 0.01, high: 0.1}\npruner: {name: none}\n"
+    (tmp_path / "runs" / "reg-sweep").mkdir(parents=True)
+    storage = f"sqlite:///{tmp_path / 'runs' / 'reg-sweep' / 'study.db'}"
+    study = optuna.create_study(study_name="reg-sweep", storage=storage, direction="minimize")
+    study.set_user_attr("objective", "val_loss")
+    study.add_trial(optuna.trial.create_trial(params={"optim.lr": 0.05}, value=0.3,
+                                              distributions={"optim.lr": optuna.distributions.FloatDistribution(0.01, 0.1)}))
+    assert main(["sweep", str(config), str(write(tmp_path / "space.yaml", space + params)), "--trials", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ddptrain: error: study 'reg-sweep'") and message in err, err
+    assert not (tmp_path / "runs" / "reg-sweep" / "logs").exists()
