@@ -11,17 +11,29 @@ from __future__ import annotations
 import netrc
 import os
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from .config import Config, to_dict
 
 
 def has_credentials() -> bool:
-    """An API key in WANDB_API_KEY or in ~/.netrc (where `wandb login` puts it). The key is never read out."""
+    """An API key in WANDB_API_KEY or in the netrc file (NETRC, else ~/.netrc), where `wandb login` puts it under
+    its server's host: WANDB_BASE_URL's, else the installed wandb's default. The key is never read out."""
     if os.environ.get("WANDB_API_KEY"):
         return True
+    base = os.environ.get("WANDB_BASE_URL")
+    if not base:
+        try:
+            import wandb
+            base = wandb.Settings().base_url  # wandb 0.31 logs in to api.forge.coreweave.com, earlier ones api.wandb.ai
+        except Exception:
+            base = "https://api.wandb.ai"
+    host = urlsplit(base).netloc or base
+    hosts = [host] + (["api.wandb.ai"] if host.endswith("forge.coreweave.com") else [])  # Forge serves that API
     try:
-        return netrc.netrc().authenticators(os.environ.get("WANDB_BASE_URL", "api.wandb.ai")
-                                            .removeprefix("https://").removeprefix("http://")) is not None
+        # a path, as wandb gives it: netrc's own default would refuse a file that others may read, which wandb takes
+        found = netrc.netrc(os.path.expanduser(os.environ.get("NETRC") or "~/.netrc"))
+        return any(found.authenticators(h) is not None for h in hosts)
     except (OSError, netrc.NetrcParseError):
         return False
 

@@ -83,6 +83,24 @@ def test_a_wandb_failure_leaves_training_and_local_logs_complete(tmp_path, monke
     assert [e["step"] for e in events if e["split"] == "train"] == list(range(1, 19))
 
 
+def test_a_key_from_wandb_login_makes_auto_online(tmp_path, monkeypatch):
+    import wandb
+    from urllib.parse import urlsplit
+    from ddptrain.tracking import resolve_mode
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL", "NETRC"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert resolve_mode("auto") == "offline"
+    # where `wandb login` puts the key: the installed wandb's server (api.forge.coreweave.com for wandb 0.31)
+    (tmp_path / ".netrc").write_text(f"machine {urlsplit(wandb.Settings().base_url).netloc} login user password k\n")
+    assert resolve_mode("auto") == "online"
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.com")  # another server: no key for it
+    assert resolve_mode("auto") == "offline"
+    (tmp_path / "elsewhere").write_text("machine wandb.example.com login user password k\n")
+    monkeypatch.setenv("NETRC", str(tmp_path / "elsewhere"))  # the netrc file wandb reads
+    assert resolve_mode("auto") == "online"
+
+
 def test_wandb_agent_argument_style(tmp_path, capsys):
     f = tmp_path / "exp.yaml"
     f.write_text("train:\n  epochs: 1\n")
