@@ -213,7 +213,7 @@ class WandbConfig:
     notes: str | None = _f(None, "wandb notes")
     mode: Literal["auto", "online", "offline", "disabled"] = _f(
         "auto", "auto: WANDB_MODE if set, else online when an API key exists, else offline")
-    log_best_checkpoint: bool = _f(False, "upload checkpoints/best.pt as a model artifact at the end")
+    log_best_checkpoint: bool = _f(False, "upload checkpoints/best.pt (fsdp: best/) as a model artifact at the end")
 
 
 @dataclass

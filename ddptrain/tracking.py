@@ -101,12 +101,16 @@ class WandbLogger:
         flat[f"best/{summary['monitor']}"] = summary["best_value"]
         try:
             self.run.summary.update(flat)
-            best = self.cfg.run_dir / "checkpoints" / "best.pt"
+            # best.pt, or under fsdp best/, the directory of its shards
+            best = self.cfg.run_dir / "checkpoints" / ("best" if self.cfg.dist.strategy == "fsdp" else "best.pt")
             if self.cfg.wandb.log_best_checkpoint and summary.get("status") == "completed" and best.exists():
                 import wandb
                 artifact = wandb.Artifact(f"{self.cfg.name}-best", type="model",
                                           metadata={"monitor": summary["monitor"], "value": summary["best_value"]})
-                artifact.add_file(str(best))
+                if best.is_dir():
+                    artifact.add_dir(str(best), name="best")
+                else:
+                    artifact.add_file(str(best))
                 self.run.log_artifact(artifact)
         except Exception as e:
             self._fail(e)

@@ -69,6 +69,17 @@ def test_a_longer_run_after_a_completed_one_sends_every_new_step(tmp_path, monke
     assert steps == list(range(1, 13))
 
 
+@pytest.mark.parametrize("strategy, files", [("ddp", ["best.pt"]), ("fsdp", ["best/.metadata", "best/state.pt"])])
+def test_the_best_checkpoint_is_uploaded_as_an_artifact_under_either_strategy(tmp_path, strategy, files):
+    from wandb_files import records
+    cfg = {**BASE, "train": {"epochs": 1}, "checkpoint": {}, "dist": {**BASE["dist"], "strategy": strategy},
+           "wandb": {**BASE["wandb"], "log_best_checkpoint": True}}
+    run_ranks(train_rank, 2, tmp_path, cfg, timeout=120)
+    (d,) = (tmp_path / "r" / "wandb").glob("offline-run-*")
+    (artifact,) = [r.artifact for r in records(next(d.glob("run-*.wandb"))) if r.WhichOneof("record_type") == "artifact"]
+    assert artifact.name == "r-best" and set(files) <= {e.path for e in artifact.manifest.contents}
+
+
 def test_a_wandb_failure_leaves_training_and_local_logs_complete(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
