@@ -56,7 +56,7 @@ class Param:
 @dataclass
 class Space:
     objective: str
-    direction: str
+    direction: str | None  # None: left out, for an objective whose direction cannot be known
     params: list[Param]
     pruner: dict
 
@@ -91,6 +91,17 @@ def _param(key: str, spec) -> Param:
     return Param(key, kind, low=low, high=high, log=log)
 
 
+def _direction_of(objective: str, base: dict) -> str | None:
+    """The direction a search space leaves out: a loss is minimized; the base config's monitored metric goes
+    its early_stop.mode's way; of any other, nothing can be known."""
+    if objective.endswith("loss"):
+        return "minimize"
+    early_stop = base.get("early_stop") or {}
+    if objective == early_stop.get("monitor", "val_loss"):
+        return {"min": "minimize", "max": "maximize"}.get(early_stop.get("mode", "min"))
+    return None
+
+
 def load_space(path: Path, base: dict) -> Space:
     """Read and check the space file against the base config (as plain data): errors before any trial."""
     data = config_mod.read_file(path)
@@ -101,8 +112,8 @@ def load_space(path: Path, base: dict) -> Space:
     objective = data.get("objective")
     if not isinstance(objective, str) or not objective.startswith("val_"):
         raise ConfigError(f"search space '{path}': objective must name a validation metric val_<name>, got {objective!r}")
-    direction = data.get("direction", "maximize")
-    if direction not in ("maximize", "minimize"):
+    direction = data.get("direction", _direction_of(objective, base))  # None: asked once the objective is known
+    if direction not in ("maximize", "minimize", None):
         raise ConfigError(f"search space '{path}': direction must be maximize or minimize, got {direction!r}")
     if not isinstance(data.get("params"), dict) or not data["params"]:
         raise ConfigError(f"search space '{path}': params must map config keys to ranges, choices or values")

@@ -50,6 +50,9 @@ def prepare(config_path: Path, space_path: Path, overrides: list[str], sampler: 
     cfg = config_mod.from_dict(base)
     space = load_space(Path(space_path), base)
     check_objective(cfg, space.objective)
+    if space.direction is None:
+        raise ConfigError(f"search space '{space_path}': direction: maximize or minimize {space.objective}? (a loss "
+                          f"is minimized, the monitored metric follows early_stop.mode; others must say)")
     _sampler(sampler, space, 0)
     _pruner(space.pruner)
     return base, cfg, space

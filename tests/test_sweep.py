@@ -227,6 +227,8 @@ def test_two_worker_processes_share_one_study_without_running_a_trial_twice(tmp_
      "config key 'optim.lr': expected > 0, got 0.0"),  # the integers suggested, 0 to 3, are checked
     ("objective: val_loss\nparams:\n  optim.lr: {low: 0.01, high: 0.1, log: \"false\"}\n",
      "search space key 'optim.lr': log must be true or false, got 'false'"),
+    ("objective: val_mse\nparams:\n  optim.lr: {low: 0.01, high: 0.1}\n",
+     "direction: maximize or minimize val_mse? (a loss is minimized, the monitored metric follows early_stop.mode"),
 ])
 def test_bad_search_spaces_fail_before_any_trial(tmp_path, capsys, monkeypatch, space, message):
     monkeypatch.chdir(tmp_path)
@@ -292,3 +294,13 @@ def test_continuing_a_study_with_another_direction_or_objective_fails_before_any
     err = capsys.readouterr().err
     assert err.startswith("ddptrain: error: study 'reg-sweep'") and message in err, err
     assert not (tmp_path / "runs" / "reg-sweep" / "logs").exists()
+
+
+def test_a_direction_left_out_minimizes_a_loss_and_follows_early_stop_for_the_monitored_metric(tmp_path):
+    from ddptrain.space import load_space
+    params = "params:\n  optim.lr: {low: 0.01, high: 0.1}\n"
+    loss = write(tmp_path / "loss.yaml", "objective: val_loss\n" + params)
+    assert load_space(loss, {}).direction == "minimize"  # it was maximize: the sweep sought the worst trial
+    monitored = write(tmp_path / "acc.yaml", "objective: val_accuracy\n" + params)
+    base = {"early_stop": {"monitor": "val_accuracy", "mode": "max"}}
+    assert load_space(monitored, base).direction == "maximize"
