@@ -56,6 +56,10 @@ class _Writes:
         if self.background is not None and (c.every_steps or c.every_epochs):
             self._prepare(module, optimizer)
 
+    def explained(self, e: Exception, step: int) -> Exception | None:
+        """A failure of a forward or backward that the strategy's own setting explains, as one line; else None."""
+        return None
+
     def wait(self) -> None:
         """Until the checkpoint write in flight is done; its failure as a CheckpointError."""
         if self.background is not None:
@@ -116,6 +120,13 @@ class Replicated(_Writes):
     def no_sync(self) -> Callable | None:
         """A context manager factory for the micro-batches whose gradients are not reduced yet."""
         return self.model.no_sync if self.dist.active else None
+
+    def explained(self, e: Exception, step: int) -> Exception | None:
+        if "find_unused_parameters=True" in str(e):  # DDP's reducer, at the forward after a step that left some out
+            return ConfigError(f"some of the model's parameters took no part in the loss of step {step - 1}, and DDP "
+                               f"waits for every gradient (config key 'dist.find_unused_parameters' is false): set "
+                               f"dist.find_unused_parameters: true, or freeze them (requires_grad=False)")
+        return None
 
     def finite(self, watched: list[torch.Tensor]) -> bool:
         """Every rank holds the same weights: each can tell alone."""

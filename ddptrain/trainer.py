@@ -319,8 +319,8 @@ class Training:
                     except torch.cuda.OutOfMemoryError as e:
                         raise self._out_of_memory(e) from None
                     except Exception as e:
-                        raise user_error(e, f"the model or the loss, at step {p.step + 1} on rank "
-                                            f"{self.dist.env.rank},") from e
+                        raise self.strategy.explained(e, p.step + 1) or user_error(
+                            e, f"the model or the loss, at step {p.step + 1} on rank {self.dist.env.rank},") from e
                     self.sums.add(self.last)
                     micro_step += 1
                 self.steps.read_ahead()  # a stream reads its next steps while this one's optimizer steps

@@ -225,3 +225,19 @@ def regression_for_launch(cfg) -> Task:
     if cfg.task_args.get("kill_after"):
         task.train = KillOnce(task.train, cfg.task_args["kill_after"])
     return task
+
+
+class WithUnused(nn.Module):
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner, self.unused = inner, nn.Linear(1, 1)
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def unused_parameter(cfg) -> Task:
+    """regression(), whose model holds a layer that takes no part in the loss."""
+    task = regression(cfg)
+    task.model = WithUnused(task.model)
+    return task

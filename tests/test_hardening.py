@@ -134,6 +134,8 @@ def test_a_run_that_ends_with_a_nan_loss_is_not_a_success(tmp_path):
 @pytest.mark.parametrize("extra, status, message", [
     ({"checkpoint": {"resume": "/no/such.pt"}}, 2, "checkpoint '/no/such.pt': not found"),
     ({"optim": {"name": "sgd", "lr": 1e6}}, 3, "the weights became non-finite after step"),
+    ({"task": "tasks_for_tests:unused_parameter"}, 2, r"some of the model's parameters took no part in the loss of "
+                                                      r"step 1, .*set dist.find_unused_parameters: true"),
     # rank 1 SIGKILLed: whichever torchrun notices first, rank 0's collective failure or the killed rank, is the line
     ({"task_args": {"kill_after": 20}, "dist": {"timeout_s": 5}}, 4,
      r"\[rank 0\] a collective failed during training|rank 1 \(pid \d+\) was killed by SIGKILL; the run resumes"),
