@@ -4,6 +4,7 @@ directory's lock. (How the model is spread over the ranks is strategy.py's.)
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Callable
 
@@ -55,6 +56,12 @@ def check_strategy(cfg: Config, world_size: int) -> None:
     if cfg.dist.comm_hook != "none":
         raise config_mod.ConfigError(f"config key 'dist.comm_hook': {cfg.dist.comm_hook} is a DDP communication hook; "
                                      f"fsdp reduces in train.precision's reduce dtype (fp32); set it to none")
+    default = config_mod.DistConfig()
+    for key in ("find_unused_parameters", "static_graph", "gradient_as_bucket_view", "bucket_cap_mb"):
+        value, usual = getattr(cfg.dist, key), getattr(default, key)
+        if value != usual:
+            raise config_mod.ConfigError(f"config key 'dist.{key}': {json.dumps(value)} is a DDP setting, which fsdp "
+                                         f"does not use; leave it at {json.dumps(usual)} (its default)")
     if world_size < 2:
         raise config_mod.ConfigError("config key 'dist.strategy': fsdp shards the model over 2 or more ranks; this run "
                                      "has 1 (use ddp, or launch more ranks)")

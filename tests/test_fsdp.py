@@ -309,6 +309,8 @@ def test_an_fsdp_checkpoint_of_2_ranks_resumes_on_3(tmp_path):
 
 @pytest.mark.parametrize("overrides,expected", [
     ([], "config key 'dist.strategy': fsdp shards the model over 2 or more ranks; this run has 1"),
+    (["dist.static_graph=true"], "config key 'dist.static_graph': true is a DDP setting, which fsdp does not use; "
+                                 "leave it at false (its default)"),
     (["val.mode=rank0", "--nproc-per-node=2"], "config key 'val.mode': rank0 needs the whole model on rank 0"),
     (["dist.blocks=[Conv2d]", "--nproc-per-node=2"], "config key 'dist.blocks': no module of the model is a Conv2d"),
 ])
