@@ -104,16 +104,26 @@ class WandbLogger:
             # best.pt, or under fsdp best/, the directory of its shards
             best = self.cfg.run_dir / "checkpoints" / ("best" if self.cfg.dist.strategy == "fsdp" else "best.pt")
             if self.cfg.wandb.log_best_checkpoint and summary.get("status") == "completed" and best.exists():
-                import wandb
-                artifact = wandb.Artifact(f"{self.cfg.name}-best", type="model",
-                                          metadata={"monitor": summary["monitor"], "value": summary["best_value"]})
-                if best.is_dir():
-                    artifact.add_dir(str(best), name="best")
-                else:
-                    artifact.add_file(str(best))
-                self.run.log_artifact(artifact)
+                self._log_best(best, summary)
         except Exception as e:
             self._fail(e)
+
+    def _log_best(self, best: Path, summary: dict) -> None:
+        """The best weights as a model artifact, if whole (not damaged, and marked complete)."""
+        from .checkpoint import verify
+        unusable = verify(best)
+        if unusable:
+            from .runlog import warn
+            warn(f"wandb: '{best}' is not uploaded as the model artifact: {unusable}")
+            return
+        import wandb
+        artifact = wandb.Artifact(f"{self.cfg.name}-best", type="model",
+                                  metadata={"monitor": summary["monitor"], "value": summary["best_value"]})
+        if best.is_dir():
+            artifact.add_dir(str(best), name="best")
+        else:
+            artifact.add_file(str(best))
+        self.run.log_artifact(artifact)
 
     def close(self, failed: bool = False) -> None:
         if self.run is None:

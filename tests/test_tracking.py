@@ -80,6 +80,24 @@ def test_the_best_checkpoint_is_uploaded_as_an_artifact_under_either_strategy(tm
     assert artifact.name == "r-best" and set(files) <= {e.path for e in artifact.manifest.contents}
 
 
+def test_a_damaged_best_checkpoint_is_not_uploaded(tmp_path, capsys):
+    from wandb_files import records
+    best = tmp_path / "r" / "checkpoints" / "best.pt"
+
+    def damage(step, micro_step, batch):
+        if step == 17 and best.exists():  # the last step: best.pt was written at an earlier validation
+            best.write_bytes(best.read_bytes()[:-10])
+        return batch
+    cfg = from_dict({**BASE, "runs_dir": str(tmp_path), "checkpoint": {},
+                     "early_stop": {"min_delta": 1e6},  # best.pt is the first validation's alone
+                     "wandb": {**BASE["wandb"], "log_best_checkpoint": True}})
+    summary = run(cfg, detect({}), hooks={"before_micro_step": damage})
+    assert summary["status"] == "completed" and summary["tested_weights"] == "last"
+    (d,) = (tmp_path / "r" / "wandb").glob("offline-run-*")
+    assert not [r for r in records(next(d.glob("run-*.wandb"))) if r.WhichOneof("record_type") == "artifact"]
+    assert f"wandb: '{best}' is not uploaded as the model artifact: size" in capsys.readouterr().err
+
+
 def test_a_wandb_failure_leaves_training_and_local_logs_complete(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
