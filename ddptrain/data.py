@@ -157,13 +157,20 @@ def train_loader(dataset: Dataset, cfg: DataConfig, env: DistEnv, grad_accum_ste
 def stream_train_loader(stream: IterableDataset, cfg: DataConfig, env: DistEnv, grad_accum_steps: int,
                         pin: bool, collate: Callable | None = None):
     """This rank's part of a training stream, in micro-batches, through a StatefulDataLoader (its state is
-    this rank's place in the pass); the incomplete last batch of each worker is dropped."""
+    this rank's place in the pass); the incomplete last batch of each worker is dropped.
+
+    Its workers start anew every pass, whatever data.persistent_workers says: a kept worker's random streams
+    would go on from the previous pass, which no checkpoint holds (the loader's state has the base seed its
+    workers started from), so a run resumed in a later pass would draw other random numbers."""
     from torchdata.stateful_dataloader import StatefulDataLoader
     part = stream_mod.rank_stream(stream, env.rank, env.world_size, split=cfg.stream_sharding == "auto")
+    kwargs = _loader_kwargs(cfg, pin, collate)
+    if cfg.num_workers > 0:
+        kwargs["persistent_workers"] = False
     with warnings.catch_warnings():  # torchdata 0.11 calls an API that torch >= 2.9 deprecates; nothing for the user to do
         warnings.filterwarnings("ignore", message=".*'set_vital' is deprecated")
         return StatefulDataLoader(part, batch_size=micro_batch_size(cfg, env.world_size, grad_accum_steps),
-                                  drop_last=True, generator=torch.Generator(), **_loader_kwargs(cfg, pin, collate))
+                                  drop_last=True, generator=torch.Generator(), **kwargs)
 
 
 def stream_length(stream: IterableDataset) -> int | None:

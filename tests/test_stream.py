@@ -74,6 +74,14 @@ def test_a_rank_killed_mid_pass_resumes_with_the_next_unread_items_bitwise(tmp_p
     assert summary["steps"] == 24 and summary["resumed_at_step"] == 6 and summary["epochs_completed"] == 2
 
 
+def test_noise_drawn_in_workers_resumes_bitwise_in_a_later_pass(tmp_path):
+    # Killed at step 20, resumed from step 18, in the second pass: its workers draw their noise from the
+    # pass's seed, not from where workers kept from the first pass had got to.
+    cfg = config({"kind": "noisy", "lengths": [24] * 8}, data={"num_workers": 2}, checkpoint={"every_steps": 3})
+    summary = kill_and_resume(tmp_path, cfg, kill_at=20, models="tasks_stream")
+    assert summary["resumed_at_step"] == 18 and summary["epochs_completed"] == 2
+
+
 def evaluate_rank(rank, run_dir, workers):
     return ddptrain.evaluate(run_dir, "last", "val", [f"data.num_workers={workers}"])
 
