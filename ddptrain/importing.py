@@ -13,11 +13,32 @@ from pathlib import Path
 from .config import ConfigError
 
 
+WORKER_TRACEBACK = "\nOriginal Traceback (most recent call last):\n"  # how torch raises again what a DataLoader worker raised
+
+
+def message(error: BaseException) -> str:
+    """The first line of the error's message; for one raised in a DataLoader worker, the worker's own message (torch
+    raises it again with the worker's traceback as text)."""
+    text = str(error).strip()
+    if WORKER_TRACEBACK in text:
+        lines = text.split(WORKER_TRACEBACK, 1)[1].splitlines()
+        last = max((i for i, line in enumerate(lines) if line.startswith("  File ")), default=-1)
+        shown = next((line for line in lines[last + 1:] if line.strip() and not line.startswith(" ")), "")
+        return shown.split(": ", 1)[1] if ": " in shown else ""
+    return text.splitlines()[0] if text else ""
+
+
 def user_frame(error: BaseException, fallback: bool = True) -> str | None:
     """`file:line` of the innermost frame of the error's traceback in the user's code (not torch's, ddptrain's
-    or the standard library's); the innermost frame if there is none (None, without `fallback`)."""
+    or the standard library's); the innermost frame if there is none (None, without `fallback`). For an error
+    raised in a DataLoader worker, the worker's frames count."""
+    import re
     import traceback
     frames = traceback.extract_tb(error.__traceback__)
+    if WORKER_TRACEBACK in str(error):
+        worker = str(error).split(WORKER_TRACEBACK, 1)[1]
+        frames = [traceback.FrameSummary(f, int(n), name, lookup_line=False)
+                  for f, n, name in re.findall(r'^  File "(.+)", line (\d+), in (.+)$', worker, re.M)] or frames
     if isinstance(error, SyntaxError) and error.filename:
         return f"{os.path.relpath(error.filename)}:{error.lineno}"
     ours = (str(Path(__file__).resolve().parent), str(Path(os.__file__).resolve().parent))

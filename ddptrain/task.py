@@ -19,7 +19,7 @@ from .batch import Forward, call, collate, describe, on_cpu, to_device
 from .checkpoint import CheckpointError
 from .config import Config, ConfigError, ModelConfig
 from .dist import is_collective_failure
-from .importing import import_object, user_frame
+from .importing import import_object, message, user_frame
 from .losses import ELEMENTWISE, as_metric, build_loss
 from .models import on_meta, uninitialisable
 from .runlog import warn
@@ -36,8 +36,7 @@ def user_error(e: Exception, what: str) -> Exception:
     (only this rank may have met it); a collective failure or one of ddptrain's own errors stays as it is."""
     if isinstance(e, (TaskError, ConfigError, CheckpointError)) or is_collective_failure(e):
         return e
-    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    error = TaskError(f"{what} raised {type(e).__name__}: {first} ({user_frame(e)})")
+    error = TaskError(f"{what} raised {type(e).__name__}: {message(e)} ({user_frame(e)})")
     error.rank_specific = True
     return error
 

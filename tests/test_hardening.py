@@ -196,12 +196,15 @@ def test_diagnostics_go_through_the_ddptrain_logger(tmp_path, diagnostics):
                            f"releasing it (host h, pid 1, since t)"]
 
 
-@pytest.mark.parametrize("task, message", [
-    ("label_out_of_range", "on rank 0, raised IndexError: Target 9 is out of bounds. ("),
-    ("bad_sample", "ddptrain: error: the training data raised ValueError: sample 41 is corrupt (tasks_for_tests.py:"),
+@pytest.mark.parametrize("task, workers, message", [
+    ("label_out_of_range", 0, "on rank 0, raised IndexError: Target 9 is out of bounds. ("),
+    ("bad_sample", 0, "ddptrain: error: the training data raised ValueError: sample 41 is corrupt (tasks_for_tests.py:"),
+    # raised in a DataLoader worker: torch raises it again with the worker's traceback as text
+    ("bad_sample", 1, "ddptrain: error: the training data raised ValueError: sample 41 is corrupt (tasks_for_tests.py:"),
 ])
-def test_bad_data_met_mid_run_is_one_line(tmp_path, task, message):
-    (tmp_path / "c.yaml").write_text(f"task: tasks_for_tests:{task}\nruns_dir: {tmp_path}\ntrain: {{epochs: 2}}\n")
+def test_bad_data_met_mid_run_is_one_line(tmp_path, task, workers, message):
+    (tmp_path / "c.yaml").write_text(f"task: tasks_for_tests:{task}\nruns_dir: {tmp_path}\ntrain: {{epochs: 2}}\n"
+                                     f"data: {{num_workers: {workers}}}\n")
     proc = subprocess.run([sys.executable, "-m", "ddptrain", "train", str(tmp_path / "c.yaml")], cwd=TESTS,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
