@@ -321,9 +321,16 @@ class StreamPosition:
             return None
         loader_state, rng = self.window
         return {"loader": loader_state, "rng": saveable(self.pass_rng if self.rereads_pass else rng),
-                "steps_done": self.steps_done}
+                "steps_done": self.steps_done, "workers": self.loader.num_workers}
 
     def load_state_dict(self, state: dict | None) -> None:
+        if state is not None and state.get("workers", self.loader.num_workers) != self.loader.num_workers:
+            if self.loader.dataset.rank == 0:
+                from .runlog import warn
+                warn(f"the checkpoint was made with data.num_workers={state['workers']}: a stream's place in a pass "
+                     f"cannot move to another number of workers (its parts are others), so pass "
+                     f"{self.progress.epoch} starts again from its beginning")
+            return
         if state is not None and not self.progress.pass_ended:
             self.loader.load_state_dict(state["loader"])
             self.rng.state = self.pass_rng = from_saved(state["rng"])

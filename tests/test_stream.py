@@ -160,6 +160,19 @@ def test_a_pass_resumed_on_another_world_size_starts_again_from_its_beginning(tm
     assert sorted(first) == list(range(192))
 
 
+def test_a_pass_resumed_with_another_number_of_workers_starts_again_from_its_beginning(tmp_path):
+    cfg = config({"kind": "items", "lengths": [192]}, data={"num_workers": 2}, checkpoint={"every_epochs": 1})
+    run_ranks(train_rank, 2, tmp_path, {**cfg, "train": {**cfg["train"], "max_steps": 5}}, None, "tasks_stream",
+              timeout=60)  # ends inside pass 0
+    resumed = run_ranks(train_rank, 2, tmp_path, {**cfg, "data": {**cfg["data"], "num_workers": 0}}, None,
+                        "tasks_stream", True, timeout=60)
+    assert resumed[0]["summary"]["resumed_at_step"] == 5
+    # pass 0 again from its first item (12 steps of 8 on each rank), then pass 1
+    assert resumed[0]["summary"]["steps"] == 5 + 12 + 12 and resumed[0]["summary"]["epochs_completed"] == 2
+    first = [i for r in resumed for step, ids in r["seen"] if step < 17 for i in ids]
+    assert sorted(first) == list(range(192))
+
+
 def test_a_longer_run_continues_the_pass_that_max_steps_ended_with_its_next_items(tmp_path):
     cfg = config({"kind": "items", "lengths": [192]}, checkpoint={"every_epochs": 1})  # 12 steps per pass
     straight = run_ranks(train_rank, 2, tmp_path / "straight", cfg, None, "tasks_stream", True, timeout=60)
