@@ -31,22 +31,35 @@ def run_config(run: str | os.PathLike, overrides: list[str] = ()) -> Config:
     return config_mod.load(base=data, overrides=overrides)
 
 
+def _tested(cfg: Config) -> str | None:
+    """The weights the run's own test used, best or last, as its summary.json says (None before it ended)."""
+    import json
+    try:
+        summary = json.loads((cfg.run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return summary.get("tested_weights") if summary.get("status") == "completed" else None
+
+
 def checkpoint_path(cfg: Config, which: str = "auto") -> Path:
-    """best, last (the newest whole step checkpoint), auto (best if whole, else last) or a file's path."""
+    """best, last (the newest whole step checkpoint), auto (those the run's own test used, so that the numbers
+    are the run's: best or last; before the run ended, best if whole, else last) or a file's path."""
     directory = cfg.run_dir / "checkpoints"
     if which not in ("auto", "best", "last"):
         return Path(which)
+    if which == "auto" and _tested(cfg) == "last":
+        which = "last"
     if which in ("auto", "best"):
         best = directory / ("best" if cfg.dist.strategy == "fsdp" else "best.pt")  # shards, or one file
         problem = ckpt.verify(best)
         if problem is None:
             return best
         if which == "best":
-            raise ckpt.CheckpointError(f"checkpoint '{best}': {problem}; --checkpoint last takes the newest step "
+            raise ckpt.CheckpointError(f"checkpoint '{best}': {problem}; `last` (--checkpoint last) takes the newest step "
                                        f"checkpoint")
     last = ckpt.latest_valid(directory)
     if last is None:
-        raise ckpt.CheckpointError(f"'{directory}': no whole checkpoint to evaluate")
+        raise ckpt.CheckpointError(f"'{directory}': no whole checkpoint")
     return last
 
 

@@ -91,3 +91,13 @@ def test_eval_and_export_check_their_output_before_the_work(trained, tmp_path, c
         assert capsys.readouterr().err == f"ddptrain: error: -o '{tmp_path}': is a directory; expected a file name\n"
     assert main(["export", str(run_dir), "-o", str(tmp_path / "new" / "model.pt")]) == 0
     assert set(torch.load(tmp_path / "new" / "model.pt", weights_only=True)) == set(ddptrain.load_model(run_dir).state_dict())
+
+
+def test_auto_evaluates_the_weights_the_run_tested(tmp_path):
+    # restore_best off: the run tests its last weights, and so does auto; best stays best.pt's
+    cfg = {**CFG, "optim": {"name": "adamw", "lr": 0.3}, "train": {"epochs": 8}}  # best at step 30 of 48
+    summary = run(from_dict({**cfg, "runs_dir": str(tmp_path), "early_stop": {"restore_best": False}}), detect({}))
+    assert summary["tested_weights"] == "last" and summary["best_step"] != summary["steps"]
+    auto = ddptrain.evaluate(tmp_path / "r", "auto", "test")
+    assert auto["step"] == summary["steps"] and auto["loss"] == summary["test"]["loss"]
+    assert ddptrain.evaluate(tmp_path / "r", "best", "test")["step"] == summary["best_step"]
