@@ -55,8 +55,8 @@ def checkpoint_path(cfg: Config, which: str = "auto") -> Path:
         if problem is None:
             return best
         if which == "best":
-            raise ckpt.CheckpointError(f"checkpoint '{best}': {problem}; `last` (--checkpoint last) takes the newest step "
-                                       f"checkpoint")
+            raise ckpt.CheckpointError(f"checkpoint '{best}': {problem}; `last` (--checkpoint last) takes the "
+                                       f"newest step checkpoint")
     last = ckpt.latest_valid(directory)
     if last is None:
         raise ckpt.CheckpointError(f"'{directory}': no whole checkpoint")
