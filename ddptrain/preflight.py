@@ -70,6 +70,16 @@ def check_strategy(cfg: Config, world_size: int) -> None:
                                      "keep; use sharded (the same numbers, for any world size)")
 
 
+def check_val_mode(cfg: Config, task: task_mod.Task) -> None:
+    """val.mode rank0 reads the whole set on rank 0; a stream that splits itself would give rank 0 its own part."""
+    from .stream import is_stream
+    if cfg.val.mode == "rank0" and cfg.data.stream_sharding == "dataset" and \
+            any(is_stream(s) for s in (task.val, task.test) if s is not None):
+        raise config_mod.ConfigError("config key 'val.mode': rank0 reads the whole set on rank 0 alone, but a stream "
+                                     "that splits itself (data.stream_sharding: dataset) gives rank 0 its own part; "
+                                     "use val.mode: sharded (the same numbers on any world size)")
+
+
 def check_run_length(cfg: Config, task: task_mod.Task) -> None:
     """A schedule laid out over the whole run needs the run's length: a stream without one needs max_steps."""
     from .data import stream_length

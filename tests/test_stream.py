@@ -112,6 +112,8 @@ def train_cli(tmp_path, *overrides):
     (["task=tasks_stream:not_a_stream"], "the train set (NotAStream) must be a map-style dataset (with __getitem__ "
                                          "and __len__) or a stream (a subclass of torch.utils.data.IterableDataset)"),
     (["data.batch_size=512"], "the training stream gave no whole step in pass 0: each rank needs 1 x 512 samples"),
+    (["task_args.val_n=20", "val.mode=rank0", "data.stream_sharding=dataset"],
+     "config key 'val.mode': rank0 reads the whole set on rank 0 alone, but a stream that splits itself"),
 ])
 def test_bad_stream_setups_are_one_line_errors(tmp_path, overrides, expected):
     proc = train_cli(tmp_path, *overrides)
