@@ -16,8 +16,15 @@ EXIT_NONFINITE = 3
 EXIT_COLLECTIVE = 4
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, whose usage errors are one line, `ddptrain: error: ...` (exit 2), as every other mistake is."""
+
+    def error(self, message: str):
+        self.exit(2, f"ddptrain: error: {self.prog}: {message} (`{self.prog} --help` shows the usage)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ddptrain", description="Data-parallel training of PyTorch models.")
+    p = Parser(prog="ddptrain", description="Data-parallel training of PyTorch models.")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train in this process (or as one rank under torchrun/srun)")

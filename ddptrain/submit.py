@@ -35,7 +35,8 @@ class SubmitError(Exception):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from .cli import Parser
+    p = Parser(
         prog="ddptrain submit", allow_abbrev=False,
         description="Write the SLURM batch script for this run and submit it with sbatch. Other --option=value "
                     "arguments (--account=A, --qos=Q, --cpus-per-task=C, ...) become #SBATCH lines.")

@@ -196,3 +196,15 @@ def test_launch_refuses_sync_batchnorm_on_cpu_before_starting_torchrun(tmp_path,
     assert main(["launch", "--nproc-per-node", "2", str(f)]) == 2
     assert capsys.readouterr().err == "ddptrain: error: config key 'dist.sync_batchnorm': torch's SyncBatchNorm runs " \
                                       "on GPUs only; set it to false on CPU\n"
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["eval", "runs/x", "--split", "train"], "ddptrain eval: argument --split: invalid choice: 'train'"),
+    ([], "ddptrain: the following arguments are required: command"),
+    (["submit", "c.yaml"], "ddptrain submit: one of the arguments --gpus-per-node --nproc-per-node is required"),
+])
+def test_a_usage_mistake_is_one_line(argv, expected, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"ddptrain: error: {expected}") and err.count("\n") == 1, err
