@@ -24,17 +24,27 @@ class CrossEntropy:
 
     def __init__(self, label_smoothing: float = 0.0, ignore_index: int = -100):
         self.label_smoothing, self.ignore_index = label_smoothing, ignore_index
+        self._counted: tuple = (None, None)  # the latest call's target and its count, for weight()
 
     def __call__(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if y.is_floating_point():  # class probabilities: a mean over the samples
+            return F.cross_entropy(out, y, label_smoothing=self.label_smoothing)
+        target = y
         if out.dim() > 2 and out.shape[:-1] == y.shape:
             out, y = out.reshape(-1, out.shape[-1]), y.reshape(-1)
-        loss = F.cross_entropy(out, y, label_smoothing=self.label_smoothing, ignore_index=self.ignore_index)
-        return loss if y.is_floating_point() else loss.where((y != self.ignore_index).any(), 0.0)
+        count = (y != self.ignore_index).sum()  # a device tensor: no host sync
+        self._counted = (target, count)
+        total = F.cross_entropy(out, y, reduction="sum", label_smoothing=self.label_smoothing,
+                                ignore_index=self.ignore_index)
+        return total / count.clamp(min=1)
 
     def weight(self, out, y) -> torch.Tensor | int:
-        # Classes: the counted ones, tokens of sequences or samples (a device tensor, no host sync); the loss is a mean
-        # over them, also where some (N,) classes are ignore_index. Probabilities: the samples.
-        return len(y) if y.is_floating_point() else (y != self.ignore_index).sum()
+        # Classes: the counted ones, tokens of sequences or samples; the loss is a mean over them, also where some
+        # (N,) classes are ignore_index. Probabilities: the samples.
+        if y.is_floating_point():
+            return len(y)
+        seen, count = self._counted
+        return count if seen is y else (y != self.ignore_index).sum()
 
 
 def build_loss(cfg: LossConfig) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | str | None:
