@@ -68,8 +68,9 @@ class Evaluator:
         while True:
             batch = next(it, None)
             if spare is None and self.dist.any(batch is None):  # the first round: a rank with nothing at all
-                raise TaskError(f"evaluation under dist.strategy=fsdp: a rank's shard of the set is empty (it has "
-                                f"fewer samples than the {self.dist.env.world_size} ranks); use fewer ranks")
+                raise TaskError(f"evaluation under dist.strategy=fsdp: a rank's part of the set is empty (the set "
+                                f"has fewer samples, or a stream fewer parts, than the {self.dist.env.world_size} "
+                                f"ranks); use fewer ranks, or a stream of more parts")
             if not self.dist.any(batch is not None):
                 return
             if batch is None:

@@ -353,3 +353,11 @@ def test_the_same_step_saved_again_keeps_the_whole_one_until_the_new_one_is_mark
     finish(3)
     assert checkpoint.verify(path) is None and checkpoint.load(path)["value"] == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000000006", "step-000000006.done"]
+
+
+def test_an_evaluation_set_smaller_than_the_ranks_is_one_line_under_fsdp(tmp_path):
+    # 2 validation samples on 3 ranks: a rank has nothing to run in the lockstep FSDP's all-gathers need
+    cfg = fsdp({"task": "tasks_for_tests:regression", "task_args": {"n_val": 2}, "data": {"batch_size": 12},
+                "train": {"epochs": 1}, "checkpoint": {"save_best": False}, "dist": {"timeout_s": 30}})
+    with pytest.raises(RankFailed, match="a rank's part of the set is empty .*use fewer ranks, or a stream of more"):
+        run_ranks(train_rank, 3, tmp_path, cfg, None, None, timeout=120)
