@@ -32,10 +32,32 @@ def build(cfg: Config, dist: Dist) -> "Replicated | Sharded":
     return Sharded(cfg, dist) if cfg.dist.strategy == "fsdp" else Replicated(cfg, dist)
 
 
-def checkpoint_blocks(module: nn.Module, is_block: Callable[[nn.Module], bool]) -> None:
-    """Recompute each block's activations in the backward pass instead of keeping them (less memory)."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
-    apply_activation_checkpointing(module, check_fn=is_block)
+def checkpoint_blocks(module: nn.Module, is_block: Callable[[nn.Module], bool], compiled: bool = False) -> None:
+    """Recompute each block's activations in the backward pass instead of keeping them (less memory). A block's
+    batch norms update their running statistics once a step, as without it: the recomputation's update is undone
+    (eager; a compiled graph applies the forward's alone, and torch.compile takes no such context)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (apply_activation_checkpointing,
+                                                                             checkpoint_wrapper)
+
+    def wrapper(block: nn.Module) -> nn.Module:
+        norms = [m for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if compiled or not norms:
+            return checkpoint_wrapper(block)
+        return checkpoint_wrapper(block, context_fn=lambda: (contextlib.nullcontext(), _running_stats_kept(norms)))
+    apply_activation_checkpointing(module, checkpoint_wrapper_fn=wrapper, check_fn=is_block)
+
+
+@contextlib.contextmanager
+def _running_stats_kept(norms: list[nn.Module]):
+    """The batch norms' running statistics as they were before, once the recomputation is done."""
+    kept = [(t, t.clone()) for m in norms for t in (m.running_mean, m.running_var, m.num_batches_tracked)
+            if t is not None]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for t, before in kept:
+                t.copy_(before)
 
 
 class _Writes:
@@ -88,7 +110,7 @@ class Replicated(_Writes):
             materialize(module, init, self.cfg.seed)
             module.to(self.dist.device)
         if self.cfg.dist.activation_checkpointing:
-            checkpoint_blocks(module, lambda m: m in set(blocks(module, self.cfg.dist.blocks)))
+            checkpoint_blocks(module, lambda m: m in set(blocks(module, self.cfg.dist.blocks)), self.cfg.train.compile)
         if not self.dist.active:
             self.model = module
             return module
@@ -221,7 +243,7 @@ class Sharded(_Writes):
             kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=self.dist.device.type == "cuda")
         found = blocks(module, d.blocks)
         if d.activation_checkpointing:
-            checkpoint_blocks(module, lambda m: m in set(found))
+            checkpoint_blocks(module, lambda m: m in set(found), tc.compile)
             found = blocks(module, d.blocks)  # the wrappers now stand where the blocks were
         found = untied(module, found)
         if on_meta(module):

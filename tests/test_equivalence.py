@@ -65,6 +65,16 @@ def test_adamw_clipping_and_schedule_match_across_world_sizes(tmp_path):
     assert_same_weights(one["weights"], three[0]["weights"], rtol=0, atol=1e-5)
 
 
+def test_activation_checkpointing_trains_batch_norm_bitwise_like_the_plain_run(tmp_path):
+    """The backward's recomputation of a block does not update its batch norm's running statistics a second time."""
+    cfg = with_(BASE, task_args={"batch_norm": True, "dropout": 0.1}, train={"epochs": 1})
+    plain = run_ranks(train_and_get_weights, 1, cfg, tmp_path / "plain")[0]
+    checkpointed = run_ranks(train_and_get_weights, 1, with_(cfg, dist={"activation_checkpointing": True}),
+                             tmp_path / "ac")[0]
+    assert_same_weights(plain["weights"], checkpointed["weights"], rtol=0, atol=0)
+    assert plain["summary"]["val"] == checkpointed["summary"]["val"]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="SyncBatchNorm needs 2 GPUs")
 def test_sync_batchnorm_on_two_ranks_equals_batchnorm_on_one(tmp_path):
