@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ddptrain import checkpoint, train
-from ddptrain.config import from_dict
+from ddptrain.config import ConfigError, from_dict
 from ddptrain.dist import Dist, DistEnv
 from ddptrain.batch import Forward
 from ddptrain.evaluation import Evaluator
@@ -111,6 +111,13 @@ def test_kaiming_init_has_he_variance():
     model = mlp(1000, 10, from_dict({"model": {"hidden": [500], "init": "kaiming"}}).model)
     assert model[0].weight.std().item() == pytest.approx((2 / 1000) ** 0.5, rel=0.05)
     assert torch.count_nonzero(model[0].bias) == 0
+
+
+@pytest.mark.parametrize("task, key", [("digits", "val_fraction"), ("diabetes", "test_fraction")])
+def test_a_built_in_task_refuses_a_fraction_that_holds_no_sample(tmp_path, task, key):
+    # 0.0002 of 1797 or 442 samples rounds to none: before, the run went on without that set, silently
+    with pytest.raises(ConfigError, match=f"config key 'data.{key}': 0.0002 of the"):
+        train({"task": task, "runs_dir": str(tmp_path), "data": {key: 0.0002}})
 
 
 def test_data_loader_workers_give_the_same_training(tmp_path):
