@@ -5,7 +5,10 @@ The files are the source of the standard-library modules that `charlm.py` uses (
 UTF-8 bytes (a vocabulary of 256: no pass over the data to build one). Each rank's each DataLoader worker
 reads its own files (`ddptrain.shard`), appends their bytes to a buffer and cuts it into windows of
 `block + 1` tokens (x = window[:-1], y = window[1:]), the next window starting where this one's input
-ended, across file boundaries. The pass ends on every rank when the first rank's files are used up.
+ended, across file boundaries in training. Validation and test windows are cut within each file (its
+last incomplete window is left out), so they are the same windows for any number of ranks and workers:
+packed across the files of a part, they would depend on which files share a part. The pass ends on
+every rank when the first rank's files are used up.
 
 The stream's state is how many of its part's tokens it has consumed: resumed, it skips whole files by
 their size without reading them and starts in the middle of the next, so a resume costs no re-reading.
@@ -32,10 +35,12 @@ from charlm import MODULES, CharGPT  # noqa: E402  the model of the character-le
 
 
 class TokenStream(IterableDataset):
-    """Windows of `block` + 1 byte tokens from the region [start, end) (fractions) of each file."""
+    """Windows of `block` + 1 byte tokens from the region [start, end) (fractions) of each file; across files
+    (training) or within each (validation and test)."""
 
-    def __init__(self, paths: list[str], block: int, start: float, end: float):
+    def __init__(self, paths: list[str], block: int, start: float, end: float, across_files: bool = True):
         self.paths, self.block, self.start, self.end = paths, block, start, end
+        self.across_files = across_files
         self.consumed = 0   # tokens of this part's stream that windows have moved past, in this pass
         self.resume_at = 0  # set by load_state_dict: where the next pass starts
 
@@ -55,7 +60,7 @@ class TokenStream(IterableDataset):
             with open(path, "rb") as f:
                 tokens = torch.frombuffer(bytearray(f.read()[cut]), dtype=torch.uint8).long()
             tokens, before = tokens[max(start - before, 0):], before + n
-            buffer = torch.cat([buffer, tokens])
+            buffer = torch.cat([buffer, tokens]) if self.across_files else tokens
             while len(buffer) > self.block:
                 window, buffer = buffer[:self.block + 1], buffer[self.block:]
                 self.consumed += self.block
@@ -81,5 +86,6 @@ def build(cfg) -> ddptrain.Task:
     model = CharGPT(256, block, args.get("n_layer", 2), args.get("n_embd", 96), args.get("n_head", 4),
                     args.get("dropout", 0.0))
     return ddptrain.Task(model=model, train=TokenStream(paths, block, 0.0, test_at),
-                         val=TokenStream(paths, block, val_at, 1.0), test=TokenStream(paths, block, test_at, val_at),
+                         val=TokenStream(paths, block, val_at, 1.0, across_files=False),
+                         test=TokenStream(paths, block, test_at, val_at, across_files=False),
                          metrics={"bpb": bits_per_byte})

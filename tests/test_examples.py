@@ -7,6 +7,8 @@ from pathlib import Path
 
 import yaml
 
+from ddptrain.config import from_dict
+from ddptrain.stream import rank_stream
 from killing import kill_and_resume
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,3 +46,18 @@ def test_the_token_stream_trains_on_2_ranks_with_2_workers_each_and_resumes_mid_
     summary = kill_and_resume(tmp_path, cfg, kill_at=17, models=None)
     assert summary["steps"] == 30 and summary["resumed_at_step"] == 10 and summary["epochs_completed"] == 0
     assert summary["test"]["bpb"] < 6.5 and summary["tokens_per_s"] > 0, summary  # uniform bytes: 8 bits
+
+
+def test_the_token_streams_validation_and_test_windows_are_the_same_for_any_number_of_parts():
+    # Packed across the files of a part, they depended on which files shared one: 754, 753 and 752
+    # windows on 1, 2 and 4 parts (ranks x workers), so val_bpb depended on the world size.
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import tokenstream
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    task = tokenstream.build(from_dict({"data": {"val_fraction": 0.1, "test_fraction": 0.1}}))
+    for stream in (task.val, task.test):
+        windows = [sorted(tuple(x.tolist()) for r in range(parts) for x, _ in rank_stream(stream, r, parts))
+                   for parts in (1, 2, 4)]
+        assert windows[0] == windows[1] == windows[2] and len(windows[0]) > 600
