@@ -111,6 +111,13 @@ def evaluate(run: str | os.PathLike, checkpoint: str = "auto", split: str = "tes
     if split not in ("val", "test"):
         raise ConfigError(f"--split: expected val or test, got {split!r}")
     cfg = run_config(run, overrides)
+    if overrides and Path(run).is_dir():  # another split would hold some of the run's training samples
+        trained = run_config(run).data
+        for key in ("val_fraction", "test_fraction", "split_seed"):
+            if getattr(cfg.data, key) != getattr(trained, key):
+                raise ConfigError(f"config key 'data.{key}': the run was trained with {getattr(trained, key)!r}, "
+                                  f"and its {split} set is split with it; another value would evaluate on other "
+                                  f"samples, some of them trained on")
     env = detect(os.environ)
     device, backend, built, forward, metrics = prepare(cfg, env, task)
     dataset = getattr(built, split)

@@ -167,3 +167,17 @@ def test_rank0_mode_waits_longer_than_the_collective_timeout(tmp_path):
 
     summaries = run_ranks(per_rank, 2, tmp_path, timeout=90)
     assert summaries[0]["val"] == summaries[1]["val"]
+
+
+def test_eval_refuses_a_split_other_than_the_runs(tmp_path):
+    # data.split_seed=1 evaluated a "test" set holding samples the run trained on, silently
+    from ddptrain import evaluate, train
+    from ddptrain.config import ConfigError
+    train({"task": "digits", "runs_dir": str(tmp_path), "name": "run", "model": {"hidden": [8]},
+           "train": {"max_steps": 1}})
+    run_dir = tmp_path / "run"
+    for override in ("data.split_seed=1", "data.val_fraction=0.2", "data.test_fraction=0.1"):
+        with pytest.raises(ConfigError, match=f"config key '{override.split('=')[0]}': the run was trained with"):
+            evaluate(run_dir, "last", "test", [override])
+    assert evaluate(run_dir, "last", "test", ["data.eval_batch_size=7"])["loss"] == \
+        pytest.approx(evaluate(run_dir, "last", "test")["loss"], rel=1e-6)
