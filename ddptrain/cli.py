@@ -329,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
         return _train(args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader of the output left (`ddptrain keys | head`): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the flush at exit would fail again
+        return 141  # as a process that SIGPIPE ended
     except Exception as e:
         from .checkpoint import CheckpointError
         from .task import TaskError

@@ -208,3 +208,10 @@ def test_a_usage_mistake_is_one_line(argv, expected, capsys):
         main(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith(f"ddptrain: error: {expected}") and err.count("\n") == 1, err
+
+
+def test_output_into_a_closed_pipe_ends_quietly():
+    # `true` reads nothing and exits at once, as `head` does after its lines
+    proc = subprocess.run(f"{sys.executable} -m ddptrain keys | true", shell=True, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.stderr == "", proc.stderr
