@@ -57,11 +57,15 @@ def on_meta(model: nn.Module) -> bool:
 
 
 def _own_state(m: nn.Module) -> bool:
-    return any(True for _ in itertools.chain(m.parameters(recurse=False), m.buffers(recurse=False)))
+    """The module has parameters or buffers of its own on the meta device (to be given weights). Those of a
+    module whose own are real (weights loaded into part of a meta-built model) are kept as they are."""
+    own = list(itertools.chain(m.parameters(recurse=False), m.buffers(recurse=False)))
+    return any(t.is_meta for t in own)
 
 
 def uninitialisable(model: nn.Module) -> str | None:
-    """The first module (by name) with parameters or buffers of its own but no reset_parameters(), if any."""
+    """The first module (by name) with parameters or buffers of its own on the meta device but no
+    reset_parameters(), if any."""
     return next((f"'{name}' ({type(m).__name__})" if name else f"{type(m).__name__} (the model itself)"
                  for name, m in model.named_modules()
                  if _own_state(m) and not callable(getattr(m, "reset_parameters", None))), None)

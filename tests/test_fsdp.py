@@ -209,6 +209,19 @@ def test_materialized_weights_are_the_seeds_with_ties_kept_and_one_block_whole_a
         assert torch.equal(meta.state_dict()[k], v), k
 
 
+def test_modules_given_real_weights_before_keep_them_when_the_rest_is_materialized():
+    from ddptrain.models import materialize, on_meta, uninitialisable
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    model[0] = torch.nn.Linear(4, 4)  # weights loaded into part of a meta-built model
+    torch.nn.init.constant_(model[0].weight, 0.5)
+    model[0].bias.data.zero_()
+    assert on_meta(model) and uninitialisable(model) is None
+    materialize(model, None, 5)
+    assert not on_meta(model) and bool((model[0].weight == 0.5).all()) and bool((model[0].bias == 0).all())
+    assert model[2].weight.abs().sum() > 0
+
+
 class Scaled(torch.nn.Module):
     def __init__(self):
         super().__init__()
