@@ -83,7 +83,7 @@ def micro(size: str, number: int, repeat: int) -> dict:
 
     def ddptrain_optimizer_step():
         restore_grads()
-        optimizer_step(module_params, one_group, PRECISION, CFG, measure=False)  # as on a step between logs
+        optimizer_step(module_params, one_group, PRECISION, CFG.train, measure=False)  # as on a step between logs
 
     def grad_norm_and_check():
         grads_ = [p for p in module_params if p.grad is not None]
@@ -186,7 +186,7 @@ def loop(size: str, block: int, rounds: int) -> dict | None:
         params = list(module.parameters())
         def step(x, y):
             F.cross_entropy(model(x), y).backward()
-            optimizer_step(params, opt, PRECISION, CFG, measure=False)
+            optimizer_step(params, opt, PRECISION, CFG.train, measure=False)
         return step
 
     def ddptrain_like(model, module, opt, sched):
@@ -194,7 +194,7 @@ def loop(size: str, block: int, rounds: int) -> dict | None:
         params = list(module.parameters())
         def step(x, y):
             ddptrain_forward_backward(model, module, x, y, running)
-            optimizer_step(params, opt, PRECISION, CFG, measure=False)
+            optimizer_step(params, opt, PRECISION, CFG.train, measure=False)
             sched.step()
             if preemption is not None:
                 preemption.poll()
