@@ -189,6 +189,11 @@ def prune(directory: Path, keep_last: int, written: Path | None = None) -> None:
         _remove(path)
 
 
+def best_path(run_dir: Path, strategy: str) -> Path:
+    """A run's best weights: checkpoints/best.pt, or under fsdp the directory of shards checkpoints/best/."""
+    return run_dir / "checkpoints" / ("best" if strategy == "fsdp" else "best.pt")
+
+
 def marked_step(path: Path) -> int | None:
     """The step that a checkpoint's completeness marker records (None without a marker)."""
     try:

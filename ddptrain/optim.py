@@ -14,7 +14,7 @@ from torch import nn
 from torch.optim import lr_scheduler as sch
 
 from .config import OPTIMIZERS, SCHEDULES, SPANS_RUN, ConfigError, OptimConfig, SchedConfig, TrainConfig
-from .importing import import_object, user_frame
+from .importing import import_object, message, user_frame
 from .precision import Precision
 
 
@@ -42,13 +42,12 @@ def _built(what: str, make: Callable, expected: type | None = None):
     except (ConfigError, TaskError):
         raise
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         if what.startswith("config"):  # torch's own classes (or the user's, named by import path) and the config's arguments
-            raise ConfigError(f"{what} raised {type(e).__name__}: {first}") from e
-        raise TaskError(f"{what} raised {type(e).__name__}: {first} ({user_frame(e)})") from e
+            raise ConfigError(f"{what} raised {type(e).__name__}: {message(e)}") from e
+        raise TaskError(f"{what} raised {type(e).__name__}: {message(e)} ({user_frame(e)})") from e
     if expected is not None and not isinstance(made, expected):
-        message = f"{what}: expected a torch.optim.{expected.__name__}, got {type(made).__name__}"
-        raise ConfigError(message) if what.startswith("config") else TaskError(message)
+        wrong = f"{what}: expected a torch.optim.{expected.__name__}, got {type(made).__name__}"
+        raise ConfigError(wrong) if what.startswith("config") else TaskError(wrong)
     return made
 
 

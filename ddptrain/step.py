@@ -34,6 +34,7 @@ class TrainStep:
         self.optimizer, self.scheduler, self.precision, self.tc, self.l1 = optimizer, scheduler, precision, tc, l1
         self.no_sync, self.dist = no_sync, dist
         self.scale: float | Callable | None = None  # world size / the step's counted tokens on all ranks (begin)
+        self.token_mean: bool | None = None  # the loss is a mean over counted tokens: known from the first step
         self.params = list(module.parameters())  # made once: walking the module tree costs as much as a small step
         self.steps_schedule = not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
 
@@ -41,10 +42,11 @@ class TrainStep:
         """Before a step's micro-batches: with a token-mean loss, start the count of the step's tokens on all
         ranks (one rank, one micro-batch: its own mean is the step's). Call on all ranks."""
         self.scale = None
-        if self.dist is None or (len(batches) == 1 and self.dist.env.world_size == 1):
+        if self.dist is None or (len(batches) == 1 and self.dist.env.world_size == 1) or self.token_mean is False:
             return
         counts = [self.forward.counted(b) for b in batches]
-        if counts[0] is not None:
+        self.token_mean = counts[0] is not None  # the same on every rank and step: one kind of target per task
+        if self.token_mean:
             self.scale = self.dist.sum_later([sum(counts)])
 
     def _share(self, weight: torch.Tensor) -> torch.Tensor:

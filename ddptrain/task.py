@@ -132,7 +132,8 @@ def _check_dataset(task: str, split: str, ds) -> None:
     try:
         empty = len(ds) == 0
     except Exception as e:
-        raise TaskError(f"task '{task}': len() of the {split} set raised {type(e).__name__}: {e} ({user_frame(e)})") from None
+        raise TaskError(f"task '{task}': len() of the {split} set raised {type(e).__name__}: {message(e)} "
+                        f"({user_frame(e)})") from None
     if empty:
         raise TaskError(f"task '{task}': the {split} dataset is empty")
 
@@ -176,8 +177,8 @@ def check(cfg: Config, task: Task, forward: Forward, metrics: dict) -> None:
         try:
             items = [task.train[i] for i in range(min(2, len(task.train)))]
         except Exception as e:
-            raise TaskError(f"{name}: reading the training set's first items raised {type(e).__name__}: {e} "
-                            f"({user_frame(e)})") from None
+            raise TaskError(f"{name}: reading the training set's first items raised {type(e).__name__}: "
+                            f"{message(e)} ({user_frame(e)})") from None
     try:
         batch = (task.collate or collate)(items)
     except Exception as e:

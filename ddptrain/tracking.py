@@ -101,8 +101,8 @@ class WandbLogger:
         flat[f"best/{summary['monitor']}"] = summary["best_value"]
         try:
             self.run.summary.update(flat)
-            # best.pt, or under fsdp best/, the directory of its shards
-            best = self.cfg.run_dir / "checkpoints" / ("best" if self.cfg.dist.strategy == "fsdp" else "best.pt")
+            from .checkpoint import best_path
+            best = best_path(self.cfg.run_dir, self.cfg.dist.strategy)
             if self.cfg.wandb.log_best_checkpoint and summary.get("status") == "completed" and best.exists():
                 self._log_best(best, summary)
         except Exception as e:

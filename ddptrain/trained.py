@@ -50,7 +50,7 @@ def checkpoint_path(cfg: Config, which: str = "auto") -> Path:
     if which == "auto" and _tested(cfg) == "last":
         which = "last"
     if which in ("auto", "best"):
-        best = directory / ("best" if cfg.dist.strategy == "fsdp" else "best.pt")  # shards, or one file
+        best = ckpt.best_path(cfg.run_dir, cfg.dist.strategy)
         problem = ckpt.verify(best)
         if problem is None:
             return best
