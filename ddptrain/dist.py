@@ -204,8 +204,8 @@ class Dist:
         dist.broadcast_object_list(box, src=first, group=self.control)
         return box[0]
 
-    def broadcast_object(self, obj, after_rank0_alone: bool = False):
-        """Rank 0's `obj` on every rank. Call on all ranks; others pass anything.
+    def broadcast_object(self, obj, after_rank0_alone: bool = False, src: int = 0):
+        """Rank `src`'s (by default rank 0's) `obj` on every rank. Call on all ranks; others pass anything.
 
         `after_rank0_alone`: the other ranks wait while rank 0 works alone (its solo evaluation), up to
         `val.rank0_timeout_s`; every other wait ends after `dist.timeout_s`.
@@ -214,7 +214,7 @@ class Dist:
             return obj
         box = [obj]
         if not after_rank0_alone:
-            dist.broadcast_object_list(box, src=0, group=self.control)
+            dist.broadcast_object_list(box, src=src, group=self.control)
             return box[0]
         key, seconds = self.timeout_key, self.timeout_s
         self.timeout_key, self.timeout_s = "val.rank0_timeout_s", self.rank0_timeout_s

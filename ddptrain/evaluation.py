@@ -5,7 +5,8 @@
 own, whose timeout is `val.rank0_timeout_s`; every other wait of the run ends after `dist.timeout_s`. The unwrapped module is used, in
 eval mode, so DDP issues no collective while only some ranks run it.
 Under FSDP every forward gathers weights from all ranks, so every rank must run as many batches
-(`lockstep`): a rank whose shard has run out repeats its last batch, uncounted, until all are done.
+(`lockstep`): a rank whose shard has run out repeats its last batch, uncounted, until all are done; a rank
+whose shard is empty runs another rank's first batch, uncounted, as often.
 """
 from __future__ import annotations
 
@@ -15,13 +16,13 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .batch import Forward, to_device
+from .batch import Forward, map_tensors, to_device
 from .config import DataConfig
 from .data import eval_loader, pinned
 from .dist import Dist
 from .losses import Sums
 from .precision import Precision
-from .task import TaskError, user_error
+from .task import user_error
 
 
 class Evaluator:
@@ -63,18 +64,26 @@ class Evaluator:
         return sums
 
     def _in_lockstep(self, loader):
-        """(batch, counted) for as long as any rank has a batch; a rank that has none repeats its last one."""
-        it, spare = iter(loader), None
+        """(batch, counted) for as long as any rank has a batch. A rank whose part has run out repeats its last
+        batch, uncounted; one whose part is empty (a set with fewer samples, or a stream with fewer parts, than
+        the ranks) runs the first batch of the first rank that has one, uncounted. Call on all ranks."""
+        world = self.dist.env.world_size
+        it = iter(loader)
+        batch = next(it, None)
+        first, all_have = self.dist.min_later([self.dist.env.rank if batch is not None else world,
+                                               int(batch is not None)])()
+        if first == world:  # no rank has a sample
+            return
+        spare = None  # what this rank runs, uncounted, when it has no batch: its last one, or rank `first`'s
+        if not all_have:  # rank `first`'s batch, sent from the CPU: a device tensor would unpickle onto its device
+            spare = self.dist.broadcast_object(map_tensors(torch.Tensor.cpu, batch) if batch is not None else None,
+                                               src=first)
         while True:
-            batch = next(it, None)
-            if spare is None and self.dist.any(batch is None):  # the first round: a rank with nothing at all
-                raise TaskError(f"evaluation under dist.strategy=fsdp: a rank's part of the set is empty (the set "
-                                f"has fewer samples, or a stream fewer parts, than the {self.dist.env.world_size} "
-                                f"ranks); use fewer ranks, or a stream of more parts")
-            if not self.dist.any(batch is not None):
-                return
             if batch is None:
                 yield spare, False
             else:
                 spare = batch
                 yield batch, True
+            batch = next(it, None)
+            if not self.dist.any(batch is not None):
+                return

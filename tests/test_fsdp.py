@@ -1,6 +1,7 @@
 """Sharded data parallelism (dist.strategy: fsdp, FSDP2 with Distributed Checkpoint) on real gloo ranks: it
 trains like DDP, accumulates like a big batch, resumes bitwise after SIGKILL, on another world size too,
-never takes a truncated shard, and exports a plain state dict."""
+never takes a truncated shard, exports a plain state dict, and evaluates a set smaller than the ranks exactly
+as one rank does."""
 import json
 import os
 import pickle
@@ -11,11 +12,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.data import TensorDataset
 
 import ddptrain
 from ddptrain import checkpoint
+from ddptrain.batch import Forward
 from ddptrain.config import from_dict
-from ddptrain.dist import detect
+from ddptrain.dist import Dist, detect
+from ddptrain.evaluation import Evaluator
+from ddptrain.losses import CrossEntropy, accuracy, as_metric
+from ddptrain.precision import Precision
+from ddptrain.strategy import Sharded
 from ddptrain.task import TaskError
 from ddptrain.trainer import run
 
@@ -368,9 +375,62 @@ def test_the_same_step_saved_again_keeps_the_whole_one_until_the_new_one_is_mark
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000000006", "step-000000006.done"]
 
 
-def test_an_evaluation_set_smaller_than_the_ranks_is_one_line_under_fsdp(tmp_path):
-    # 2 validation samples on 3 ranks: a rank has nothing to run in the lockstep FSDP's all-gathers need
-    cfg = fsdp({"task": "tasks_for_tests:regression", "task_args": {"n_val": 2}, "data": {"batch_size": 12},
-                "train": {"epochs": 1}, "checkpoint": {"save_best": False}, "dist": {"timeout_s": 30}})
-    with pytest.raises(RankFailed, match="a rank's part of the set is empty .*use fewer ranks, or a stream of more"):
-        run_ranks(train_rank, 3, tmp_path, cfg, None, None, timeout=120)
+class Items(torch.utils.data.IterableDataset):
+    """A stream of the samples of `tensors`, split over the ranks by ddptrain (every world-size-th item)."""
+
+    def __init__(self, *tensors):
+        self.tensors = tensors
+
+    def __iter__(self):
+        return iter(zip(*self.tensors))
+
+
+def evaluate_few(rank, n, eval_batch_size, strategy, stream=False):
+    """Loss and accuracy of `n` samples, and the batch size of each forward this rank ran: under fsdp with the
+    model sharded and the batches in lockstep, as the trainer evaluates it; under ddp (or world size 1) the whole
+    model."""
+    cfg = from_dict({"data": {"eval_batch_size": eval_batch_size}, "dist": {"strategy": strategy}})
+    dist = Dist(detect(os.environ), torch.device("cpu"), "gloo", 30, 30)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        if strategy == "fsdp":
+            Sharded(cfg, dist).wrap(model)
+        forwards = []
+        model.register_forward_hook(lambda m, i, o: forwards.append(len(i[0])))
+        g = torch.Generator().manual_seed(1)
+        x, y = torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g)
+        evaluate = Evaluator(dist, Forward(CrossEntropy()), {"accuracy": as_metric(accuracy)},
+                             Precision("fp32", torch.device("cpu")), "sharded", cfg.data, lockstep=strategy == "fsdp")
+        values = evaluate(model, Items(x, y) if stream else TensorDataset(x, y))
+        return {**values, "forwards": forwards}
+    finally:
+        dist.close()
+
+
+@pytest.mark.parametrize("n,eval_batch_size,world_size,stream,forwards", [
+    (1, 4, 2, False, [[1], [1]]),  # rank 1's shard is empty: it runs rank 0's batch
+    (3, 1, 2, False, [[1, 1], [1, 1]]),  # 2 batches and 1: rank 1 repeats its last
+    (2, 1, 3, False, [[1], [1], [1]]),  # rank 2's shard is empty
+    (1, 4, 2, True, [[1], [1]]),  # a stream with fewer items than ranks
+])
+def test_fsdp_evaluates_a_set_smaller_than_the_ranks_exactly_as_one_rank(n, eval_batch_size, world_size, stream,
+                                                                           forwards):
+    # every rank runs every forward (each gathers the weights): a rank without a batch of its own runs a real one,
+    # uncounted, so the numbers are those of the n samples alone
+    reference = run_ranks(evaluate_few, 1, n, eval_batch_size, "ddp", stream, timeout=60)[0]
+    ddp = run_ranks(evaluate_few, world_size, n, eval_batch_size, "ddp", stream, timeout=60)
+    sharded = run_ranks(evaluate_few, world_size, n, eval_batch_size, "fsdp", stream, timeout=60)
+    assert [r["forwards"] for r in sharded] == forwards
+    for values in ddp + sharded:
+        assert values["accuracy"] == reference["accuracy"]
+        assert values["loss"] == pytest.approx(reference["loss"], rel=1e-12, abs=0)
+
+
+def test_a_run_validates_and_tests_a_set_smaller_than_the_ranks_under_fsdp_like_ddp(tmp_path):
+    # 1 validation and 1 test sample on 2 ranks, through the trainer (best weights, then the test)
+    cfg = {"task": "tasks_for_tests:regression", "task_args": {"n_val": 1, "n_test": 1}, "data": {"batch_size": 16},
+           "train": {"epochs": 1}, "dist": {"timeout_s": 30}}
+    ddp = run_ranks(train_rank, 2, tmp_path / "ddp", cfg, None, None, timeout=120)[0]
+    sharded = run_ranks(train_rank, 2, tmp_path / "fsdp", fsdp(cfg), None, None, timeout=120)[0]
+    assert_close(sharded, ddp)
