@@ -6,7 +6,9 @@ nested as deep as they like. How it reaches the model is decided here and nowher
 - a dict, dataclass or named tuple (a record): the field `target_key` (default `labels`) is the target
   and the other fields are keyword arguments, `model(**rest)`;
 - `loss="model"`: the model computes its own loss (Hugging Face style); a record goes in whole,
-  labels included, and the loss is read from `output.loss` or `output["loss"]`;
+  labels included, and the loss is read from `output.loss` or `output["loss"]`; with sequence labels
+  (integer, 2+ dimensions) it is a mean over the labels that are not -100, or, for a model that takes
+  `num_items_in_batch` (`takes_num_items`), its sum over them divided by the `num_items` it is given;
 - a task's own `step(model, batch)` for everything else; it returns the loss, or `(loss, output, target)`.
 The number of samples of a batch is the first dimension of its target, or, without a target, of the
 first tensor in the batch.
@@ -15,11 +17,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
+import sys
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
+from torch import nn
 from torch.utils.data import default_collate
 
 
@@ -122,6 +127,37 @@ def model_loss(output) -> torch.Tensor:
     return loss
 
 
+IGNORED = -100  # the label that a model's own loss does not count (Hugging Face's ignore_index)
+
+
+def takes_num_items(model: nn.Module) -> bool:
+    """Whether a model that computes its own loss takes `num_items_in_batch`, as Hugging Face's Trainer decides:
+    its `accepts_loss_kwargs` where it has one, else a forward with that parameter or with `**kwargs`."""
+    accepts = getattr(model, "accepts_loss_kwargs", None)
+    if accepts is not None:
+        return bool(accepts)
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return "num_items_in_batch" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def shifts_labels(model: nn.Module) -> bool:
+    """Whether the model's own loss is Hugging Face's causal-LM loss, which predicts labels[..., 1:] (position 0 is
+    never a target), so that only those are counted, as the Trainer counts them. Read from the loss function the
+    model uses (GPT-2's `loss_type` is None, yet it shifts); not for an encoder-decoder, whose labels are aligned."""
+    losses = sys.modules.get("transformers.loss.loss_utils")  # imported with any Hugging Face model: never here
+    if losses is None or getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return False
+    return getattr(model, "loss_function", None) is getattr(losses, "ForCausalLMLoss", False)
+
+
+def _sequence(t) -> bool:
+    """An integer target of two or more dimensions: classes of (B, T, ...) tokens."""
+    return isinstance(t, torch.Tensor) and t.dim() >= 2 and not t.is_floating_point()
+
+
 @dataclass
 class Computed:
     """One micro-batch's result: the loss (a mean), what metrics see, and how much it counts."""
@@ -129,17 +165,23 @@ class Computed:
     output: Any = None
     target: Any = None
     samples: int = 0
-    weight: torch.Tensor | int = 0   # what the loss is a mean over: samples, or the counted classes (tokens) of cross entropy
+    weight: torch.Tensor | int = 0   # what the loss is a mean over: samples, or counted classes (tokens, a tensor)
     tokens: int = 0                  # target elements of a sequence target (B, T, ...); 0 otherwise
+    num_items: float | None = None   # the num_items_in_batch a model divided its summed loss by (not a mean, then)
 
 
 class Forward:
     """Computes a micro-batch's loss by the task's rules (see the module docstring)."""
 
-    def __init__(self, loss_fn, step: Callable | None = None, target_key: str = "labels"):
+    def __init__(self, loss_fn, step: Callable | None = None, target_key: str = "labels",
+                 model: nn.Module | None = None):
+        """`model`: the bare network, whose own loss (`loss_fn="model"`) may take `num_items_in_batch`."""
         self.loss_fn, self.step, self.target_key = loss_fn, step, target_key
         self.own_loss = loss_fn == "model"
         self.weigh = getattr(loss_fn, "weight", None)  # the built-in cross entropy counts its targets (tokens)
+        # decided once, from the forward's signature, not per step
+        hf = self.own_loss and step is None and model is not None
+        self.num_items, self.shifts = hf and takes_num_items(model), hf and shifts_labels(model)
         self.flops_per_sample = 0  # the model's forward FLOPs per sample, counted by the pre-flight check
         self.cpu_batches = True  # the pre-flight check's training batch held CPU tensors only (they can be pinned)
 
@@ -157,36 +199,54 @@ class Forward:
                         f"'{self.target_key}', got {describe(batch)}; for other shapes give the task a "
                         f"`step(model, batch)` function")
 
+    def _own_labels(self, values: dict):
+        """The labels that a model's own loss counts, as Hugging Face's Trainer takes them: `shift_labels` where the
+        batch has them, else the labels, less their first position for a causal LM (which shifts them)."""
+        if "shift_labels" in values:
+            return values["shift_labels"]
+        labels = values.get(self.target_key)
+        return labels[..., 1:] if self.shifts and _sequence(labels) else labels
+
     def counted(self, batch) -> int | None:
-        """The targets that a built-in sequence loss counts in `batch` (its tokens, from the target alone), or None
-        when the loss is a mean over samples."""
-        if self.weigh is None or self.step is not None:
+        """The targets that a sequence loss counts in `batch` (its tokens, from the target alone): the built-in one's,
+        or the labels not -100 of a record for a model's own loss; None when the loss is a mean over samples."""
+        if self.step is not None or (self.weigh is None and not self.own_loss):
             return None
+        if self.own_loss:
+            labels = self._own_labels(fields(batch)) if is_record(batch) else None
+            return int((labels != IGNORED).sum()) if _sequence(labels) else None
         target = self.split(batch)[1]
-        if not isinstance(target, torch.Tensor) or target.dim() < 2 or target.is_floating_point():
+        if not _sequence(target):
             return None
         return int(self.weigh(None, target))
 
-    def __call__(self, model, batch, precise: bool = False) -> Computed:
-        """`precise` (evaluation): the loss is taken in float64, so its sums do not depend on batching."""
+    def __call__(self, model, batch, precise: bool = False, num_items: float | None = None) -> Computed:
+        """`precise` (evaluation): the loss is taken in float64, so its sums do not depend on batching.
+        `num_items`: the model's `num_items_in_batch` (where `self.num_items`), what it divides its summed loss by."""
+        weight = None
         if self.step is not None:
             result = self.step(model, batch)
             loss, output, target = result if isinstance(result, (tuple, list)) else (result, None, None)
         else:
             inputs, target = self.split(batch)
+            if num_items is not None:
+                inputs = {**inputs, "num_items_in_batch": num_items}
             output = call(model, inputs)
             if self.own_loss:
                 loss = model_loss(output)
+                labels = self._own_labels(inputs) if is_record(batch) else None
+                if _sequence(labels):  # what the loss is a mean (or sum) over: a device tensor, no host sync
+                    weight = (labels != IGNORED).sum()
             elif precise and isinstance(output, torch.Tensor) and output.is_floating_point():
                 loss = self.loss_fn(output.double(), map_tensors(_double, target))  # a target may be (y, weights)
             else:
                 loss = self.loss_fn(output, target)
         lead = target if isinstance(target, torch.Tensor) else first_tensor(batch if target is None else target)
         samples = len(lead) if lead is not None and lead.dim() > 0 else 1
-        tokens = target.numel() if isinstance(target, torch.Tensor) and target.dim() >= 2 and \
-            not target.is_floating_point() else 0
-        weight = self.weigh(output, target) if self.weigh is not None else samples
-        return Computed(loss, output, target, samples, weight, tokens)
+        tokens = target.numel() if _sequence(target) else 0
+        if weight is None:
+            weight = self.weigh(output, target) if self.weigh is not None else samples
+        return Computed(loss, output, target, samples, weight, tokens, num_items)
 
 
 def describe(x, depth: int = 0) -> str:

@@ -7,6 +7,8 @@ eval mode, so DDP issues no collective while only some ranks run it.
 Under FSDP every forward gathers weights from all ranks, so every rank must run as many batches
 (`lockstep`): a rank whose shard has run out repeats its last batch, uncounted, until all are done; a rank
 whose shard is empty runs another rank's first batch, uncounted, as often.
+Losses are means over samples, or over counted tokens for sequences (the built-in cross entropy, or a
+model's own loss on labels that are not -100), the same for any world size and batch size.
 """
 from __future__ import annotations
 
@@ -55,10 +57,14 @@ class Evaluator:
     def _sums(self, module: nn.Module, loader) -> Sums:
         sums = Sums(self.metrics, self.dist.device)
         for batch, counted in (self._in_lockstep(loader) if self.lockstep else ((b, True) for b in loader)):
+            # A model's own loss that takes num_items_in_batch is given the batch's count of its labels: its loss
+            # is then the batch's sum over them / their count, exactly, whatever the model counts itself.
+            items = self.forward.counted(batch) if self.forward.num_items else None
             with self.precision.autocast():
                 # The loss is taken in float64, so its sum over batches and shards does not depend (to
                 # ~1e-15) on how the samples were cut into batches.
-                computed = self.forward(module, to_device(batch, self.dist.device), precise=True)
+                computed = self.forward(module, to_device(batch, self.dist.device), precise=True,
+                                        num_items=None if items is None else max(items, 1))
             if counted:
                 sums.add(computed)
         return sums

@@ -115,11 +115,11 @@ def as_metric(m) -> Metric:
 
 
 class Sums:
-    """Running sums of a run's batches, reduced by one all-reduce: the loss times its weight, the weight
-    (tokens; 0 when the loss is a mean over samples), samples, sequence tokens, each metric's stats, and a
-    slot for the non-finite check that rides on the same reduction. The loss and metric sums stay on the
-    device (no host sync until `values()`); sample and token counts, known from shapes, are Python ints
-    until they are needed.
+    """Running sums of a run's batches, reduced by one all-reduce: the loss times its weight (times the
+    num_items_in_batch a model's own loss was given: its sum), the weight (tokens; 0 when the loss is a mean
+    over samples), samples, sequence tokens, each metric's stats, and a slot for the non-finite check that
+    rides on the same reduction. The loss and metric sums stay on the device (no host sync until `values()`);
+    sample and token counts, known from shapes, are Python ints until they are needed.
     """
 
     LOSS, WEIGHT, SAMPLES, TOKENS, FIRST_METRIC = range(5)
@@ -138,8 +138,8 @@ class Sums:
         """Add one micro-batch's `batch.Computed`."""
         if isinstance(c.weight, int):
             self._loss.add_(c.loss.detach(), alpha=c.weight)
-        else:
-            self._loss.add_(c.loss.detach().double() * c.weight)
+        else:  # a mean over `weight` tokens, or a model's sum over them divided by its num_items_in_batch
+            self._loss.add_(c.loss.detach().double() * (c.weight if c.num_items is None else c.num_items))
             self._weight.add_(c.weight)
         self._samples += c.samples
         self._tokens += c.tokens

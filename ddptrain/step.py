@@ -6,8 +6,11 @@ the mean over the whole step's batch, whatever the world size and k. A loss that
 tokens (the built-in cross entropy on sequences, with padding) is weighted by its micro-batch's share of
 the step's tokens on all ranks instead, so that the gradient is the mean over all of them, not a mean of
 each micro-batch's mean: the count, taken from the targets still on the CPU, is summed over ranks on the gloo
-control group in the background while the first forward runs (no device sync). The L1 penalty, a function
-of the weights alone, is divided by k and never weighted by tokens.
+control group in the background while the first forward runs (no device sync). So is a model's own loss
+(`loss="model"`) on sequence labels, counting the labels that are not -100; a model that takes
+`num_items_in_batch` (Hugging Face's contract) is given the step's count over the world size instead, and
+its loss, the sum over its tokens divided by that, is not weighted again; for it the sum is awaited before
+the first forward. The L1 penalty, a function of the weights alone, is divided by k and never weighted by tokens.
 """
 from __future__ import annotations
 
@@ -33,7 +36,9 @@ class TrainStep:
         self.layer_norms, self.norms = layer_norms, None  # norms: the latest log step's, by layer
         self.optimizer, self.scheduler, self.precision, self.tc, self.l1 = optimizer, scheduler, precision, tc, l1
         self.no_sync, self.dist = no_sync, dist
-        self.scale: float | Callable | None = None  # world size / the step's counted tokens on all ranks (begin)
+        self.count: Callable | None = None  # the step's counted tokens on all ranks, being summed (begin)
+        self.scale: float | None = None  # world size / that count, once it is known
+        self.num_items: float | None = None  # that count / world size: a model's num_items_in_batch
         self.token_mean: bool | None = None  # the loss is a mean over counted tokens: known from the first step
         self.params = list(module.parameters())  # made once: walking the module tree costs as much as a small step
         self.steps_schedule = not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
@@ -41,31 +46,42 @@ class TrainStep:
     def begin(self, batches: list) -> None:
         """Before a step's micro-batches: with a token-mean loss, start the count of the step's tokens on all
         ranks (one rank, one micro-batch: its own mean is the step's). Call on all ranks."""
-        self.scale = None
+        self.count = self.scale = self.num_items = None
         if self.dist is None or (len(batches) == 1 and self.dist.env.world_size == 1) or self.token_mean is False:
             return
         counts = [self.forward.counted(b) for b in batches]
         self.token_mean = counts[0] is not None  # the same on every rank and step: one kind of target per task
         if self.token_mean:
-            self.scale = self.dist.sum_later([sum(counts)])
+            self.count = self.dist.sum_later([sum(counts)])
+
+    def _counted(self) -> None:
+        """Wait for the step's count; no step is empty of tokens on all ranks (0 / 0 would make the loss NaN)."""
+        if self.scale is None:
+            total, world = max(self.count()[0], 1), self.dist.env.world_size
+            self.scale, self.num_items = world / total, total / world
 
     def _share(self, weight: torch.Tensor) -> torch.Tensor:
         """A micro-batch's part of the step: its counted tokens over the mean count of a rank (DDP and FSDP
         average the ranks' gradients)."""
-        if callable(self.scale):
-            self.scale = self.dist.env.world_size / max(self.scale()[0], 1)
+        self._counted()
         return weight * self.scale
 
     def micro_step(self, batch, last: bool) -> Computed:
         """Forward and backward of one micro-batch; the gradients are all-reduced only when `last`."""
-        k = self.tc.grad_accum_steps
+        k, items = self.tc.grad_accum_steps, None
+        if self.count is not None and self.forward.num_items:
+            self._counted()  # the model divides by the step's count: it must be known before its forward
+            items = self.num_items
         with contextlib.nullcontext() if last or self.no_sync is None else self.no_sync():
             with self.precision.autocast():
                 self.timer.begin()
-                c = self.forward(self.model, batch)
+                c = self.forward(self.model, batch, num_items=items)
                 self.timer.end()
                 penalty = l1_penalty(self.module, self.l1) / k if self.l1 else None  # of the weights: never weighted
-            loss = c.loss * self._share(c.weight) if self.scale is not None else c.loss / k if k > 1 else c.loss
+            if items is not None:  # (its tokens' losses) / (the step's tokens / world size): weighted already
+                loss = c.loss
+            else:
+                loss = c.loss * self._share(c.weight) if self.count is not None else c.loss / k if k > 1 else c.loss
             self.precision.backward(loss if penalty is None else loss + penalty)
         return c
 

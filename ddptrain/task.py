@@ -157,7 +157,7 @@ def prepare(cfg: Config, task: Task) -> tuple[Forward, dict]:
     if loss_fn is None and task.step is None:
         raise ConfigError("config key 'loss.name': the task returns no loss; name one (cross_entropy, mse, l1, "
                           "huber, bce_with_logits, or model when the model computes its own)")
-    forward = Forward(loss_fn, task.step, task.target_key)
+    forward = Forward(loss_fn, task.step, task.target_key, task.model)
     metrics = {name: as_metric(m) for name, m in task.metrics.items()}
     check(cfg, task, forward, metrics)
     return forward, metrics
@@ -222,6 +222,8 @@ def check(cfg: Config, task: Task, forward: Forward, metrics: dict) -> None:
                                 f"{describe(c.target)}: {e}{_in_user_code(e)}") from None
             if not (isinstance(c.loss, torch.Tensor) and c.loss.dim() == 0):
                 raise TaskError(f"{name}: the loss must be a scalar tensor, got {_shape(c.loss)}")
+            if forward.num_items and not on_meta(model):
+                _check_num_items(name, forward, model, batch, c.loss)
     finally:
         model.train(was_training)
     known = ["loss", *metrics]
@@ -250,6 +252,23 @@ def _broadcasts_up(a: torch.Tensor, b: torch.Tensor) -> bool:
     except RuntimeError:
         return False
     return shape != a.shape and shape != b.shape
+
+
+def _check_num_items(name: str, forward: Forward, model: nn.Module, batch, mean: torch.Tensor) -> None:
+    """A forward that takes **kwargs may drop num_items_in_batch, and its mean loss would then go unweighted (k
+    micro-batches' means summed): given twice the batch's count, a loss that divides by it is about half its mean."""
+    n = forward.counted(batch)
+    if not n or not torch.isfinite(mean) or mean == 0:
+        return
+    try:
+        given, why = forward(model, batch, num_items=2 * n).loss, "its loss does not divide by it"
+        if abs(float(given)) < 0.75 * abs(float(mean)):
+            return
+    except Exception as e:
+        why = f"the model fails when given it ({type(e).__name__}: {message(e)})"
+    forward.num_items = False
+    warn(f"{name}: the model's forward takes num_items_in_batch (or **kwargs), but {why}; ddptrain weights its loss, "
+         f"a mean, by its tokens instead (set accepts_loss_kwargs = False on the model to say so)")
 
 
 def _check_forward(name: str, cfg: Config, forward: Forward, model: nn.Module, batch):

@@ -206,6 +206,51 @@ def padded_lm(cfg) -> Task:
     return Task(model=model, train=Padded(64, 10, 16, 1), val=Padded(37, 10, 16, 2), test=Padded(37, 10, 16, 3))
 
 
+class OwnLossLM(TinyLM):
+    """TinyLM computing its own loss as a Hugging Face model does: the sum over the labels that are not -100
+    divided by `num_items_in_batch` when given, else their mean."""
+
+    def forward(self, input_ids, labels=None, num_items_in_batch=None):
+        logits = super().forward(input_ids)
+        reduction = "mean" if num_items_in_batch is None else "sum"
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                           reduction=reduction)
+        return {"loss": loss if num_items_in_batch is None else loss / num_items_in_batch, "logits": logits}
+
+
+class MeanLossLM(TinyLM):
+    """Its own loss, always the mean over the labels that are not -100; `num_items_in_batch` it does not take."""
+
+    def forward(self, input_ids, labels=None):
+        logits = super().forward(input_ids)
+        return {"loss": nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten()), "logits": logits}
+
+
+class KwargsMeanLM(MeanLossLM):
+    """Takes **kwargs, so it seems to take num_items_in_batch, but its loss is the mean all the same."""
+
+    def forward(self, input_ids, labels=None, **kwargs):
+        return super().forward(input_ids, labels)
+
+
+class PaddedRecords(Padded):
+    def __getitem__(self, i):
+        return {"input_ids": self.x[i], "labels": self.y[i]}
+
+
+OWN_LOSS_MODELS = {"num_items": OwnLossLM, "mean": MeanLossLM, "kwargs": KwargsMeanLM}
+
+
+def padded_own_loss(cfg) -> Task:
+    """padded_lm's data and initial weights, as Hugging Face batches for a model that computes its own loss
+    (task_args.variant names which of OWN_LOSS_MODELS)."""
+    torch.manual_seed(cfg.seed)
+    model = OWN_LOSS_MODELS[cfg.task_args.get("variant", "num_items")]()
+    MODELS.append(model)
+    return Task(model=model, train=PaddedRecords(64, 10, 16, 1), val=PaddedRecords(37, 10, 16, 2),
+                test=PaddedRecords(37, 10, 16, 3), loss="model")
+
+
 class WeightedItems(Items):
     """(x, (y, w)): a per-sample weight travels in the target, for the task's weighted loss."""
 

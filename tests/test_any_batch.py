@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-
+from torch import nn
 
 from ddptrain import checkpoint
 from ddptrain.batch import on_cpu, to_device
@@ -110,6 +110,103 @@ def test_a_token_mean_loss_on_padded_sequences_trains_alike_on_any_world_size_an
     one = run_ranks(train_rank, 1, tmp_path / "one", cfg)[0]
     two = run_ranks(train_rank, 2, tmp_path / "two", with_(cfg, train={**cfg["train"], "grad_accum_steps": 2}))[0]
     assert_close_runs(two, one)
+
+
+OWN = {"task": "tasks_any_batch:padded_own_loss", "data": {"batch_size": 16}, "optim": {"name": "sgd", "lr": 0.5},
+       "train": {"epochs": 2, "log_every": 2}, "checkpoint": {"every_epochs": 0, "save_best": False}}
+VARIANTS = ("num_items", "mean", "kwargs")  # takes num_items_in_batch; does not; takes **kwargs but ignores it
+
+
+def in_turn(rank, runs_dir, cfgs: dict):
+    """One run per named config in the same processes, each on a port of its own (see every_shape)."""
+    results, port = {}, int(os.environ.get("MASTER_PORT", 0))
+    for i, (name, cfg) in enumerate(cfgs.items()):
+        if port:
+            os.environ["MASTER_PORT"] = str(port + i)
+        results[name] = train_rank(rank, runs_dir, {**cfg, "name": name})
+    return results
+
+
+def own_loss_runs(**sections) -> dict:
+    return {v: with_(OWN, task_args={"variant": v}, **sections) for v in VARIANTS}
+
+
+def test_a_models_own_loss_on_padded_sequences_trains_alike_on_any_world_size_and_accumulation(tmp_path):
+    """A Hugging Face-style loss, a mean over the labels that are not -100 (or their sum over num_items_in_batch),
+    trains like the built-in token-mean cross entropy: the gradient is the mean over all the step's counted tokens
+    for 1 rank x 16, 2 ranks x 8 and 2 micro-batches of 8; validation is a token mean for any eval batch size."""
+    builtin = run_ranks(train_rank, 1, tmp_path / "ce", {**OWN, "task": "tasks_any_batch:padded_lm",
+                                                         "loss": {"name": "cross_entropy"}})[0]
+    one = run_ranks(in_turn, 1, tmp_path / "one", own_loss_runs(), timeout=120)[0]
+    accum = run_ranks(in_turn, 1, tmp_path / "accum", own_loss_runs(train={"grad_accum_steps": 2}), timeout=120)[0]
+    two = run_ranks(in_turn, 2, tmp_path / "two", own_loss_runs(data={"eval_batch_size": 5}), timeout=120)
+    for v in VARIANTS:
+        assert_close_runs(one[v], builtin)  # the same TinyLM, data and initial weights
+        assert_close_runs(accum[v], one[v])
+        assert_close_runs(two[0][v], one[v])
+        assert all(torch.equal(two[0][v]["weights"][k], two[1][v]["weights"][k]) for k in one[v]["weights"])
+
+
+def test_the_logged_loss_of_a_models_own_loss_is_the_token_mean(tmp_path):
+    """Over a log interval (here an epoch of 4 steps at a negligible lr), train loss = the sum of all token losses /
+    the tokens, on 2 ranks x 2 micro-batches; val and test losses too, with an eval batch that cuts the set unevenly."""
+    from tasks_any_batch import OWN_LOSS_MODELS, PaddedRecords
+
+    cfgs = own_loss_runs(optim={"lr": 1e-12}, train={"epochs": 1, "log_every": 4, "grad_accum_steps": 2},
+                         data={"eval_batch_size": 5})
+    two = run_ranks(in_turn, 2, tmp_path, cfgs, timeout=120)[0]
+    for v in VARIANTS:
+        model = OWN_LOSS_MODELS[v]()
+        model.load_state_dict(two[v]["weights"])
+
+        def token_mean(data):
+            with torch.no_grad():
+                return float(model(data.x, data.y)["loss"])  # the mean over all the set's counted tokens
+        logged = [json.loads(line) for line in open(tmp_path / v / "metrics.jsonl") if '"train"' in line]
+        assert len(logged) == 1
+        assert logged[0]["loss"] == pytest.approx(token_mean(PaddedRecords(64, 10, 16, 1)), rel=1e-5)
+        assert two[v]["summary"]["val"]["loss"] == pytest.approx(token_mean(PaddedRecords(37, 10, 16, 2)), rel=1e-5)
+        assert two[v]["summary"]["test"]["loss"] == pytest.approx(token_mean(PaddedRecords(37, 10, 16, 3)), rel=1e-5)
+
+
+def test_whether_a_model_takes_num_items_in_batch_is_read_from_its_forward_once(tmp_path, diagnostics):
+    """A named parameter or **kwargs (Hugging Face's contract), unless the model's accepts_loss_kwargs says no; a
+    forward whose loss ignores it is found by the pre-flight check, and its mean is weighted instead."""
+    from ddptrain.batch import takes_num_items
+    from ddptrain.task import build, prepare, resolve
+    from tasks_any_batch import KwargsMeanLM, MeanLossLM, OwnLossLM
+
+    refused = KwargsMeanLM()
+    refused.accepts_loss_kwargs = False
+    assert takes_num_items(OwnLossLM()) and takes_num_items(KwargsMeanLM())
+    assert not takes_num_items(MeanLossLM()) and not takes_num_items(refused)
+    for variant, takes in {"num_items": True, "mean": False, "kwargs": False}.items():
+        cfg = from_dict(with_(OWN, task_args={"variant": variant}, runs_dir=str(tmp_path)))
+        assert prepare(cfg, build(cfg, resolve(cfg.task)))[0].num_items is takes
+    assert len(diagnostics) == 1 and "its loss does not divide by it; ddptrain weights its loss, a mean, by its " \
+        "tokens instead (set accepts_loss_kwargs = False on the model to say so)" in diagnostics[0]
+
+
+def test_a_causal_lm_counts_the_labels_it_predicts_as_hugging_faces_trainer_does():
+    """GPT-2's loss shifts its labels: position 0 is never a target, so it is not counted; given that count as
+    num_items_in_batch, its loss is its own mean."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from ddptrain.batch import Forward
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=16, n_positions=16, n_embd=32, n_layer=2, n_head=2)).eval()
+    ids = torch.randint(0, 16, (3, 6))
+    labels = torch.where(torch.arange(6) < torch.tensor([[6], [4], [1]]), ids, -100)
+    batch = {"input_ids": ids, "labels": labels}
+    forward = Forward("model", model=model)
+    assert forward.num_items and forward.shifts and forward.counted(batch) == 5 + 3 + 0
+    with torch.no_grad():
+        own = forward(model, batch)
+        given = forward(model, batch, num_items=forward.counted(batch))
+    assert int(own.weight) == 8 and given.num_items == 8
+    torch.testing.assert_close(given.loss, own.loss)
+    assert forward.counted({**batch, "shift_labels": labels}) == 6 + 4 + 1  # shifted by the collator: as they are
+    assert Forward("model", model=nn.Linear(2, 2)).counted(batch) == 6 + 4 + 1  # other models: every label kept
 
 
 def test_a_hugging_face_model_trains_on_its_own_loss_and_resumes_bitwise(tmp_path):

@@ -110,6 +110,17 @@ def test_l1_with_a_token_mean_loss_under_fsdp_trains_like_ddp(tmp_path):
     assert_close(sharded, ddp)
 
 
+def test_a_models_own_loss_given_num_items_in_batch_under_fsdp_trains_like_ddp(tmp_path):
+    # padded sequences, 2 micro-batches: the model divides its summed loss by the step's tokens over the world size,
+    # and FSDP's reduce-scatter averages the ranks' gradients as DDP's all-reduce does
+    cfg = {"task": "tasks_any_batch:padded_own_loss", "data": {"batch_size": 16, "eval_batch_size": 5},
+           "optim": {"name": "adamw", "lr": 0.01}, "train": {"epochs": 1, "grad_accum_steps": 2},
+           "checkpoint": {"save_best": False}, "dist": {"timeout_s": 30}}
+    ddp = run_ranks(train_rank, 2, tmp_path / "ddp", cfg, None, None, timeout=120)[0]
+    sharded = run_ranks(train_rank, 2, tmp_path / "fsdp", fsdp(cfg), None, None, timeout=120)[0]
+    assert_close(sharded, ddp)
+
+
 def test_tied_weights_under_fsdp_train_like_ddp(tmp_path):
     # the embedding and the head hold one parameter: neither can be sharded alone, so both stay in the root's group
     cfg = {"task": "tasks_any_batch:padded_lm", "task_args": {"tied": True}, "data": {"batch_size": 16},
