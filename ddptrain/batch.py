@@ -241,9 +241,13 @@ class Forward:
                 loss = self.loss_fn(output.double(), map_tensors(_double, target))  # a target may be (y, weights)
             else:
                 loss = self.loss_fn(output, target)
-        lead = target if isinstance(target, torch.Tensor) else first_tensor(batch if target is None else target)
-        samples = len(lead) if lead is not None and lead.dim() > 0 else 1
-        tokens = target.numel() if _sequence(target) else 0
+        if isinstance(target, torch.Tensor):
+            dims = target.dim()
+            samples = target.shape[0] if dims else 1
+            tokens = target.numel() if dims >= 2 and not target.is_floating_point() else 0
+        else:
+            lead = first_tensor(batch if target is None else target)
+            samples, tokens = lead.shape[0] if lead is not None and lead.dim() else 1, 0
         if weight is None:
             weight = self.weigh(output, target) if self.weigh is not None else samples
         return Computed(loss, output, target, samples, weight, tokens, num_items)

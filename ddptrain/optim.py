@@ -136,16 +136,15 @@ def optimizer_step(params: list[nn.Parameter], optimizer, precision: Precision, 
     precision.unscale(optimizer)
     if unscaled is not None:
         unscaled()
-    with_grad = [p for p in params if p.grad is not None]
     norm = None
     if tc.clip_grad_norm is not None:
-        norm = nn.utils.clip_grad_norm_(with_grad, tc.clip_grad_norm)
+        norm = nn.utils.clip_grad_norm_(params, tc.clip_grad_norm)  # torch's clipping passes over missing gradients
     elif measure or tc.nonfinite == "skip":
-        norm = nn.utils.get_total_norm([p.grad for p in with_grad])
+        norm = nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     if hasattr(norm, "full_tensor"):  # FSDP: the global norm over all shards, the same on every rank
         norm = norm.full_tensor()
     if tc.clip_grad_value is not None:
-        nn.utils.clip_grad_value_(with_grad, tc.clip_grad_value)
+        nn.utils.clip_grad_value_(params, tc.clip_grad_value)
     # The gradients were all-reduced, so the norm (and the decision) is the same on every rank
     # without another collective. fp16's scaler makes this decision itself.
     if tc.nonfinite == "skip" and precision.scaler is None and not bool(torch.isfinite(norm)):

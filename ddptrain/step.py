@@ -14,7 +14,6 @@ the first forward. The L1 penalty, a function of the weights alone, is divided b
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Callable
 
 import torch
@@ -47,7 +46,7 @@ class TrainStep:
         """Before a step's micro-batches: with a token-mean loss, start the count of the step's tokens on all
         ranks (one rank, one micro-batch: its own mean is the step's). Call on all ranks."""
         self.count = self.scale = self.num_items = None
-        if self.dist is None or (len(batches) == 1 and self.dist.env.world_size == 1) or self.token_mean is False:
+        if self.token_mean is False or self.dist is None or (len(batches) == 1 and self.dist.env.world_size == 1):
             return
         counts = [self.forward.counted(b) for b in batches]
         self.token_mean = counts[0] is not None  # the same on every rank and step: one kind of target per task
@@ -68,21 +67,27 @@ class TrainStep:
 
     def micro_step(self, batch, last: bool) -> Computed:
         """Forward and backward of one micro-batch; the gradients are all-reduced only when `last`."""
-        k, items = self.tc.grad_accum_steps, None
+        items = None
         if self.count is not None and self.forward.num_items:
             self._counted()  # the model divides by the step's count: it must be known before its forward
             items = self.num_items
-        with contextlib.nullcontext() if last or self.no_sync is None else self.no_sync():
-            with self.precision.autocast():
-                self.timer.begin()
-                c = self.forward(self.model, batch, num_items=items)
-                self.timer.end()
-                penalty = l1_penalty(self.module, self.l1) / k if self.l1 else None  # of the weights: never weighted
-            if items is not None:  # (its tokens' losses) / (the step's tokens / world size): weighted already
-                loss = c.loss
-            else:
-                loss = c.loss * self._share(c.weight) if self.count is not None else c.loss / k if k > 1 else c.loss
-            self.precision.backward(loss if penalty is None else loss + penalty)
+        if last or self.no_sync is None:
+            return self._forward_backward(batch, items)
+        with self.no_sync():
+            return self._forward_backward(batch, items)
+
+    def _forward_backward(self, batch, items: float | None) -> Computed:
+        k = self.tc.grad_accum_steps
+        with self.precision.autocast():
+            self.timer.begin()
+            c = self.forward(self.model, batch, num_items=items)
+            self.timer.end()
+            penalty = l1_penalty(self.module, self.l1) / k if self.l1 else None  # of the weights: never weighted
+        if items is not None:  # (its tokens' losses) / (the step's tokens / world size): weighted already
+            loss = c.loss
+        else:
+            loss = c.loss * self._share(c.weight) if self.count is not None else c.loss / k if k > 1 else c.loss
+        self.precision.backward(loss if penalty is None else loss + penalty)
         return c
 
     def optimizer_step(self, measure: bool) -> tuple[torch.Tensor | None, bool]:

@@ -30,7 +30,7 @@ from . import config as config_mod
 from . import grad_norms, observe
 from . import strategy as strategy_mod
 from . import task as task_mod
-from .batch import Computed, Forward, to_device
+from .batch import Forward, to_device
 from .task import user_error
 from .config import Config
 from .data import (Steps, StreamPosition, StreamSteps, check_batch_size, micro_batch_size, pinned, stream_length,
@@ -210,7 +210,7 @@ class Training:
         self.rates = observe.Rates(self.progress.step)  # this attempt's
         self.finite_at = self.progress.step  # the last step at which the weights were seen finite
         self.norm: torch.Tensor | None = torch.zeros(())
-        self.last: Computed | None = None  # the latest micro-batch's result
+        self.last_loss: torch.Tensor | None = None  # the latest micro-batch's
         self.steps: Steps | None = None  # the epoch in progress, in whole steps
 
     def _reseed(self, rank: int) -> None:
@@ -317,13 +317,15 @@ class Training:
                     if before_micro_step is not None:
                         batch = before_micro_step(p.step, micro_step, batch)
                     try:
-                        self.last = self.step.micro_step(to_device(batch, device), i == k - 1)
+                        computed = self.step.micro_step(to_device(batch, device), i == k - 1)
                     except torch.cuda.OutOfMemoryError as e:
                         raise self._out_of_memory(e) from None
                     except Exception as e:
                         raise self.strategy.explained(e, p.step + 1) or user_error(
                             e, f"the model or the loss, at step {p.step + 1} on rank {self.dist.env.rank},") from e
-                    self.sums.add(self.last)
+                    self.sums.add(computed)
+                    self.last_loss = computed.loss
+                    del computed  # its output (an LM's logits) is freed before the optimizer step, not kept to the next
                     micro_step += 1
                 self.steps.read_ahead()  # a stream reads its next steps while this one's optimizer steps
                 done = self.after_step(epoch)
@@ -526,7 +528,7 @@ class Training:
     def nonfinite_stop(self, what: str) -> None:
         """Write a diagnostic (rank 0) and raise NonFiniteError on every rank. Call on all ranks."""
         p, cfg = self.progress, self.cfg
-        losses = self.dist.gather_object(float(self.last.loss.detach()))
+        losses = self.dist.gather_object(float(self.last_loss.detach()))
         message = (f"{what}; stopped at step {p.step}, epoch {p.epoch}; set train.nonfinite=skip to skip such "
                    f"steps (it checks every step), or lower optim.lr")
         if self.dist.env.is_main:
