@@ -37,6 +37,18 @@ def split(dataset: Dataset, fractions: Sequence[float], seed: int) -> list[Subse
     return [Subset(dataset, p) for p in parts]
 
 
+def check_fractions(data: DataConfig, n: int, sizes: Sequence[int] | None = None) -> None:
+    """Refuse a data.val_fraction or data.test_fraction above 0 whose set holds no sample: 0 means no such set.
+    `sizes` are the (val, test) sets' sample counts, by default those `split` gives them out of n samples."""
+    keys = ("val_fraction", "test_fraction")
+    sizes = [round(getattr(data, key) * n) for key in keys] if sizes is None else sizes
+    for key, size in zip(keys, sizes):
+        fraction = getattr(data, key)
+        if fraction > 0 and size == 0:
+            raise ConfigError(f"config key 'data.{key}': {fraction} of the {n} samples is none of them; "
+                              f"expected 0 (no such set) or a share of at least one sample")
+
+
 class ShardSampler(Sampler[int]):
     """Rank r gets indices r, r + world_size, ...: disjoint across ranks and never padded."""
 

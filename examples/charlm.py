@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 import ddptrain
+from ddptrain.data import check_fractions
 
 MODULES = sorted(["argparse", "dataclasses", "difflib", "fractions", "functools", "heapq", "json.decoder",
                   "json.encoder", "shutil", "statistics", "textwrap"])
@@ -122,6 +123,8 @@ def build(cfg) -> ddptrain.Task:
     for split, pieces in parts.items():
         ids = torch.tensor([stoi[c] for c in "".join(pieces)], dtype=torch.long)
         data[split] = Windows(ids, block, stride if split == "train" else block, as_dict) if len(ids) > block else None
+    # Samples are windows: a share of the text shorter than one window holds none of them.
+    check_fractions(cfg.data, (sum(map(len, texts)) - 1) // block, [len(data[k] or []) for k in ("val", "test")])
     model = CharGPT(len(chars), block, args.get("n_layer", 2), args.get("n_embd", 96), args.get("n_head", 4),
                     args.get("dropout", 0.0))
     return ddptrain.Task(model=model, train=data["train"], val=data["val"], test=data["test"], loss=None,

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 import ddptrain
+from ddptrain.data import check_fractions
 from ddptrain.losses import R2, squared_error
 
 
@@ -55,6 +56,7 @@ def build(cfg) -> ddptrain.Task:
     x = torch.tensor(data.data, dtype=torch.float32)
     age, sex, num = x[:, 0].contiguous(), x[:, 1], x[:, 2:]  # columns: age, sex, bmi, bp, s1..s6
     y = torch.tensor(data.target, dtype=torch.float32).unsqueeze(1)
+    check_fractions(cfg.data, len(y))
     train, val, test = ddptrain.split(range(len(y)), [cfg.data.val_fraction, cfg.data.test_fraction],
                                       seed=cfg.data.split_seed)
     tr = torch.tensor(train.indices)

@@ -1,13 +1,15 @@
 """The shipped examples, run as a user runs them: the character-level LM and the two-input tabular model on
 2 processes with `ddptrain launch` from the repository root."""
+import importlib
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
-from ddptrain.config import from_dict
+from ddptrain.config import ConfigError, from_dict
 from ddptrain.stream import rank_stream
 from killing import kill_and_resume
 
@@ -19,6 +21,14 @@ def launch(config: str, runs_dir: Path, *overrides: str) -> dict:
                            f"runs_dir={runs_dir}", *overrides], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return json.loads((runs_dir / config / "summary.json").read_text())
+
+
+def example_module(name: str):
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
 
 
 def test_the_character_lm_learns_checkpoints_its_masked_model_and_reports_tokens_per_second(tmp_path):
@@ -51,13 +61,17 @@ def test_the_token_stream_trains_on_2_ranks_with_2_workers_each_and_resumes_mid_
 def test_the_token_streams_validation_and_test_windows_are_the_same_for_any_number_of_parts():
     # Packed across the files of a part, they depended on which files shared one: 754, 753 and 752
     # windows on 1, 2 and 4 parts (ranks x workers), so val_bpb depended on the world size.
-    sys.path.insert(0, str(ROOT / "examples"))
-    try:
-        import tokenstream
-    finally:
-        sys.path.remove(str(ROOT / "examples"))
-    task = tokenstream.build(from_dict({"data": {"val_fraction": 0.1, "test_fraction": 0.1}}))
+    task = example_module("tokenstream").build(from_dict({"data": {"val_fraction": 0.1, "test_fraction": 0.1}}))
     for stream in (task.val, task.test):
         windows = [sorted(tuple(x.tolist()) for r in range(parts) for x, _ in rank_stream(stream, r, parts))
                    for parts in (1, 2, 4)]
         assert windows[0] == windows[1] == windows[2] and len(windows[0]) > 600
+
+
+@pytest.mark.parametrize("example, key, fraction", [("tabular", "val_fraction", 0.001),
+                                                    ("charlm", "val_fraction", 0.0001),
+                                                    ("charlm", "test_fraction", 0.0001)])
+def test_an_example_refuses_a_fraction_that_holds_no_sample(example, key, fraction):
+    # 0.001 of 442 patients, 0.0001 of each source file (shorter than a window): before, the set was dropped silently
+    with pytest.raises(ConfigError, match=f"config key 'data.{key}': {fraction} of the"):
+        example_module(example).build(from_dict({"data": {key: fraction}}))

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torch.utils.data import TensorDataset
 
-from ..config import Config, ConfigError
-from ..data import split
+from ..config import Config
+from ..data import check_fractions, split
 from ..losses import accuracy
 from ..models import mlp
 from ..task import Task
@@ -17,11 +17,7 @@ def standardised_splits(x: torch.Tensor, y: torch.Tensor, cfg: Config, per_featu
     per_feature=False uses one mean and std for all features: right for pixels, where a pixel that is
     (almost) always blank in training would otherwise be blown up wherever it is not.
     """
-    for key in ("val_fraction", "test_fraction"):  # 0 means no such set; any other share must hold a sample
-        fraction = getattr(cfg.data, key)
-        if fraction > 0 and round(fraction * len(x)) == 0:
-            raise ConfigError(f"config key 'data.{key}': {fraction} of the {len(x)} samples is none of them; "
-                              f"expected 0 (no such set) or a share of at least one sample")
+    check_fractions(cfg.data, len(x))
     parts = split(TensorDataset(x, y), [cfg.data.val_fraction, cfg.data.test_fraction], cfg.data.split_seed)
     train_x = x[torch.tensor(parts[0].indices, dtype=torch.long)]
     if per_feature:
