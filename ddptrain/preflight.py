@@ -70,6 +70,17 @@ def check_strategy(cfg: Config, world_size: int) -> None:
                                      "keep; use sharded (the same numbers, for any world size)")
 
 
+def check_optimizer(cfg: Config, task: task_mod.Task) -> None:
+    """Build an optimizer of torch.optim's that the config names once, on the model's parameters: wrong optim.args
+    then fail before the process group and the run directory's lock, and leave nothing behind. The task's own, or
+    another library's (a distributed optimizer may need the process group), is first built by training."""
+    from .importing import import_object
+    from .optim import build_optimizer
+    if task.optimizer is None and (cfg.optim.name in config_mod.OPTIMIZERS or getattr(
+            import_object(cfg.optim.name, "optim.name"), "__module__", "").startswith("torch.optim")):
+        build_optimizer(task.model, cfg.optim)
+
+
 def check_val_mode(cfg: Config, task: task_mod.Task) -> None:
     """val.mode rank0 reads the whole set on rank 0; a stream that splits itself would give rank 0 its own part."""
     from .stream import is_stream

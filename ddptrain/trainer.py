@@ -37,8 +37,8 @@ from .data import (Steps, StreamPosition, StreamSteps, check_batch_size, micro_b
                    stream_train_loader, train_loader)
 from .stream import is_stream
 from .dist import Dist, DistEnv, detect, explain_failure
-from .preflight import (check_run_length, check_strategy, check_sync_batchnorm, check_val_mode, prepare,
-                        take_run_dir)
+from .preflight import (check_optimizer, check_run_length, check_strategy, check_sync_batchnorm, check_val_mode,
+                        prepare, take_run_dir)
 from .early_stop import EarlyStopping
 from .evaluation import Evaluator
 from .lock import RunLock
@@ -84,6 +84,7 @@ def run(cfg: Config, env: DistEnv, task_fn: Callable | None = None, hooks: dict 
     check_batch_size(task.train, cfg.data)
     check_run_length(cfg, task)
     check_val_mode(cfg, task)
+    check_optimizer(cfg, task)
     seed_everything(rank_seed(cfg.seed, env.rank))
     if not env.is_main:
         prefix_warnings(env.rank)

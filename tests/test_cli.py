@@ -83,6 +83,18 @@ def test_an_optimizer_or_schedule_that_cannot_be_built_is_one_line(tmp_path, cap
     assert err.startswith("ddptrain: error: ") and message in err and err.count("\n") == 1, err
 
 
+@pytest.mark.parametrize("name", ["adam", "torch.optim.NAdam"])
+def test_wrong_arguments_of_torchs_optimizer_leave_no_run_directory(tmp_path, capsys, monkeypatch, name):
+    # found after the run directory's lock and the process group, they left runs/ with the lock file (and on NCCL
+    # an empty runs/exp/flight_recorder/)
+    monkeypatch.chdir(TESTS)
+    f = write(tmp_path, f"task: tasks_for_tests:regression\nruns_dir: {tmp_path / 'runs'}\ntrain:\n  epochs: 1\n")
+    assert main(["train", str(f), f"optim.name={name}", "optim.args={bogus: 1}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ddptrain: error: config keys 'optim.name', 'optim.args': ") and err.count("\n") == 1, err
+    assert "unexpected keyword argument 'bogus'" in err and not (tmp_path / "runs").exists()
+
+
 def test_bad_input_under_torchrun_exits_before_any_rank_starts(tmp_path):
     f = write(tmp_path, "data:\n  batch_size: 63\n")
     proc = subprocess.run([sys.executable, "-m", "ddptrain", "launch", "--nproc-per-node", "2", str(f)],
