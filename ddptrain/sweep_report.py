@@ -24,6 +24,15 @@ def _row(t, space: Space) -> dict:
             "note": t.user_attrs.get("note"), "log": t.user_attrs.get("log")}
 
 
+def _cell(value, param: bool) -> str:
+    """A cell of the printed table: a parameter's string choice plain, like the numbers beside it (trials.csv
+    keeps parameters as JSON, so that they read back with their types)."""
+    if value is None:
+        return ""
+    decoded = json.loads(value) if param else value
+    return decoded if isinstance(decoded, str) else str(value)
+
+
 def report(study, space: Space, cfg: Config, base: dict, sweep_dir: Path) -> dict | None:
     """Write and print the trial table; with a completed trial, also the best config and the plots, and
     return the best trial's facts (None without one)."""
@@ -34,10 +43,10 @@ def report(study, space: Space, cfg: Config, base: dict, sweep_dir: Path) -> dic
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         writer.writerows(rows)
-    shown = [k for k in keys if k != "log"]
+    shown, params = [k for k in keys if k != "log"], {k for t in study.trials for k in t.params}
     print(" | ".join(shown))
     for r in rows:
-        print(" | ".join("" if r.get(k) is None else str(r.get(k)) for k in shown))
+        print(" | ".join(_cell(r.get(k), k in params) for k in shown))
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
         return None

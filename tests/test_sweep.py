@@ -304,3 +304,26 @@ def test_a_direction_left_out_minimizes_a_loss_and_follows_early_stop_for_the_mo
     monitored = write(tmp_path / "acc.yaml", "objective: val_accuracy\n" + params)
     base = {"early_stop": {"monitor": "val_accuracy", "mode": "max"}}
     assert load_space(monitored, base).direction == "maximize"
+
+
+def test_the_printed_table_shows_string_choices_plainly_and_trials_csv_keeps_json(tmp_path, capsys):
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+    from ddptrain.config import from_dict
+    from ddptrain.space import Param, Space
+    from ddptrain.sweep_report import report
+    space = Space("val_loss", "minimize", [Param("optim.name", "choice", choices=["adam", "sgd"]),
+                                           Param("optim.lr", "float", low=0.001, high=0.1),
+                                           Param("model.hidden", "choice", choices=[[32], [64, 32]]),
+                                           Param("optim.nesterov", "choice", choices=[True, False])], {"name": "none"})
+    study = optuna.create_study()
+    study.add_trial(optuna.trial.create_trial(
+        params={"optim.name": "adam", "optim.lr": 0.01, "model.hidden": "[64, 32]", "optim.nesterov": True},
+        distributions={"optim.name": CategoricalDistribution(["adam", "sgd"]),
+                       "optim.lr": FloatDistribution(0.001, 0.1),
+                       "model.hidden": CategoricalDistribution(["[32]", "[64, 32]"]),
+                       "optim.nesterov": CategoricalDistribution([True, False])}, value=0.5))
+    report(study, space, from_dict({"task": "digits"}), {"task": "digits"}, tmp_path)
+    assert "| adam | 0.01 | [64, 32] | true |" in capsys.readouterr().out  # before: | "adam" |
+    (row,) = trials(tmp_path)
+    assert [json.loads(row[k]) for k in ("optim.name", "optim.lr", "model.hidden")] == ["adam", 0.01, [64, 32]]
