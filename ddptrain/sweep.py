@@ -253,6 +253,10 @@ def _without_password(url: str) -> str:
         return url.split("@")[-1] if "@" in url else url
 
 
+# Database drivers whose pip package is not named as their module.
+DRIVER_PACKAGES = {"MySQLdb": "mysqlclient", "mysql": "mysql-connector-python"}
+
+
 def _open_study(url: str, study_name: str, space: Space):
     import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
@@ -272,6 +276,12 @@ def _open_study(url: str, study_name: str, space: Space):
         except ArgumentError as e:  # not a URL, or a database SQLAlchemy does not know: no retry helps
             raise ConfigError(f"--storage '{_without_password(url)}': {e}; expected a database URL such as "
                               f"sqlite:///study.db") from None
+        except ImportError as e:  # SQLAlchemy's driver for the database is not installed: no retry helps
+            driver = e.__cause__ if isinstance(e.__cause__, ImportError) else e  # Optuna's own says only "install one"
+            package = DRIVER_PACKAGES.get(driver.name, driver.name)
+            raise ConfigError(f"--storage '{_without_password(url)}': SQLAlchemy's driver for it, the module "
+                              f"'{driver.name}', is not installed: pip install {package}, or name an installed "
+                              f"driver in the URL (dialect+driver://...)") from None
         except Exception:
             if attempt == 4:
                 raise

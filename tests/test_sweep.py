@@ -253,6 +253,24 @@ def test_a_storage_url_that_cannot_be_opened_is_one_line_without_its_password(tm
                    "sqlalchemy.dialects:nosuchdb; expected a database URL such as sqlite:///study.db\n"), err
 
 
+@pytest.mark.parametrize("url, module, package", [("postgresql://me:hunter2@db/study", "psycopg", "psycopg"),
+                                                  ("mysql://me@db/study", "MySQLdb", "mysqlclient")])
+def test_a_storage_url_whose_driver_is_missing_names_that_driver(tmp_path, capsys, monkeypatch, url, module, package):
+    # before: a traceback with Optuna's "Please install appropriate one", after five tries
+    import importlib.util
+    if importlib.util.find_spec(module) is not None:
+        pytest.skip(f"{module} is installed")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(ROOT / "tests"))
+    config = write(tmp_path / "reg.yaml", REGRESSION)
+    space_file = write(tmp_path / "space.yaml", "objective: val_loss\nparams:\n  optim.lr: {low: 0.01, high: 0.1}\n")
+    assert main(["sweep", str(config), str(space_file), "--storage", url]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"ddptrain: error: --storage '{url.replace('hunter2', '***')}': SQLAlchemy's driver for "
+                          f"it, the module '{module}', is not installed: pip install {package}, ") and \
+        err.count("\n") == 1, err
+
+
 def test_a_crashing_trial_is_recorded_as_failed_and_the_sweep_goes_on(tmp_path):
     config = write(tmp_path / "reg.yaml", REGRESSION)
     space = write(tmp_path / "space.yaml", "objective: val_loss\ndirection: minimize\npruner: {name: none}\n"
