@@ -28,22 +28,29 @@ def message(error: BaseException) -> str:
     return text.splitlines()[0] if text else ""
 
 
+def _library(filename: str) -> bool:
+    """Whether a frame's file is ddptrain's, the standard library's, torch's or an installed package's."""
+    path = Path(filename)
+    ours = (Path(__file__).resolve().parent, Path(os.__file__).resolve().parent)
+    return filename.startswith("<frozen") or any(map(path.is_relative_to, ours)) or \
+        bool({"torch", "site-packages", "dist-packages"} & set(path.parts))
+
+
 def user_frame(error: BaseException, fallback: bool = True) -> str | None:
-    """`file:line` of the innermost frame of the error's traceback in the user's code (not torch's, ddptrain's
-    or the standard library's); the innermost frame if there is none (None, without `fallback`). For an error
-    raised in a DataLoader worker, the worker's frames count."""
+    """`file:line` of the innermost frame of the error's traceback in the user's code (not torch's, ddptrain's,
+    the standard library's or an installed package's); the innermost frame if there is none (None, without
+    `fallback`). For an error raised in a DataLoader worker, the worker's frames count; for one that
+    torch.compile met while tracing, the traced frames (its `real_stack`)."""
     import re
     import traceback
-    frames = traceback.extract_tb(error.__traceback__)
+    frames = traceback.extract_tb(error.__traceback__) + list(getattr(error, "real_stack", None) or [])
     if WORKER_TRACEBACK in str(error):
         worker = str(error).split(WORKER_TRACEBACK, 1)[1]
         frames = [traceback.FrameSummary(f, int(n), name, lookup_line=False)
                   for f, n, name in re.findall(r'^  File "(.+)", line (\d+), in (.+)$', worker, re.M)] or frames
     if isinstance(error, SyntaxError) and error.filename:
         return f"{os.path.relpath(error.filename)}:{error.lineno}"
-    ours = (str(Path(__file__).resolve().parent), str(Path(os.__file__).resolve().parent))
-    mine = [f for f in frames if not f.filename.startswith(ours) and "/torch/" not in f.filename and
-            not f.filename.startswith("<frozen")]
+    mine = [f for f in frames if not _library(f.filename)]
     if not mine and not fallback:
         return None
     where = (mine or frames)[-1] if frames else None

@@ -208,3 +208,55 @@ def test_bad_data_met_mid_run_is_one_line(tmp_path, task, workers, message):
     proc = subprocess.run([sys.executable, "-m", "ddptrain", "train", str(tmp_path / "c.yaml")], cwd=TESTS,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+
+
+WRONG_LINEAR = """import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = nn.Linear(8, 4), nn.Linear(8, 1)  # the head should take 4 features
+        self.aux = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.body(x)
+        if not self.training:  # the pre-flight check runs in eval mode: it misses the wrong head
+            return self.aux(h).sum(1, keepdim=True)
+        return self.head(h)
+"""
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_a_wrong_layer_size_met_mid_run_names_the_model_files_line(tmp_path, compile):
+    # raised inside torch (F.linear): the line is the model's, not torch's; under torch.compile torch raised it
+    # from its own frames alone, and the message named torch/_dynamo/exc.py
+    (tmp_path / "wrong_model.py").write_text(WRONG_LINEAR)
+    (tmp_path / "task.py").write_text(
+        "import torch\nfrom torch.utils.data import TensorDataset\nimport ddptrain\nfrom wrong_model import Net\n\n"
+        "def build(cfg):\n    data = TensorDataset(torch.randn(64, 8), torch.randn(64, 1))\n"
+        "    return ddptrain.Task(model=Net(), train=data, loss=torch.nn.functional.mse_loss)\n")
+    (tmp_path / "c.yaml").write_text(f"task: task.py:build\nruns_dir: runs\ndata: {{batch_size: 16}}\n"
+                                     f"train: {{epochs: 1, compile: {str(compile).lower()}}}\n")
+    proc = subprocess.run([sys.executable, "-m", "ddptrain", "train", "c.yaml"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    last = proc.stderr.strip().splitlines()[-1]  # torch.compile logs the failure on its own lines first
+    assert proc.returncode == 2 and last.startswith("ddptrain: error: the model or the loss, at step 1 on rank 0, "
+                                                    "raised ") and last.endswith(" (wrong_model.py:15)"), proc.stderr
+
+
+def test_the_users_frame_is_below_no_installed_packages_frame(tmp_path):
+    from ddptrain.importing import user_frame
+    (tmp_path / "site-packages").mkdir()
+    (tmp_path / "site-packages" / "somelib.py").write_text("def layer(x):\n    raise ValueError('bad width')\n")
+    (tmp_path / "mine.py").write_text("import somelib\n\n\ndef forward(x):\n    return somelib.layer(x)\n")
+    sys.path[:0] = [str(tmp_path / "site-packages"), str(tmp_path)]
+    try:
+        import mine
+        with pytest.raises(ValueError) as caught:
+            mine.forward(1)
+    finally:
+        del sys.path[:2]
+        sys.modules.pop("mine", None), sys.modules.pop("somelib", None)
+    assert user_frame(caught.value) == f"{tmp_path / 'mine.py'}:5"  # before: site-packages/somelib.py:2
