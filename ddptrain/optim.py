@@ -123,6 +123,15 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedConfig, total_st
     return sch.SequentialLR(optimizer, [ramp, main], milestones=[warmup])
 
 
+def changes_lr(scheduler) -> bool:
+    """Whether stepping the schedule after each optimizer step changes anything: not for plateau (stepped with the
+    monitored value, after validation), nor for a constant one (ConstantLR by a factor of 1, the `constant` schedule
+    without warmup), whose stepping would only cost time at every step."""
+    if isinstance(scheduler, sch.ReduceLROnPlateau):
+        return False
+    return not (type(scheduler) is sch.ConstantLR and scheduler.factor == 1.0)
+
+
 def optimizer_step(params: list[nn.Parameter], optimizer, precision: Precision, tc: TrainConfig,
                    measure: bool = True, unscaled: Callable[[], None] | None = None) -> tuple[torch.Tensor | None, bool]:
     """Unscale, clip, step. Return (pre-clip global grad norm, or None if not measured; whether it stepped).

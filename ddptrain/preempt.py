@@ -30,7 +30,7 @@ class Preempted(Exception):
 
 class Preemption:
     def __init__(self, signal_names: list[str], dist_: Dist):
-        self.dist = dist_
+        self.dist, self.active = dist_, dist_.active  # made once the process group exists, and used while it does
         self.received: int | None = None
         self._work = None
         self._flag = torch.zeros(2, dtype=torch.int64)  # [signal received, rank 0's next interval in steps]
@@ -48,7 +48,7 @@ class Preemption:
 
     def poll(self) -> bool:
         """True on every rank, at the same step, once any rank has received a signal. Call on all ranks."""
-        if not self.dist.active:
+        if not self.active:
             return self.received is not None
         self._steps += 1
         if self._steps < self._every:

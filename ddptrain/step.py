@@ -21,7 +21,7 @@ from torch import nn
 
 from .batch import Computed, Forward
 from .config import TrainConfig
-from .optim import l1_penalty, optimizer_step
+from .optim import changes_lr, l1_penalty, optimizer_step
 from .precision import Precision
 
 
@@ -40,7 +40,7 @@ class TrainStep:
         self.num_items: float | None = None  # that count / world size: a model's num_items_in_batch
         self.token_mean: bool | None = None  # the loss is a mean over counted tokens: known from the first step
         self.params = list(module.parameters())  # made once: walking the module tree costs as much as a small step
-        self.steps_schedule = not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        self.steps_schedule = changes_lr(scheduler)
 
     def begin(self, batches: list) -> None:
         """Before a step's micro-batches: with a token-mean loss, start the count of the step's tokens on all

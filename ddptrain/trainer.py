@@ -133,6 +133,10 @@ def planned_steps(tc: config_mod.TrainConfig, steps_per_epoch: int | None) -> in
     return min(tc.epochs * steps_per_epoch, tc.max_steps or tc.epochs * steps_per_epoch)
 
 
+def _as_is(batch):
+    return batch
+
+
 def _timed(iterable, rates: observe.Rates):
     """Yield from iterable, adding the time spent waiting for each item to the log interval's wait for data; a
     failure of the user's dataset is a TaskError that names it."""
@@ -164,6 +168,9 @@ class Training:
         self.optimizer = build_optimizer(self.module, cfg.optim, task.optimizer)
         self.progress = Progress()
         self.stream, pin = is_stream(task.train), pinned(cfg.data, device, forward.cpu_batches)
+        # A batch of CPU tensors on a CPU run is where it must be already: not walked through at every micro-batch.
+        self.place = _as_is if device.type == "cpu" and forward.cpu_batches else \
+            functools.partial(to_device, device=device)
         if self.stream:  # an epoch is one pass, as long as the stream lasts; its length only when it says
             self.loader, self.sampler = stream_train_loader(task.train, cfg.data, env, tc.grad_accum_steps, pin,
                                                             task.collate), None
@@ -293,7 +300,7 @@ class Training:
 
     def train_epoch(self, epoch: int, before_micro_step: Callable | None) -> None:
         """The optimizer steps of one epoch (the rest of it, when resumed mid-epoch)."""
-        p, k, device = self.progress, self.cfg.train.grad_accum_steps, self.dist.device
+        p, k = self.progress, self.cfg.train.grad_accum_steps
         if epoch != p.epoch:
             p.epoch, p.step_in_epoch, p.pass_ended = epoch, 0, False
         p.epoch_complete = False  # also where a longer run continues the epoch in which max_steps had ended it
@@ -318,7 +325,7 @@ class Training:
                     if before_micro_step is not None:
                         batch = before_micro_step(p.step, micro_step, batch)
                     try:
-                        computed = self.step.micro_step(to_device(batch, device), i == k - 1)
+                        computed = self.step.micro_step(self.place(batch), i == k - 1)
                     except torch.cuda.OutOfMemoryError as e:
                         raise self._out_of_memory(e) from None
                     except Exception as e:
