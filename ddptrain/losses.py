@@ -87,6 +87,28 @@ def accuracy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (output.argmax(-1) == target).float()
 
 
+class TokenMean:
+    """Wraps a per-token function of sequence outputs and (B, T) integer targets: the metric is the mean of its
+    values over the counted tokens of all ranks (targets that are not `ignore_index`, the padding), where a plain
+    per-sample function would be a mean of each sample's mean over all its positions, padding included."""
+
+    width = 2
+
+    def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ignore_index: int = -100):
+        self.fn, self.ignore_index = fn, ignore_index
+
+    def batch_stats(self, output, target):
+        counted = target != self.ignore_index
+        values = self.fn(output, target).double()
+        return torch.stack([torch.where(counted, values, 0.0).sum(), counted.sum().double()])
+
+    def compute(self, stats, count):
+        return float(stats[0] / stats[1]) if stats[1] > 0 else float("nan")
+
+
+token_accuracy = TokenMean(accuracy)  # the share of counted tokens whose class is the most likely one
+
+
 def squared_error(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (output.float() - target.float()) ** 2
 

@@ -488,7 +488,7 @@ class Training:
         improved, p.stopped_early, stopper_state = self.dist.broadcast_object(
             (improved, self.stopper.should_stop, self.stopper.state_dict()))
         self.stopper.load_state_dict(stopper_state)
-        if not self.step.steps_schedule:
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.scheduler.step(monitored)
         if cfg.checkpoint.save_best and improved and self.strategy.finite(self.watched):
             self._collectively(lambda: self.strategy.save_weights(

@@ -1,6 +1,7 @@
 """The training basics: losses, optimizers, schedules, the MLP builder, loaders, best-weight restore."""
 import json
 import os
+import weakref
 
 import pytest
 import torch
@@ -176,3 +177,52 @@ def test_train_sums_of_a_format_1_checkpoint_load_into_named_slots():
     sums.load_state_dict(torch.tensor([6.0, 4.0, 2.0], dtype=torch.float64))  # [loss sum, samples, mse sum]
     assert sums.values() == {"loss": 1.5, "mse": 0.5}
     assert torch.equal(sums.state_dict(), torch.tensor([6.0, 0.0, 4.0, 0.0, 2.0], dtype=torch.float64))
+
+
+def test_a_micro_batch_output_is_freed_before_the_optimizer_step(tmp_path):
+    """Only the loss of a micro-batch outlives its backward: its output (a language model's logits, often the
+    largest tensor of a step) is not held through the optimizer step and into the next forward."""
+    outputs, alive_at_step = [], []
+
+    class Recorded(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            out = self.inner(x)
+            outputs.append(weakref.ref(out))
+            return out
+
+    class Watching(torch.optim.SGD):
+        def step(self, closure=None):
+            alive_at_step.append(outputs[-1]() is not None)
+            return super().step(closure)
+
+    def task(cfg):
+        t = tasks_for_tests.regression(cfg)
+        t.model, t.optimizer = Recorded(t.model), lambda groups: Watching(groups, lr=0.01)
+        return t
+    train({"task": "tasks_for_tests:regression", "runs_dir": str(tmp_path), "train": {"epochs": 1, "log_every": 2},
+           "data": {"batch_size": 16}, "checkpoint": {"every_epochs": 0, "save_best": False}}, task=task)
+    assert len(alive_at_step) == 6 and not any(alive_at_step)
+
+
+def test_token_accuracy_is_a_mean_over_the_counted_tokens_whatever_the_batching():
+    from ddptrain.losses import CrossEntropy, Sums, token_accuracy
+    g = torch.Generator().manual_seed(0)
+    logits, y = torch.randn(6, 5, 4, generator=g), torch.randint(0, 4, (6, 5), generator=g)
+    for row, length in enumerate([5, 1, 3, 2, 4, 5]):  # padded sequences of unequal lengths
+        y[row, length:] = -100
+    counted = y != -100
+    expected = float((logits.argmax(-1) == y)[counted].double().mean())
+
+    def metric(batches):
+        sums = Sums({"acc": token_accuracy}, torch.device("cpu"))
+        for rows in batches:
+            sums.add(Forward(CrossEntropy())(lambda x: x, (logits[rows], y[rows])))
+        return sums.values()["acc"]
+    assert metric([range(6)]) == pytest.approx(expected, rel=1e-12)
+    assert metric([range(0, 2), range(2, 3), range(3, 6)]) == pytest.approx(expected, rel=1e-12)
+    per_sample_mean = float(as_metric(lambda o, t: (o.argmax(-1) == t).float()).batch_stats(logits, y)[0]) / 6
+    assert per_sample_mean != pytest.approx(expected)  # what a plain per-sample function reports here
