@@ -33,8 +33,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ddptrain import config
-from ddptrain.optim import build_optimizer, build_scheduler, l1_penalty, optimizer_step
+from ddptrain.batch import Forward
+from ddptrain.losses import Sums
+from ddptrain.observe import RankTime
+from ddptrain.optim import build_optimizer, build_scheduler, changes_lr, optimizer_step
 from ddptrain.precision import Precision
+from ddptrain.step import TrainStep
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ddp_worker import LR, MOMENTUM, PER_RANK_BATCH, make_data, make_model, make_optimizer  # noqa: E402
@@ -45,16 +49,16 @@ CFG = config.from_dict({"optim": {"name": "sgd", "lr": LR, "momentum": MOMENTUM,
 PRECISION = Precision("fp32", torch.device("cpu"))
 
 
-def ddptrain_forward_backward(model, module, x, y, running) -> None:
-    """ddptrain's micro-step in fp32 without accumulation, as trainer._fit writes it (loss sums included)."""
-    with PRECISION.autocast():
-        loss = F.cross_entropy(model(x), y)
-        objective = loss + l1_penalty(module, CFG.optim.l1) if CFG.optim.l1 else loss
-    accum = CFG.train.grad_accum_steps
-    PRECISION.backward(objective / accum if accum > 1 else objective)
-    with torch.no_grad():
-        running[0].add_(loss.detach(), alpha=len(y))
-        running[1] += len(y)
+def ddptrain_micro_step(model, module, optimizer):
+    """ddptrain's own micro-step (TrainStep.micro_step: the Forward seam, autocast, the forward timer, the
+    backward) and its loss bookkeeping (Sums.add), for fp32 without accumulation, as the loop calls them."""
+    step = TrainStep(model, module, Forward(F.cross_entropy), optimizer, None, PRECISION, CFG.train, CFG.optim.l1,
+                     None, RankTime(torch.device("cpu")))
+    sums = Sums({}, torch.device("cpu"))
+
+    def run(x, y) -> None:
+        sums.add(step.micro_step((x, y), True))
+    return run
 
 
 def micro(size: str, number: int, repeat: int) -> dict:
@@ -99,9 +103,11 @@ def micro(size: str, number: int, repeat: int) -> dict:
         other_opt.zero_grad(set_to_none=True)
         F.cross_entropy(other(x), y).backward()
 
+    other_micro_step = ddptrain_micro_step(other, other, other_opt)
+
     def fwd_bwd_ddptrain():
         other_opt.zero_grad(set_to_none=True)
-        ddptrain_forward_backward(other, other, x, y, torch.zeros(2, dtype=torch.float64))
+        other_micro_step(x, y)
 
     warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
     restore_grads()
@@ -115,7 +121,7 @@ def micro(size: str, number: int, repeat: int) -> dict:
         "scheduler.step() (constant)": scheduler.step,
         "running loss sums (2 in-place ops)": running_sums,
         "forward+backward, minimal": fwd_bwd_plain,
-        "forward+backward+loss sums, ddptrain's": fwd_bwd_ddptrain,
+        "TrainStep.micro_step + Sums.add (ddptrain)": fwd_bwd_ddptrain,
     }
     rows = {}
     order = list(cases)
@@ -135,7 +141,7 @@ def micro(size: str, number: int, repeat: int) -> dict:
     extra = {
         "optimizer_step - (step + zero_grad)": "trainer.optimizer_step (ddptrain)",
         "2 groups - 1 group": "SGD step, 2 param groups (build_optimizer)",
-        "ddptrain fwd/bwd - minimal fwd/bwd": "forward+backward+loss sums, ddptrain's",
+        "ddptrain fwd/bwd - minimal fwd/bwd": "TrainStep.micro_step + Sums.add (ddptrain)",
     }
     base = {"optimizer_step - (step + zero_grad)": "optimizer.step + zero_grad (minimal)",
             "2 groups - 1 group": "SGD step, 1 param group",
@@ -159,7 +165,6 @@ def loop(size: str, block: int, rounds: int) -> dict | None:
     d = CFG.dist
     viewed = DDP(view_module, find_unused_parameters=d.find_unused_parameters, static_graph=d.static_graph,
                  gradient_as_bucket_view=d.gradient_as_bucket_view, bucket_cap_mb=d.bucket_cap_mb)
-    running = torch.zeros(2, dtype=torch.float64)
     try:  # the preemption poll is new in ddptrain (a per-step async all-reduce on the control group)
         from ddptrain.preempt import Preemption
         preemption = Preemption(CFG.preempt.signals, ddp_dist)
@@ -176,9 +181,11 @@ def loop(size: str, block: int, rounds: int) -> dict | None:
         return step
 
     def bookkeeping(model, module, opt):
+        micro_step = ddptrain_micro_step(model, module, opt)
+
         def step(x, y):
             opt.zero_grad(set_to_none=True)
-            ddptrain_forward_backward(model, module, x, y, running)
+            micro_step(x, y)
             opt.step()
         return step
 
@@ -191,11 +198,13 @@ def loop(size: str, block: int, rounds: int) -> dict | None:
 
     def ddptrain_like(model, module, opt, sched):
         """The body of ddptrain's loop for one fp32 step without accumulation, as written there."""
-        params = list(module.parameters())
+        params, micro_step = list(module.parameters()), ddptrain_micro_step(model, module, opt)
+
         def step(x, y):
-            ddptrain_forward_backward(model, module, x, y, running)
+            micro_step(x, y)
             optimizer_step(params, opt, PRECISION, CFG.train, measure=False)
-            sched.step()
+            if changes_lr(sched):
+                sched.step()
             if preemption is not None:
                 preemption.poll()
         return step
@@ -205,7 +214,7 @@ def loop(size: str, block: int, rounds: int) -> dict | None:
         "minimal": minimal(plain, make_optimizer(plain_module.parameters())),
         "+ gradient_as_bucket_view": minimal(viewed, make_optimizer(view_module.parameters())),
         "+ 2 param groups": minimal(plain, build_optimizer(plain_module, CFG.optim)),
-        "+ loss bookkeeping": bookkeeping(plain, plain_module, make_optimizer(plain_module.parameters())),
+        "+ TrainStep.micro_step, Sums.add": bookkeeping(plain, plain_module, make_optimizer(plain_module.parameters())),
         "+ trainer.optimizer_step": with_optimizer_step(plain, plain_module, make_optimizer(plain_module.parameters())),
         "+ scheduler.step": minimal(plain, sched_opt, build_scheduler(sched_opt, CFG.sched, 10**6, LR).step),
     }

@@ -110,6 +110,8 @@ def on_cpu(x) -> bool:
 
 def call(model: Callable, inputs):
     """The model on `inputs`: unpacked as positional arguments (tuple, list) or keywords (dict)."""
+    if isinstance(inputs, torch.Tensor):  # the common case first: a Mapping check is an ABC's, slow
+        return model(inputs)
     if type(inputs) in (tuple, list):
         return model(*inputs)
     if isinstance(inputs, Mapping):
