@@ -156,20 +156,16 @@ class Sums:
         self.tensor = torch.zeros(offset + 1, dtype=torch.float64, device=device)
         self._loss, self._weight = self.tensor[self.LOSS], self.tensor[self.WEIGHT]  # views, made once
         self._samples = self._tokens = 0
-        self._pending: list[tuple[torch.Tensor, int]] = []  # (loss, samples) of means over samples, not yet added
+        self._pending: list[tuple] = []  # (loss, weight, num_items) of the micro-batches not yet added
 
     def add(self, c) -> None:
-        """Add one micro-batch's `batch.Computed`. A loss that is a mean over samples waits, and up to PENDING of
-        them are added one after another (`_add_pending`): on a CPU run a small device op right after the backward
-        costs about 10 us, its code pushed out of the caches by the forward and backward, where the same op in a
-        row costs 1-2. The backward has freed the graph behind a waiting loss."""
-        if isinstance(c.weight, int):
-            self._pending.append((c.loss, c.weight))
-            if len(self._pending) == self.PENDING:
-                self._add_pending()
-        else:  # a mean over `weight` tokens, or a model's sum over them divided by its num_items_in_batch
-            self._loss.add_(c.loss.detach().double() * (c.weight if c.num_items is None else c.num_items))
-            self._weight.add_(c.weight)
+        """Add one micro-batch's `batch.Computed`. Its loss waits, and up to PENDING of them are added one after
+        another (`_add_pending`): on a CPU run a small device op right after the backward costs about 10 us, its
+        code pushed out of the caches by the forward and backward, where the same ops in a row cost 1-2 each. The
+        backward has freed the graph behind a waiting loss."""
+        self._pending.append((c.loss, c.weight, c.num_items))
+        if len(self._pending) == self.PENDING:
+            self._add_pending()
         self._samples += c.samples
         self._tokens += c.tokens
         if self.metrics:
@@ -179,8 +175,12 @@ class Sums:
 
     def _add_pending(self) -> None:
         with torch.no_grad():  # in the order they came, so the sums are bitwise those of adding each at once
-            for loss, weight in self._pending:
-                self._loss.add_(loss, alpha=weight)
+            for loss, weight, num_items in self._pending:
+                if isinstance(weight, int):  # a mean over samples
+                    self._loss.add_(loss, alpha=weight)
+                else:  # a mean over `weight` tokens, or a model's sum over them divided by its num_items_in_batch
+                    self._loss.add_(loss.double() * (weight if num_items is None else num_items))
+                    self._weight.add_(weight)
         self._pending = []
 
     def _flush(self) -> None:
