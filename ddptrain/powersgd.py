@@ -75,6 +75,17 @@ class PowerSGD:
             # P is computed afresh from Q at every step; its presence says "warm-started: do not draw a new Q"
             s.p_memory_dict[index] = s.q_memory_dict[index].new_empty(sum(b[1] for b in blocks))
 
+    def skipped(self) -> None:
+        """After a step skipped for non-finite gradients (nonfinite=skip, fp16's scaler): the buckets' error feedback
+        and warm-start Q that it made non-finite start afresh (zero, a new random Q), as before the first step;
+        kept, they would be added to every later step's gradients and skip it too. They are the same on every
+        rank (made from all-reduced factors), so every rank drops the same ones."""
+        s = self.state
+        for index in [i for i, error in s.error_dict.items() if not torch.isfinite(error).all()]:
+            del s.error_dict[index]
+        for index in [i for i, q in s.q_memory_dict.items() if not torch.isfinite(q).all()]:
+            del s.q_memory_dict[index], s.p_memory_dict[index]  # no P: torch draws a new Q
+
     # ---- a per-rank checkpoint part ----
     def state_dict(self) -> dict:
         self._cut_all()  # the pieces are the state; the buckets are put together again at their next step

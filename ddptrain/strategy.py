@@ -143,6 +143,11 @@ class Replicated(_Writes):
         """A context manager factory for the micro-batches whose gradients are not reduced yet."""
         return self.model.no_sync if self.dist.active else None
 
+    def skipped(self) -> None:
+        """After a step skipped for non-finite gradients: PowerSGD's state that it made non-finite starts afresh."""
+        if self.powersgd is not None:
+            self.powersgd.skipped()
+
     def explained(self, e: Exception, step: int) -> Exception | None:
         if "find_unused_parameters=True" in str(e):  # DDP's reducer, at the forward after a step that left some out
             return ConfigError(f"some of the model's parameters took no part in the loss of step {step - 1}, and DDP "
@@ -267,6 +272,9 @@ class Sharded(_Writes):
             finally:
                 self.model.set_requires_gradient_sync(True)
         return without_sync
+
+    def skipped(self) -> None:
+        """After a step skipped for non-finite gradients: nothing of FSDP's outlives the step."""
 
     def finite(self, watched: list[torch.Tensor]) -> bool:
         """Each rank sees its own shards: all must agree. Call on all ranks."""

@@ -395,6 +395,8 @@ class Training:
         if self.rates.first_step_time is None:
             self.rates.first_step_time = self.clock()
             self.strategy.prepare(self.module, self.optimizer)  # checkpoint.async_save: its copy made ahead
+        if not stepped:
+            self.strategy.skipped()
         p.skipped_in_a_row = 0 if stepped else p.skipped_in_a_row + 1
         p.skipped_total += not stepped
         # A few skipped steps are normal under fp16 (the scaler is finding its scale) and the point of
