@@ -238,6 +238,14 @@ class Dist:
             for t in list(module.parameters()) + list(module.buffers()):
                 dist.broadcast(t.data, src=0)
 
+    def broadcast_buffers(self, module: torch.nn.Module) -> None:
+        """Copy rank 0's buffers into every rank's module. Call on all ranks."""
+        if not self.active:
+            return
+        with torch.no_grad():
+            for t in module.buffers():
+                dist.broadcast(t.data, src=0)
+
     def barrier(self) -> None:
         """Call on all ranks."""
         if self.active:

@@ -38,6 +38,11 @@ class Evaluator:
         """Metrics of `dataset` on every rank: {'loss': ..., <metric>: ...}. Call on all ranks."""
         env = self.dist.env
         rank, world = (env.rank, env.world_size) if self.mode == "sharded" else (0, 1)
+        if self.mode == "sharded":
+            # Each rank's running statistics (batch norm) follow its own batches since the last training forward,
+            # which gives them rank 0's (DDP, and FSDP's pre-hook): the shards are evaluated with rank 0's, those
+            # of the checkpoint and of rank 0's evaluation in rank0 mode.
+            self.dist.broadcast_buffers(module)
         was_training = module.training
         module.eval()
         values = None

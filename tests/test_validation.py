@@ -181,3 +181,24 @@ def test_eval_refuses_a_split_other_than_the_runs(tmp_path):
             evaluate(run_dir, "last", "test", [override])
     assert evaluate(run_dir, "last", "test", ["data.eval_batch_size=7"])["loss"] == \
         pytest.approx(evaluate(run_dir, "last", "test")["loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_batch_norm_is_validated_with_the_running_statistics_the_checkpoint_holds(tmp_path, strategy):
+    """Each rank's running statistics follow its own batches; rank 0's are saved and evaluated in rank0 mode, and
+    sharded validation and test evaluate every shard with them too (they gave other numbers, from no saved model)."""
+    import ddptrain
+    from killing import train_rank
+    cfg = {"task": "tasks_for_tests:regression", "task_args": {"batch_norm": True, "n_test": 32},
+           "data": {"batch_size": 16}, "optim": {"name": "sgd", "lr": 0.05}, "train": {"epochs": 2},
+           "checkpoint": {"save_best": False}, "early_stop": {"restore_best": False},
+           "dist": {"timeout_s": 30, "strategy": strategy}}
+    sharded = run_ranks(train_rank, 2, tmp_path / "sharded", cfg, None, None, timeout=120)[0]
+    reference = ddptrain.evaluate(tmp_path / "sharded" / "r", checkpoint="last", split="test")  # one process
+    assert sharded["summary"]["test"]["loss"] == pytest.approx(reference["loss"], rel=1e-9)
+    if strategy == "ddp":  # rank0 mode: rank 0 alone, with its own statistics; the training is the same
+        rank0 = run_ranks(train_rank, 2, tmp_path / "rank0", {**cfg, "val": {"mode": "rank0"}}, None, None,
+                          timeout=120)[0]
+        assert sharded["summary"]["val"] == pytest.approx(rank0["summary"]["val"], rel=1e-9)
+        for k, v in rank0["weights"].items():
+            assert torch.equal(sharded["weights"][k], v), k
