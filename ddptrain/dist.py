@@ -240,11 +240,8 @@ class Dist:
 
     def broadcast_buffers(self, module: torch.nn.Module) -> None:
         """Copy rank 0's buffers into every rank's module. Call on all ranks."""
-        if not self.active:
-            return
-        with torch.no_grad():
-            for t in module.buffers():
-                dist.broadcast(t.data, src=0)
+        if self.active:
+            broadcast_from_rank0(list(module.buffers()))
 
     def barrier(self) -> None:
         """Call on all ranks."""
@@ -254,3 +251,11 @@ class Dist:
     def close(self) -> None:
         if self.active:
             dist.destroy_process_group()
+
+
+def broadcast_from_rank0(tensors: list[torch.Tensor]) -> None:
+    """Rank 0's values of `tensors` in every rank's, in place, coalesced into few broadcasts on the default group.
+    Call on all ranks."""
+    if tensors:
+        with torch.no_grad():
+            dist._broadcast_coalesced(dist.distributed_c10d._get_default_group(), tensors, 250 * 1024 * 1024, 0)

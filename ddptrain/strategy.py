@@ -23,7 +23,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from .async_save import Background, updated_in_place
 from .config import Config, ConfigError
-from .dist import Dist
+from .dist import Dist, broadcast_from_rank0
 from .models import materialize, on_meta
 from .powersgd import PowerSGD
 
@@ -337,10 +337,7 @@ class Sharded(_Writes):
 def _broadcast_buffers(buffers: list[torch.Tensor]) -> None:
     """Rank 0's buffers on every rank, as DDP copies them before every forward in training (FSDP shards only the
     parameters: the buffers are each rank's own). Call on all ranks."""
-    import torch.distributed
-    with torch.no_grad():
-        torch.distributed._broadcast_coalesced(torch.distributed.distributed_c10d._get_default_group(), buffers,
-                                               250 * 1024 * 1024, 0)
+    broadcast_from_rank0(buffers)
 
 
 def _rank0_buffers(state: dict) -> dict:
