@@ -149,13 +149,20 @@ def verify(path: Path) -> str | None:
     try:
         meta = json.loads(marker(path).read_text())
     except (OSError, ValueError):
+        meta = None
+    if not isinstance(meta, dict):
         return "no completeness marker (the write did not finish)"
+    if path.is_dir() != ("files" in meta):  # a directory of shards has its files listed in its marker
+        return "a directory, where its marker describes a file" if path.is_dir() else \
+            "a file, where its marker describes a directory of shards"
     if path.is_dir():
-        for name, size in meta.get("files", {}).items():
+        for name, size in meta["files"].items():
             f = path / name
             if not f.is_file() or f.stat().st_size != size:
                 return f"shard '{name}' is missing or not the {size} bytes written (truncated?)"
         path, meta = path / STATE, meta.get(STATE, {})
+        if not path.is_file():
+            return f"its {STATE} is missing"
     if path.stat().st_size != meta.get("size"):
         return f"size {path.stat().st_size} differs from the {meta.get('size')} bytes written (truncated?)"
     if _sha256(path) != meta.get("sha256"):

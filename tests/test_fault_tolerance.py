@@ -106,6 +106,23 @@ def test_a_checkpoint_without_its_completeness_marker_is_skipped(tmp_path, diagn
     assert "step-000000012.pt': content differs from what was written (corrupt)" in diagnostics[0]
 
 
+def test_a_checkpoint_that_is_a_directory_where_a_file_was_written_or_lacks_state_pt_is_skipped(tmp_path, diagnostics):
+    ckpts = tmp_path / "checkpoints"
+    checkpoint.save(ckpts / "step-000000004.pt", {"step": 4})
+    checkpoint.save(ckpts / "step-000000008.pt", {"step": 8})
+    (ckpts / "step-000000008.pt").unlink()
+    (ckpts / "step-000000008.pt").mkdir()  # a directory where its marker describes a file
+    (ckpts / "step-000000012").mkdir()  # a directory of shards whose state.pt never came
+    (ckpts / "step-000000012" / "__0_0.distcp").write_bytes(b"x")
+    checkpoint.marker(ckpts / "step-000000012").write_text(json.dumps({"files": {"__0_0.distcp": 1}, "step": 12}))
+    assert checkpoint.latest_valid(ckpts) == ckpts / "step-000000004.pt"
+    assert diagnostics == [f"skipping checkpoint '{ckpts / 'step-000000012'}': its state.pt is missing",
+                           f"skipping checkpoint '{ckpts / 'step-000000008.pt'}': a directory, where its marker "
+                           f"describes a file"]
+    checkpoint.marker(ckpts / "step-000000004.pt").write_text("null")  # a damaged marker
+    assert checkpoint.verify(ckpts / "step-000000004.pt") == "no completeness marker (the write did not finish)"
+
+
 def test_resume_on_another_world_size_continues_the_same_data_order(tmp_path):
     cfg = {**BASE, "task_args": {}}  # no dropout: the random streams are the part that cannot carry over
     straight = run_ranks(train_rank, 2, tmp_path / "straight", cfg)[0]
