@@ -27,6 +27,8 @@ def run_config(run: str | os.PathLike, overrides: list[str] = ()) -> Config:
     saved = path / "config.yaml"
     if not saved.is_file():
         raise ConfigError(f"'{path}': not a run directory (it has no config.yaml)")
+    if path.name in ("", ".."):  # `.` or `..`: the run is named by the directory's own name
+        path = path.resolve()
     data = {**config_mod.read_file(saved), "runs_dir": str(path.parent), "name": path.name}
     return config_mod.load(base=data, overrides=overrides)
 

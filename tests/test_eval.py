@@ -101,3 +101,14 @@ def test_auto_evaluates_the_weights_the_run_tested(tmp_path):
     auto = ddptrain.evaluate(tmp_path / "r", "auto", "test")
     assert auto["step"] == summary["steps"] and auto["loss"] == summary["test"]["loss"]
     assert ddptrain.evaluate(tmp_path / "r", "best", "test")["step"] == summary["best_step"]
+
+
+def test_a_run_directory_named_by_dot_or_dot_dot_is_the_run(trained, monkeypatch, capsys):
+    from ddptrain.cli import main
+    run_dir, summary = trained
+    monkeypatch.chdir(run_dir / "checkpoints")
+    assert main(["eval", "..", "--checkpoint", "best"]) == 0
+    assert f"step {summary['best_step']}): loss" in capsys.readouterr().out
+    monkeypatch.chdir(run_dir)
+    assert ddptrain.evaluate(".", "best")["loss"] == pytest.approx(summary["test"]["loss"], rel=1e-6)
+    assert ddptrain.load_model(".").state_dict().keys() == ddptrain.load_model(run_dir).state_dict().keys()
