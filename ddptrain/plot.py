@@ -17,13 +17,33 @@ from .runlog import read_event
 MAX_LAYER_LABELS = 80  # beyond this, every k-th layer is named so the labels stay legible
 
 
+def _events(metrics: Path) -> list[dict]:
+    """The events of metrics.jsonl. Its last line may be cut short (the run is writing it, or was killed while it
+    did): it is left out. A damaged line before it is a ConfigError naming it."""
+    lines = metrics.read_text().splitlines()
+    events = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            event = read_event(line)
+            if not isinstance(event, dict) or not {"split", "step"} <= event.keys():
+                raise ValueError(line)
+            events.append(event)
+        except ValueError:
+            if number == len(lines):
+                break
+            raise ConfigError(f"'{metrics}' line {number}: not a JSON object (damaged?)") from None
+    return events
+
+
 def _read(run_dir: Path) -> tuple[list[dict], dict]:
     """The run's events and its summary; a run without one yet (still training, or stopped) has the monitored
     metric of its config.yaml."""
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
         raise ConfigError(f"run directory '{run_dir}': no metrics.jsonl (is this a ddptrain run directory?)")
-    events = [read_event(line) for line in metrics.read_text().splitlines() if line.strip()]
+    events = _events(metrics)
     summary_file = run_dir / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     if "monitor" not in summary and (run_dir / "config.yaml").is_file():

@@ -187,3 +187,19 @@ def test_plot_takes_nan_losses_as_numbers_the_monitor_from_the_config_and_checks
                                                     f"one of ")):
         assert main(["plot", str(run), "-o", str(bad)]) == 2
         assert capsys.readouterr().err.startswith(f"ddptrain: error: {expected}")
+
+
+def test_plot_skips_a_last_line_cut_short_and_a_damaged_line_before_it_is_one_line(tmp_path, capsys):
+    """A run killed mid-write (or still writing) leaves its last line of metrics.jsonl cut short."""
+    from ddptrain.cli import main
+    run = tmp_path / "killed"
+    run.mkdir()
+    lines = [json.dumps({"split": "train", "step": s, "epoch": 0, "loss": 1 / s, "lr": 0.1}) for s in (1, 2)]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + '\n{"split": "train", "st')
+    from ddptrain.plot import plot
+    ax_loss, _, _ = plot([run], tmp_path / "curves.png").axes
+    assert list(ax_loss.lines[0].get_xdata()) == [1, 2]
+    (run / "metrics.jsonl").write_text(lines[0] + '\n{"split": "tr\n' + lines[1] + "\n")
+    assert main(["plot", str(run), "-o", str(tmp_path / "curves.png")]) == 2
+    assert capsys.readouterr().err == f"ddptrain: error: '{run / 'metrics.jsonl'}' line 2: not a JSON object " \
+                                      f"(damaged?)\n"
