@@ -151,7 +151,7 @@ def _written(out, write) -> None:
 
 
 def _eval(args) -> int:
-    import json
+    from .runlog import write_json_atomic
     from .trained import evaluate
     out = output_file(args.output) if args.output else None
     result = evaluate(args.run, args.checkpoint, args.split, args.overrides)
@@ -159,7 +159,7 @@ def _eval(args) -> int:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, float))
         print(f"{result['split']} ({result['checkpoint']}, step {result['step']}): {shown}", flush=True)
         if out is not None:
-            _written(out, lambda: out.write_text(json.dumps(result, indent=2) + "\n"))
+            _written(out, lambda: write_json_atomic(out, result))  # NaN and Infinity as strings: valid JSON
     return 0
 
 

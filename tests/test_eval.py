@@ -112,3 +112,17 @@ def test_a_run_directory_named_by_dot_or_dot_dot_is_the_run(trained, monkeypatch
     monkeypatch.chdir(run_dir)
     assert ddptrain.evaluate(".", "best")["loss"] == pytest.approx(summary["test"]["loss"], rel=1e-6)
     assert ddptrain.load_model(".").state_dict().keys() == ddptrain.load_model(run_dir).state_dict().keys()
+
+
+def test_eval_writes_a_non_finite_result_as_valid_json(tmp_path, monkeypatch, capsys):
+    from ddptrain import cli, trained
+    monkeypatch.setattr(trained, "evaluate", lambda *args: {"split": "test", "checkpoint": "c.pt", "step": 3,
+                                                            "loss": float("inf"), "mse": float("nan")})
+    out = tmp_path / "eval.json"
+    assert cli.main(["eval", str(tmp_path), "-o", str(out)]) == 0
+    assert "test (c.pt, step 3): loss inf, mse nan" in capsys.readouterr().out
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+    assert json.loads(out.read_text(), parse_constant=refuse) == {"split": "test", "checkpoint": "c.pt", "step": 3,
+                                                                 "loss": "inf", "mse": "nan"}
