@@ -109,6 +109,19 @@ def diverging(max_skips):
                           "epochs": 4, "nonfinite": "skip", "max_skips_in_a_row": max_skips, "log_every": 1}})
 
 
+def test_export_to_a_full_disk_is_one_line_and_keeps_the_previous_file(small_disk, tmp_path):
+    # 300,000 weights (1.2 MB) do not fit on the 700 KiB disk
+    run(from_dict({"task": "tasks_for_tests:regression", "task_args": {"width": 30000}, "name": "wide",
+                   "runs_dir": str(tmp_path), "data": {"batch_size": 48}, "train": {"epochs": 1}}), detect({}))
+    out = small_disk / "model.pt"
+    out.write_bytes(b"an earlier export")
+    proc = subprocess.run([sys.executable, "-m", "ddptrain", "export", str(tmp_path / "wide"), "-o", str(out)],
+                          cwd=TESTS, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == f"ddptrain: error: -o '{out}': cannot write it (No space left on device)\n"
+    assert out.read_bytes() == b"an earlier export" and [p.name for p in small_disk.iterdir()] == ["model.pt"]
+
+
 def test_skipping_non_finite_steps_gives_up_after_a_few_in_a_row(tmp_path):
     cfg = from_dict({**to_dict(diverging(3)), "runs_dir": str(tmp_path)})
     with pytest.raises(NonFiniteError, match=r"3 steps in a row skipped for non-finite gradients "
