@@ -17,6 +17,7 @@ from . import config as config_mod
 from . import task as task_mod
 from .config import Config, ConfigError
 from .dist import Dist, detect
+from .runlog import warn
 
 
 def run_config(run: str | os.PathLike, overrides: list[str] = ()) -> Config:
@@ -49,7 +50,8 @@ def checkpoint_path(cfg: Config, which: str = "auto") -> Path:
     directory = cfg.run_dir / "checkpoints"
     if which not in ("auto", "best", "last"):
         return Path(which)
-    if which == "auto" and _tested(cfg) == "last":
+    tested = _tested(cfg) if which == "auto" else None
+    if tested == "last":
         which = "last"
     if which in ("auto", "best"):
         best = ckpt.best_path(cfg.run_dir, cfg.dist.strategy)
@@ -59,6 +61,9 @@ def checkpoint_path(cfg: Config, which: str = "auto") -> Path:
         if which == "best":
             raise ckpt.CheckpointError(f"checkpoint '{best}': {problem}; `last` (--checkpoint last) takes the "
                                        f"newest step checkpoint")
+        if tested == "best":
+            warn(f"checkpoint '{best}': {problem}; the run tested it, so the newest step checkpoint's numbers are "
+                 f"not the run's")
     last = ckpt.latest_valid(directory)
     if last is None:
         raise ckpt.CheckpointError(f"'{directory}': no whole checkpoint")

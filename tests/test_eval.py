@@ -126,3 +126,16 @@ def test_eval_writes_a_non_finite_result_as_valid_json(tmp_path, monkeypatch, ca
         raise ValueError(f"{constant} is not JSON")
     assert json.loads(out.read_text(), parse_constant=refuse) == {"split": "test", "checkpoint": "c.pt", "step": 3,
                                                                  "loss": "inf", "mse": "nan"}
+
+
+def test_auto_says_so_when_the_best_weights_the_run_tested_are_damaged(trained, tmp_path, diagnostics):
+    import shutil
+    run_dir, summary = trained
+    copy = tmp_path / "r"
+    shutil.copytree(run_dir, copy)
+    best = copy / "checkpoints" / "best.pt"
+    best.write_bytes(best.read_bytes()[:100])
+    assert ddptrain.evaluate(copy, "auto")["step"] == summary["steps"]
+    assert diagnostics == [f"checkpoint '{best}': size 100 differs from the {(run_dir / 'checkpoints' / 'best.pt').stat().st_size} "
+                           f"bytes written (truncated?); the run tested it, so the newest step checkpoint's numbers "
+                           f"are not the run's"]
