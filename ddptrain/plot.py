@@ -45,10 +45,17 @@ def _read(run_dir: Path) -> tuple[list[dict], dict]:
         raise ConfigError(f"run directory '{run_dir}': no metrics.jsonl (is this a ddptrain run directory?)")
     events = _events(metrics)
     summary_file = run_dir / "summary.json"
-    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    summary = {}
+    if summary_file.is_file():
+        try:
+            summary = json.loads(summary_file.read_text())
+        except ValueError:
+            summary = None
+        if not isinstance(summary, dict):
+            raise ConfigError(f"'{summary_file}': not a JSON object (damaged?)")
     if "monitor" not in summary and (run_dir / "config.yaml").is_file():
-        import yaml
-        config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        from .config import read_file  # a damaged file is one line
+        config = read_file(run_dir / "config.yaml")
         summary["monitor"] = (config.get("early_stop") or {}).get("monitor", "val_loss")
     return events, summary
 

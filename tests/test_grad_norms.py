@@ -203,3 +203,18 @@ def test_plot_skips_a_last_line_cut_short_and_a_damaged_line_before_it_is_one_li
     assert main(["plot", str(run), "-o", str(tmp_path / "curves.png")]) == 2
     assert capsys.readouterr().err == f"ddptrain: error: '{run / 'metrics.jsonl'}' line 2: not a JSON object " \
                                       f"(damaged?)\n"
+
+
+@pytest.mark.parametrize("name, text, expected", [
+    ("summary.json", '{"status": "compl', "'{}': not a JSON object (damaged?)"),
+    ("summary.json", "[1, 2]", "'{}': not a JSON object (damaged?)"),
+    ("config.yaml", "early_stop: [", "config file '{}': cannot parse: ")])
+def test_plot_of_a_damaged_summary_or_config_is_one_line(tmp_path, capsys, name, text, expected):
+    from ddptrain.cli import main
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"split": "train", "step": 1, "epoch": 0, "loss": 1.0}) + "\n")
+    (run / name).write_text(text)
+    assert main(["plot", str(run), "-o", str(tmp_path / "curves.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ddptrain: error: " + expected.format(run / name)) and err.count("\n") == 1, err
