@@ -142,7 +142,8 @@ def plot(run_dirs: list[Path], out: Path):
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # a run without validation has no metric to name
+            ax.legend(fontsize=8)
     shown = [log.compressed() for _, (_, _, log) in maps if log.count()]
     vmin = min((float(v.min()) for v in shown), default=None)  # one color scale, so runs compare by eye
     vmax = max((float(v.max()) for v in shown), default=None)
