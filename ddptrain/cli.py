@@ -217,7 +217,10 @@ def _launch(args, command: str = "train", argv: list[str] = ()) -> int:
            "-m", "ddptrain", command, *argv]
     sys.stdout.flush()
     started = time.time()
-    agent = subprocess.Popen(cmd, env=torchrun_env())
+    env = torchrun_env()
+    if args.nproc_per_node > 1:  # torchrun's own default, set here so that it does not print a 4-line warning
+        env.setdefault("OMP_NUM_THREADS", "1")
+    agent = subprocess.Popen(cmd, env=env)
 
     def forward(signum, frame):
         agent.send_signal(signum)

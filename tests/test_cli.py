@@ -1,5 +1,6 @@
 """The command line as users run it: bad input gets one line and exit 2; the README's commands work."""
 import json
+import os
 import re
 import subprocess
 import sys
@@ -227,3 +228,15 @@ def test_output_into_a_closed_pipe_ends_quietly():
     proc = subprocess.run(f"{sys.executable} -m ddptrain keys | true", shell=True, capture_output=True, text=True,
                           timeout=60)
     assert proc.stderr == "", proc.stderr
+
+
+def test_a_task_error_under_launch_is_one_line_without_torchruns_thread_banner(tmp_path):
+    # the user's shell has no OMP_NUM_THREADS (the suite's conftest sets one): torchrun printed four lines of
+    # "Setting OMP_NUM_THREADS ..." warning above the one-line error of every launch
+    f = write(tmp_path, "task: tasks_for_tests:raises_in_build\ntrain:\n  epochs: 1\n")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])])
+    proc = subprocess.run([sys.executable, "-m", "ddptrain", "launch", "--nproc-per-node", "2", str(f)],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("ddptrain: error: task 'tasks_for_tests:raises_in_build'") \
+        and proc.stderr.count("\n") == 1, proc.stderr
