@@ -251,8 +251,11 @@ def resume_path(cfg: Config, dist: Dist) -> Path | None:
         found = str(latest) if latest else None
     found = dist.broadcast_object(found)
     if found is not None and not Path(found).exists():  # a file, or a directory of shards (fsdp)
-        error = f"checkpoint '{found}': not found (on rank {dist.env.rank}: the run directory must be on a " \
-                f"filesystem that every node sees)"
+        error = f"checkpoint '{found}': not found"
+        if cfg.checkpoint.resume not in ("auto", "none"):
+            error = f"config key 'checkpoint.resume': {error}; expected auto, none or a checkpoint's path"
+        if dist.env.world_size > 1:
+            error += f" (on rank {dist.env.rank}: the run directory must be on a filesystem that every node sees)"
     first = dist.first_error(error)
     if first:
         raise ckpt.CheckpointError(first)

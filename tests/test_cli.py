@@ -106,6 +106,14 @@ def test_bad_input_under_torchrun_exits_before_any_rank_starts(tmp_path):
     assert "Traceback" not in proc.stdout + proc.stderr
 
 
+def test_a_resume_value_that_is_no_checkpoint_names_the_key_and_what_it_takes(tmp_path, capsys, monkeypatch):
+    # `last` is what `ddptrain eval --checkpoint` takes; one process was told about nodes that share a filesystem
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", str(write(tmp_path, "train:\n  epochs: 1\n")), "checkpoint.resume=last"]) == 2
+    assert capsys.readouterr().err == "ddptrain: error: config key 'checkpoint.resume': checkpoint 'last': not " \
+                                      "found; expected auto, none or a checkpoint's path\n"
+
+
 def test_print_config_shows_every_default(tmp_path, capsys):
     f = write(tmp_path, "optim:\n  lr: 0.5\n")
     assert main(["train", "--print-config", str(f), "train.epochs=3"]) == 0
