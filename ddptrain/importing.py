@@ -71,7 +71,9 @@ def import_object(spec: str, key: str):
     try:
         if target.endswith(".py"):
             if not Path(target).is_file():
-                raise ConfigError(f"config key '{key}': file '{target}' not found")
+                where = "" if Path(target).is_absolute() else \
+                    f" (a relative path is taken from the current directory, {os.getcwd()})"
+                raise ConfigError(f"config key '{key}': file '{target}' not found{where}")
             mod_spec = importlib.util.spec_from_file_location(Path(target).stem, target)
             module = importlib.util.module_from_spec(mod_spec)
             mod_spec.loader.exec_module(module)

@@ -114,6 +114,17 @@ def test_a_resume_value_that_is_no_checkpoint_names_the_key_and_what_it_takes(tm
                                       "found; expected auto, none or a checkpoint's path\n"
 
 
+def test_a_task_file_not_found_says_where_a_relative_path_was_looked_for(tmp_path, capsys, monkeypatch):
+    # examples/charlm.yaml names examples/charlm.py: run from another directory, the file is not found there
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "proj" / "my_task.py").write_text("def build(cfg):\n    pass\n")
+    f = write(tmp_path / "proj", "task: proj/my_task.py:build\n")
+    monkeypatch.chdir(tmp_path / "proj")
+    assert main(["train", str(f)]) == 2
+    assert capsys.readouterr().err == f"ddptrain: error: config key 'task': file 'proj/my_task.py' not found (a " \
+                                      f"relative path is taken from the current directory, {tmp_path / 'proj'})\n"
+
+
 def test_print_config_shows_every_default(tmp_path, capsys):
     f = write(tmp_path, "optim:\n  lr: 0.5\n")
     assert main(["train", "--print-config", str(f), "train.epochs=3"]) == 0
