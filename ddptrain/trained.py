@@ -23,6 +23,8 @@ from .runlog import warn
 def run_config(run: str | os.PathLike, overrides: list[str] = ()) -> Config:
     """The config of a run directory (its config.yaml, the directory itself as the run) or of a config file."""
     path = Path(run)
+    if not path.exists():
+        raise ConfigError(f"'{path}': not found; expected a run directory or a config file")
     if not path.is_dir():
         return config_mod.load(path, overrides)
     saved = path / "config.yaml"
@@ -49,6 +51,9 @@ def checkpoint_path(cfg: Config, which: str = "auto") -> Path:
     are the run's: best or last; before the run ended, best if whole, else last) or a file's path."""
     directory = cfg.run_dir / "checkpoints"
     if which not in ("auto", "best", "last"):
+        if not Path(which).exists():
+            raise ckpt.CheckpointError(f"checkpoint '{which}': not found; expected auto, best, last or a "
+                                       f"checkpoint's path")
         return Path(which)
     tested = _tested(cfg) if which == "auto" else None
     if tested == "last":

@@ -93,6 +93,19 @@ def test_eval_and_export_check_their_output_before_the_work(trained, tmp_path, c
     assert set(torch.load(tmp_path / "new" / "model.pt", weights_only=True)) == set(ddptrain.load_model(run_dir).state_dict())
 
 
+def test_a_checkpoint_or_run_that_is_not_there_names_what_is_expected(trained, tmp_path, capsys):
+    # `bets` for `best`: it said "checkpoint 'bets': not found", and a missing run was a "config file"
+    from ddptrain.cli import main
+    run_dir, _ = trained
+    for command in ("eval", "export"):
+        assert main([command, str(run_dir), "--checkpoint", "bets"]) == 2
+        assert capsys.readouterr().err == "ddptrain: error: checkpoint 'bets': not found; expected auto, best, last " \
+                                          "or a checkpoint's path\n"
+        assert main([command, str(tmp_path / "nope")]) == 2
+        assert capsys.readouterr().err == f"ddptrain: error: '{tmp_path / 'nope'}': not found; expected a run " \
+                                          f"directory or a config file\n"
+
+
 def test_auto_evaluates_the_weights_the_run_tested(tmp_path):
     # restore_best off: the run tests its last weights, and so does auto; best stays best.pt's
     cfg = {**CFG, "optim": {"name": "adamw", "lr": 0.3}, "train": {"epochs": 8}}  # best at step 30 of 48
