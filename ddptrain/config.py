@@ -404,17 +404,17 @@ def _safe_load(text: str):
     return yaml.load(text, Loader=Loader)
 
 
-def read_file(path: str | Path) -> dict:
-    """Read a YAML (.yaml/.yml) or TOML (.toml) file into nested plain data."""
+def read_file(path: str | Path, what: str = "config file") -> dict:
+    """Read a YAML (.yaml/.yml) or TOML (.toml) file into nested plain data; errors call it `what`."""
     path = Path(path)
     if path.is_dir():
-        raise ConfigError(f"config file '{path}': is a directory; expected a .yaml, .yml or .toml file")
+        raise ConfigError(f"{what} '{path}': is a directory; expected a .yaml, .yml or .toml file")
     if not path.is_file():
-        raise ConfigError(f"config file '{path}': not found")
+        raise ConfigError(f"{what} '{path}': not found")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config file '{path}': cannot read it ({getattr(e, 'strerror', None) or e})") from None
+        raise ConfigError(f"{what} '{path}': cannot read it ({getattr(e, 'strerror', None) or e})") from None
     try:
         if path.suffix == ".toml":
             import tomllib
@@ -422,15 +422,15 @@ def read_file(path: str | Path) -> dict:
         elif path.suffix in (".yaml", ".yml"):
             data = _safe_load(text)
         else:
-            raise ConfigError(f"config file '{path}': expected a .yaml, .yml or .toml file")
+            raise ConfigError(f"{what} '{path}': expected a .yaml, .yml or .toml file")
     except ConfigError:
         raise
     except Exception as e:  # the parsers' own errors carry line and column
-        raise ConfigError(f"config file '{path}': cannot parse: {_parse_error(e)}") from None
+        raise ConfigError(f"{what} '{path}': cannot parse: {_parse_error(e)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file '{path}': expected a mapping at the top level")
+        raise ConfigError(f"{what} '{path}': expected a mapping at the top level")
     return data
 
 

@@ -104,7 +104,7 @@ def _direction_of(objective: str, base: dict) -> str | None:
 
 def load_space(path: Path, base: dict) -> Space:
     """Read and check the space file against the base config (as plain data): errors before any trial."""
-    data = config_mod.read_file(path)
+    data = config_mod.read_file(path, "search space file")
     known_top = {"objective", "direction", "params", "pruner"}
     for key in data:
         if key not in known_top:

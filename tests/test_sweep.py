@@ -242,6 +242,17 @@ def test_bad_search_spaces_fail_before_any_trial(tmp_path, capsys, monkeypatch, 
     assert not (tmp_path / "runs" / "reg-sweep" / "logs").exists()
 
 
+def test_a_search_space_file_that_cannot_be_read_is_named_as_one(tmp_path, capsys, monkeypatch):
+    # it was "config file 'nope.yaml': not found", though the config was there
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(ROOT / "tests"))
+    config = write(tmp_path / "reg.yaml", REGRESSION)
+    assert main(["sweep", str(config), "nope.yaml"]) == 2
+    assert capsys.readouterr().err == "ddptrain: error: search space file 'nope.yaml': not found\n"
+    assert main(["sweep", str(config), str(write(tmp_path / "space.yaml", "params: {a: [1,\n"))]) == 2
+    assert capsys.readouterr().err.startswith(f"ddptrain: error: search space file '{tmp_path / 'space.yaml'}': cannot parse")
+
+
 def test_a_storage_url_that_cannot_be_opened_is_one_line_without_its_password(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(ROOT / "tests"))
