@@ -24,7 +24,9 @@ class Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = Parser(prog="ddptrain", description="Data-parallel training of PyTorch models.")
+    p = Parser(prog="ddptrain", description="Data-parallel training of PyTorch models.",
+               epilog="A mistake is one line, `ddptrain: error: ...` (exit 2); --debug anywhere on the command line "
+                      "(or DDPTRAIN_DEBUG=1) adds its traceback.")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train in this process (or as one rank under torchrun/srun)")

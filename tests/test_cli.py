@@ -125,6 +125,13 @@ def test_a_task_file_not_found_says_where_a_relative_path_was_looked_for(tmp_pat
                                       f"relative path is taken from the current directory, {tmp_path / 'proj'})\n"
 
 
+def test_help_tells_of_debug(capsys):
+    # --debug works anywhere on the command line, but no --help named it
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "--debug anywhere on the command line" in " ".join(capsys.readouterr().out.split())
+
+
 def test_print_config_shows_every_default(tmp_path, capsys):
     f = write(tmp_path, "optim:\n  lr: 0.5\n")
     assert main(["train", "--print-config", str(f), "train.epochs=3"]) == 0
