@@ -14,6 +14,7 @@ import time
 EXIT_USER_ERROR = 2
 EXIT_NONFINITE = 3
 EXIT_COLLECTIVE = 4
+QUIET_RANK_GRACE_S = 10.0  # how long a rank that leaves an error to rank 0 waits before it exits
 
 
 class Parser(argparse.ArgumentParser):
@@ -366,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"ddptrain: error: {e}", file=sys.stderr, flush=True)
             elif getattr(e, "rank_specific", False):
                 print(f"[rank {os.environ.get('RANK', os.environ.get('SLURM_PROCID'))}] ddptrain: error: {e}", file=sys.stderr, flush=True)
+            else:  # rank 0 says it: torchrun stops every worker once one has exited, so do not end before rank 0 can
+                time.sleep(QUIET_RANK_GRACE_S)
             return EXIT_NONFINITE if isinstance(e, NonFiniteError) else EXIT_USER_ERROR
         if not _is_main():
             import traceback
