@@ -167,7 +167,6 @@ def _eval(args) -> int:
 
 
 def _export(args) -> int:
-    from pathlib import Path
     import torch
     from .checkpoint import _write_atomic
     from .trained import checkpoint_path, load_model, run_config
