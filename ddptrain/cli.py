@@ -14,7 +14,7 @@ import time
 EXIT_USER_ERROR = 2
 EXIT_NONFINITE = 3
 EXIT_COLLECTIVE = 4
-QUIET_RANK_GRACE_S = 10.0  # how long a rank that leaves an error to rank 0 waits before it exits
+QUIET_RANK_GRACE_S = 10.0  # how long a rank other than 0 waits before it exits on an error that rank 0 may say
 
 
 class Parser(argparse.ArgumentParser):
@@ -354,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"ddptrain: preempted by {e}; run the same command again to resume", file=sys.stderr, flush=True)
             return EXIT_PREEMPTED
         if isinstance(e, CollectiveError):  # every rank that saw it says so: which one failed first matters
+            if not _is_main():  # most often another rank's own error ended it, which that rank says: torchrun stops
+                time.sleep(QUIET_RANK_GRACE_S)  # this one once it has exited; one still running says its own
             print(f"ddptrain: error: {e}", file=sys.stderr, flush=True)
             return EXIT_COLLECTIVE
         if isinstance(e, (ConfigError, TaskError, CheckpointError, NonFiniteError)):

@@ -223,6 +223,17 @@ def test_bad_data_met_mid_run_is_one_line(tmp_path, task, workers, message):
     assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
 
 
+def test_bad_data_met_mid_run_on_one_rank_is_one_line_under_launch(tmp_path):
+    # sample 41 is on one rank: the other, in the gradient all-reduce, said "[rank 1] a collective failed" as a
+    # second error line, and its status 4 came through instead of the user mistake's 2
+    (tmp_path / "c.yaml").write_text(f"task: tasks_for_tests:bad_sample\nruns_dir: {tmp_path}\ntrain: {{epochs: 2}}\n")
+    proc = subprocess.run([sys.executable, "-m", "ddptrain", "launch", "--nproc-per-node", "2", str(tmp_path / "c.yaml")],
+                          cwd=TESTS, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith(
+        "ddptrain: error: the training data raised ValueError: sample 41 is corrupt (tasks_for_tests.py:") and \
+        proc.stderr.count("\n") == 1, proc.stderr
+
+
 WRONG_LINEAR = """import torch
 from torch import nn
 
