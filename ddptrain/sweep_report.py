@@ -60,7 +60,8 @@ def report(study, space: Space, cfg: Config, base: dict, sweep_dir: Path) -> dic
     (sweep_dir / "best.json").write_text(json.dumps(
         {"trial": best.number, "value": best.value, "params": best_params, "objective": space.objective}, indent=2))
     _plots(study, sweep_dir, len(complete))
-    print(f"best: trial {best.number}, {space.objective} {best.value:.6g}, params {best_params}")
+    shown_params = " ".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in best_params.items())
+    print(f"best: trial {best.number}, {space.objective} {best.value:.6g}, params {shown_params}")  # as overrides
     print(f"wrote {sweep_dir / 'trials.csv'}, {sweep_dir / 'best_config.yaml'} and plots in {sweep_dir}")
     return {"best_trial": best.number, "best_value": best.value, "best_params": best_params,
             "sweep_dir": str(sweep_dir), "trials": rows}

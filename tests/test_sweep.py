@@ -74,6 +74,7 @@ pruner: {name: none}
     best = json.loads((sweep_dir / "best.json").read_text())
     assert best["value"] == max(values)
     assert f"best: trial {best['trial']}, val_accuracy" in proc.stdout and "| COMPLETE |" in proc.stdout
+    assert f"model.hidden={json.dumps(best['params']['model.hidden'])}" in proc.stdout  # as an override, not a dict
     # the best config, run again, reproduces its objective exactly
     rerun = subprocess.run([sys.executable, "-m", "ddptrain", "train", str(sweep_dir / "best_config.yaml"),
                             f"runs_dir={tmp_path / 'again'}"], env=ENV, capture_output=True, text=True, timeout=300)
