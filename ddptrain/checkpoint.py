@@ -62,7 +62,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, write) -> None:
+def write_atomic(path: Path, write) -> None:
+    """`write(f)` into a temporary file beside `path`, fsynced and renamed to it once whole."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -76,6 +77,12 @@ def _write_atomic(path: Path, write) -> None:
 
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def os_error(e: BaseException) -> OSError | None:
+    """The OSError behind `e`: `e` itself, or the one torch.save reports a failed write with (as a RuntimeError)."""
+    err = e if isinstance(e, OSError) else e.__cause__ or e.__context__
+    return err if isinstance(err, OSError) else None
 
 
 def save(path: Path, state: dict) -> None:
@@ -95,11 +102,11 @@ def save(path: Path, state: dict) -> None:
         meta.update(size=w.size, sha256=w.sha.hexdigest())
 
     try:
-        _write_atomic(path, write)
-        _write_atomic(marker(path), lambda f: f.write(json.dumps({**meta, "step": state.get("step")}).encode()))
+        write_atomic(path, write)
+        write_atomic(marker(path), lambda f: f.write(json.dumps({**meta, "step": state.get("step")}).encode()))
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
-        err = e if isinstance(e, OSError) else e.__cause__ or e.__context__
-        if not (isinstance(err, OSError) and err.errno in NO_SPACE) and "No space left" not in str(e):
+        err = os_error(e)
+        if not (err is not None and err.errno in NO_SPACE) and "No space left" not in str(e):
             raise
         marker(path).unlink(missing_ok=True)
         previous = [p.stat().st_size for p in step_files(path.parent) if p != path]
@@ -368,7 +375,7 @@ def _finish_sharded(path: Path, tmp: Path, rest: dict, keep_last: int | None) ->
             os.replace(path, old)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-        _write_atomic(marker(path), lambda f: f.write(json.dumps(meta).encode()))
+        write_atomic(marker(path), lambda f: f.write(json.dumps(meta).encode()))
         _remove(old)
     except OSError as e:
         _remove(tmp)

@@ -168,7 +168,7 @@ def _eval(args) -> int:
 
 def _export(args) -> int:
     import torch
-    from .checkpoint import _write_atomic
+    from .checkpoint import os_error, write_atomic
     from .trained import checkpoint_path, load_model, run_config
     cfg = run_config(args.run)
     out = output_file(args.output) if args.output else cfg.run_dir / "model.pt"
@@ -177,12 +177,11 @@ def _export(args) -> int:
 
     def write():  # to a temporary file, renamed once whole: a failed write leaves an earlier export as it was
         try:
-            _write_atomic(out, lambda f: torch.save(model.state_dict(), f))
-        except RuntimeError as e:  # torch.save reports a failed write as RuntimeError, the OSError as its context
-            cause = e.__cause__ or e.__context__
-            if isinstance(cause, OSError):
-                raise cause from None
-            raise
+            write_atomic(out, lambda f: torch.save(model.state_dict(), f))
+        except RuntimeError as e:  # a failed write: its OSError, which _written makes one line
+            if os_error(e) is None:
+                raise
+            raise os_error(e) from None
     _written(out, write)
     print(f"wrote {out} ({sum(t.numel() for t in model.state_dict().values())} values, from {source})")
     return 0

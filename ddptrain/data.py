@@ -28,7 +28,7 @@ def split(dataset: Dataset, fractions: Sequence[float], seed: int) -> list[Subse
     """Split into len(fractions) + 1 subsets: the remainder first (train), then one per fraction."""
     n = len(dataset)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    sizes = [int(round(f * n)) for f in fractions]
+    sizes = split_sizes(fractions, n)
     first = n - sum(sizes)
     parts, start = [perm[:first]], first
     for size in sizes:
@@ -37,11 +37,16 @@ def split(dataset: Dataset, fractions: Sequence[float], seed: int) -> list[Subse
     return [Subset(dataset, p) for p in parts]
 
 
+def split_sizes(fractions: Sequence[float], n: int) -> list[int]:
+    """The samples of each set that `split` cuts off n samples by these fractions."""
+    return [int(round(f * n)) for f in fractions]
+
+
 def check_fractions(data: DataConfig, n: int, sizes: Sequence[int] | None = None) -> None:
     """Refuse a data.val_fraction or data.test_fraction above 0 whose set holds no sample: 0 means no such set.
     `sizes` are the (val, test) sets' sample counts, by default those `split` gives them out of n samples."""
     keys = ("val_fraction", "test_fraction")
-    sizes = [round(getattr(data, key) * n) for key in keys] if sizes is None else sizes
+    sizes = split_sizes([getattr(data, key) for key in keys], n) if sizes is None else sizes
     for key, size in zip(keys, sizes):
         fraction = getattr(data, key)
         if fraction > 0 and size == 0:

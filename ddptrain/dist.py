@@ -232,11 +232,8 @@ class Dist:
 
     def broadcast_module(self, module: torch.nn.Module) -> None:
         """Copy rank 0's parameters and buffers into every rank's module. Call on all ranks."""
-        if not self.active:
-            return
-        with torch.no_grad():
-            for t in list(module.parameters()) + list(module.buffers()):
-                dist.broadcast(t.data, src=0)
+        if self.active:
+            broadcast_from_rank0([*module.parameters(), *module.buffers()])
 
     def broadcast_buffers(self, module: torch.nn.Module) -> None:
         """Copy rank 0's buffers into every rank's module. Call on all ranks."""

@@ -369,18 +369,18 @@ def test_the_same_step_saved_again_keeps_the_whole_one_until_the_new_one_is_mark
         checkpoint._finish_sharded(path, tmp, {"progress": {"step": 6}, "value": value}, None)
     finish(1)
     assert checkpoint.verify(path) is None
-    writes = checkpoint._write_atomic
+    writes = checkpoint.write_atomic
 
     def marker_fails(target, write):
         if target.name.endswith(".done"):
             raise OSError(28, "No space left on device")
         writes(target, write)
-    monkeypatch.setattr(checkpoint, "_write_atomic", marker_fails)
+    monkeypatch.setattr(checkpoint, "write_atomic", marker_fails)
     with pytest.raises(checkpoint.CheckpointError, match="No space left on device; the previous checkpoint is kept"):
         finish(2)
     assert checkpoint.verify(path) is None and checkpoint.load(path)["value"] == 1
     assert (path / "__0_0.distcp").read_bytes() == bytes([1]) * 8
-    monkeypatch.setattr(checkpoint, "_write_atomic", writes)
+    monkeypatch.setattr(checkpoint, "write_atomic", writes)
     finish(3)
     assert checkpoint.verify(path) is None and checkpoint.load(path)["value"] == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000000006", "step-000000006.done"]
