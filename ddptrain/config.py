@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,14 @@ from typing import Any, Literal
 
 
 class ConfigError(ValueError):
-    """A plain user mistake in the configuration; the CLI prints it without a traceback."""
+    """A plain user mistake in the configuration; the CLI prints it without a traceback.
+
+    `key` is the dotted config key it is about, where there is one, so that `build` can say which line of
+    the file or which override gave it."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 def _f(default, help: str, check=None, expect: str = ""):
@@ -253,7 +261,9 @@ def _type_name(tp) -> str:
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+        item = typing.get_args(tp)[0]
+        plural = {int: "integers", float: "numbers", str: "strings", bool: "true/false values"}
+        return f"a list of {plural.get(item) or _type_name(item)}"
     if tp is type(None):
         return "null"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping"}.get(tp, str(tp))
@@ -287,7 +297,10 @@ def _coerce(value: Any, tp, key: str):
         if not isinstance(value, list):
             raise bad
         (item,) = typing.get_args(tp)
-        return [_coerce(v, item, key) for v in value]
+        try:
+            return [_coerce(v, item, key) for v in value]
+        except ConfigError:
+            raise bad from None
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -326,12 +339,13 @@ def _unknown_key(key: str, known: list[str]) -> ConfigError:
     prefix = key[: len(key) - len(name)]
     close = difflib.get_close_matches(name, known, n=1)
     hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known keys: {', '.join(known)}"
-    return ConfigError(f"unknown config key '{key}'{hint}")
+    return ConfigError(f"unknown config key '{key}'{hint}", key)
 
 
 def _build(cls, data: dict, prefix: str = ""):
     if not isinstance(data, dict):
-        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}': expected a mapping, got {data!r}")
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}': expected a mapping, got {data!r}",
+                          prefix.rstrip(".") or None)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
@@ -345,23 +359,27 @@ def _build(cls, data: dict, prefix: str = ""):
         if _is_section(tp):
             kwargs[f.name] = _build(tp, data[f.name] if data[f.name] is not None else {}, key + ".")
             continue
-        value = _coerce(data[f.name], tp, key)
+        try:
+            value = _coerce(data[f.name], tp, key)
+        except ConfigError as e:
+            e.key = key
+            raise
         check = f.metadata.get("check")
         if check is not None and not check(value):
-            raise ConfigError(f"config key '{key}': expected {f.metadata['expect']}, got {value!r}")
+            raise ConfigError(f"config key '{key}': expected {f.metadata['expect']}, got {value!r}", key)
         kwargs[f.name] = value
     return cls(**kwargs)
 
 
 def _cross_checks(cfg: Config) -> None:
     if not cfg.name or "/" in cfg.name or cfg.name in (".", ".."):
-        raise ConfigError(f"config key 'name': expected a plain directory name, got {cfg.name!r}")
+        raise ConfigError(f"config key 'name': expected a plain directory name, got {cfg.name!r}", "name")
     if cfg.data.val_fraction + cfg.data.test_fraction >= 1:
         raise ConfigError("config keys 'data.val_fraction' + 'data.test_fraction': expected a sum below 1, got "
-                          f"{cfg.data.val_fraction} + {cfg.data.test_fraction}")
+                          f"{cfg.data.val_fraction} + {cfg.data.test_fraction}", "data.test_fraction")
     if not cfg.early_stop.monitor.startswith("val_"):
         raise ConfigError(f"config key 'early_stop.monitor': expected a validation metric named val_<name>, "
-                          f"got {cfg.early_stop.monitor!r}")
+                          f"got {cfg.early_stop.monitor!r}", "early_stop.monitor")
 
 
 def from_dict(data: dict) -> Config:
@@ -464,6 +482,65 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def key_line(path: str | Path, key: str | list[str]) -> int | None:
+    """The line of `path` (YAML or TOML, read before) that sets `key` (dotted, or its parts), or None where
+    it sets none.
+
+    Only asked once a key is wrong, so a good config never pays for it."""
+    parts = key.split(".") if isinstance(key, str) else key
+    text = Path(path).read_text(encoding="utf-8")
+    if Path(path).suffix == ".toml":
+        return _toml_key_line(text, parts)
+    import yaml
+    node = yaml.compose(text, Loader=yaml.SafeLoader)
+    line = None
+    for part in parts:
+        if not isinstance(node, yaml.MappingNode):
+            return None
+        found = [(k, v) for k, v in node.value if k.value == part]
+        if not found:
+            return None
+        key_node, node = found[-1]
+        line = key_node.start_mark.line + 1
+    return line
+
+
+def _toml_key_line(text: str, parts: list[str]) -> int | None:
+    """tomllib keeps no positions: find `[a.b]` headers and `key =` lines (dotted keys too; not inline tables)."""
+    def split(dotted):
+        return [p.strip().strip('"\'') for p in dotted.split(".")]
+    table = []
+    for number, line in enumerate(text.splitlines(), 1):
+        header = re.match(r"\s*\[([^\[\]]+)\]", line)
+        if header:
+            table = split(header.group(1))
+        elif (assign := re.match(r"\s*([\w.\"' -]+?)\s*=", line)) and table + split(assign.group(1)) == parts:
+            return number
+    return None
+
+
+def _located(e: ConfigError, path: str | Path | None, overrides: list[str]) -> ConfigError:
+    """e, prefixed with what set its key: the last override that did, else the line of the file that did."""
+    if e.key is None:
+        return e
+    for text in reversed(overrides):
+        set_key = ".".join(parse_override(text)[0])
+        if e.key == set_key or e.key.startswith(set_key + "."):
+            return ConfigError(f"override '{text}': {e}", e.key)
+    if path is not None and (line := key_line(path, e.key)) is not None:
+        return ConfigError(f"{path}:{line}: {e}", e.key)
+    return e
+
+
+def build(data: dict, path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """from_dict(apply_overrides(data, overrides)), where `data` was read from `path`; an error names the
+    override or the file's line that set the wrong key."""
+    try:
+        return from_dict(apply_overrides(data, list(overrides)))
+    except ConfigError as e:
+        raise _located(e, path, list(overrides)) from None
+
+
 def load(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> Config:
     """Read a config file (or start from `base`), apply overrides, validate.
 
@@ -473,7 +550,7 @@ def load(path: str | Path | None = None, overrides: list[str] = (), base: dict |
     if path is not None:
         data = {**data, **read_file(path)}
         data.setdefault("name", Path(path).stem)
-    return from_dict(apply_overrides(data, list(overrides)))
+    return build(data, path, overrides)
 
 
 def describe() -> list[tuple[str, str, str]]:

@@ -102,6 +102,18 @@ def _direction_of(objective: str, base: dict) -> str | None:
     return None
 
 
+def _checked_param(key: str, spec, keys: list[str], base: dict) -> Param:
+    """The Param of params.<key>, each of its ends and choices checked as a value of that config key."""
+    if key not in keys and not key.startswith("task_args."):
+        close = difflib.get_close_matches(key, keys, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"unknown config key '{key}'{hint}")
+    p = _param(key, spec)
+    for value in p.samples():
+        config_mod.from_dict(config_mod.apply_overrides(base, as_overrides({key: value})))
+    return p
+
+
 def load_space(path: Path, base: dict) -> Space:
     """Read and check the space file against the base config (as plain data): errors before any trial."""
     data = config_mod.read_file(path, "search space file")
@@ -120,14 +132,11 @@ def load_space(path: Path, base: dict) -> Space:
     keys = [k for k, _, _ in config_mod.describe()]
     params = []
     for key, spec in data["params"].items():
-        if key not in keys and not key.startswith("task_args."):
-            close = difflib.get_close_matches(key, keys, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"search space '{path}': unknown config key '{key}'{hint}")
-        p = _param(key, spec)
-        for value in p.samples():  # every end and choice must be a valid value of that key
-            config_mod.from_dict(config_mod.apply_overrides(base, as_overrides({key: value})))
-        params.append(p)
+        try:
+            params.append(_checked_param(key, spec, keys, base))
+        except ConfigError as e:
+            line = config_mod.key_line(path, ["params", key])
+            raise ConfigError(f"{path}:{line}: {e}" if line else f"search space '{path}': {e}") from None
     pruner = data.get("pruner") or {"name": "median"}
     if not isinstance(pruner, dict):
         raise ConfigError(f"search space '{path}': pruner must be a mapping such as {{name: median}}, got {pruner!r}")

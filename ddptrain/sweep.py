@@ -45,9 +45,10 @@ def prepare(config_path: Path, space_path: Path, overrides: list[str], sampler: 
         import optuna  # noqa: F401
     except ModuleNotFoundError:
         raise ConfigError("ddptrain sweep needs optuna: pip install 'ddptrain[sweep]'") from None
-    base = config_mod.apply_overrides(config_mod.read_file(config_path), list(overrides))
-    base.setdefault("name", Path(config_path).stem)
-    cfg = config_mod.from_dict(base)
+    data = config_mod.read_file(config_path)
+    data.setdefault("name", Path(config_path).stem)
+    cfg = config_mod.build(data, config_path, overrides)
+    base = config_mod.apply_overrides(data, list(overrides))
     space = load_space(Path(space_path), base)
     check_objective(cfg, space.objective)
     if space.direction is None:

@@ -87,6 +87,33 @@ def test_missing_or_unparsable_file(tmp_path):
         C.load(tmp_path / "dir.yaml")
 
 
+@pytest.mark.parametrize("name, text, message", [
+    ("exp.yaml", "task: digits\noptim:\n  name: sgd\n  lr: fast\n", "exp.yaml:4: config key 'optim.lr': expected a number, got 'fast'"),
+    ("exp.yaml", "train:\n  epochs: 2\n  epochz: 3\n", "exp.yaml:3: unknown config key 'train.epochz'; did you mean 'train.epochs'?"),
+    ("exp.yaml", "train: 3\n", "exp.yaml:1: config section 'train': expected a mapping, got 3"),
+    ("exp.yaml", "data:\n  test_fraction: 0.5\n  val_fraction: 0.6\n", "exp.yaml:2: config keys 'data.val_fraction' + 'data.test_fraction'"),
+    ("exp.toml", '[data]\nsplit_seed = 1\n[train]\n\nepochs = "x"\n', "exp.toml:5: config key 'train.epochs': expected an integer, got 'x'"),
+    ("exp.toml", 'model.hidden = ["a"]\n', "exp.toml:1: config key 'model.hidden': expected a list of integers, got ['a']"),
+])
+def test_a_bad_key_in_a_file_is_named_with_its_file_and_line(tmp_path, monkeypatch, name, text, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ConfigError) as e:
+        C.load(name)
+    assert str(e.value).startswith(message), str(e.value)
+
+
+def test_a_bad_key_from_an_override_names_the_override_not_the_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "exp.yaml").write_text("optim:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError) as e:
+        C.load("exp.yaml", ["optim.lr=0.2", "optim.lr=fast"])
+    assert str(e.value) == "override 'optim.lr=fast': config key 'optim.lr': expected a number, got 'fast'"
+    with pytest.raises(ConfigError) as e:  # a default, set by neither: no place to name
+        C.load("exp.yaml", ["early_stop.mode=max"], base={"early_stop": {"monitor": "loss"}})
+    assert str(e.value).startswith("config key 'early_stop.monitor'")
+
+
 def test_every_key_is_described():
     rows = C.describe()
     assert len(rows) > 50 and all(help for _, _, help in rows)

@@ -243,6 +243,18 @@ def test_bad_search_spaces_fail_before_any_trial(tmp_path, capsys, monkeypatch, 
     assert not (tmp_path / "runs" / "reg-sweep" / "logs").exists()
 
 
+def test_a_bad_value_in_a_search_space_names_the_space_file_and_its_line(tmp_path, capsys, monkeypatch):
+    # it was "config key 'model.hidden': ...", naming neither file, as if the config were wrong
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(ROOT / "tests"))
+    config = write(tmp_path / "reg.yaml", REGRESSION)
+    write(tmp_path / "space.yaml", "objective: val_loss\nparams:\n  optim.lr: {low: 0.01, high: 0.1}\n"
+                                   "  model.hidden: {choices: [[16], wide]}\n")
+    assert main(["sweep", str(config), "space.yaml"]) == 2
+    assert capsys.readouterr().err == ("ddptrain: error: space.yaml:4: config key 'model.hidden': expected a list "
+                                       "of integers, got 'wide'\n")
+
+
 def test_a_search_space_file_that_cannot_be_read_is_named_as_one(tmp_path, capsys, monkeypatch):
     # it was "config file 'nope.yaml': not found", though the config was there
     monkeypatch.chdir(tmp_path)
