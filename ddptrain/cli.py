@@ -74,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plot", help="draw loss, monitored metric and learning rate curves of runs into a PNG")
     pl.add_argument("run_dirs", nargs="+", help="run directories (several are overlaid)")
     pl.add_argument("-o", "--output", default="curves.png", help="image file to write: .png (default curves.png), .pdf, .svg, ...")
+    pl.add_argument("--log", action="store_true", help="loss and learning rate on log axes")
 
     sub.add_parser("keys", help="print every config key with its default and description (Markdown)")
     # Parsed by ddptrain/submit.py (unknown --options go to sbatch); listed here for `ddptrain --help`.
@@ -327,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
             except ModuleNotFoundError as e:
                 raise ConfigError(f"ddptrain plot needs '{e.name}': pip install 'ddptrain[plot]'") from None
             out = output_file(args.output, FigureCanvasBase.get_supported_filetypes())
-            _written(out, lambda: plot([Path(d) for d in args.run_dirs], out))
+            _written(out, lambda: plot([Path(d) for d in args.run_dirs], out, args.log))
             print(f"wrote {out}")
             return 0
         if args.command == "launch":

@@ -107,9 +107,9 @@ def _heat_map(fig, ax, label: str, steps, names, log, vmin, vmax) -> None:
     fig.colorbar(mesh, ax=ax, label="log10 gradient norm", pad=0.01)
 
 
-def plot(run_dirs: list[Path], out: Path):
+def plot(run_dirs: list[Path], out: Path, log: bool = False):
     """Draw the runs' curves (and heat maps of their per-layer gradient norms, where recorded) into `out` (PNG)
-    and return the matplotlib Figure."""
+    and return the matplotlib Figure; `log` puts the loss and the learning rate on log axes."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -142,6 +142,8 @@ def plot(run_dirs: list[Path], out: Path):
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
+        if log and ax is not ax_metric:  # a loss falling by decades; a warmup or decay (a 0 is left out)
+            ax.set_yscale("log", nonpositive="mask")
         if ax.get_legend_handles_labels()[0]:  # a run without validation has no metric to name
             ax.legend(fontsize=8)
     shown = [log.compressed() for _, (_, _, log) in maps if log.count()]

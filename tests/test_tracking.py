@@ -170,6 +170,10 @@ def test_plot_one_and_two_runs(tmp_path):
     assert list(star.get_xdata()) == [a["best_step"]] and list(star.get_ydata()) == [a["best_value"]]
     assert [l.get_label() for l in lr.get_lines()] == ["a", "b"]
     assert len(lr.get_lines()[0].get_xdata()) == 9  # 18 steps, a record every 2
+    assert [ax.get_yscale() for ax in fig.axes] == ["linear"] * 3
+    assert main(["plot", str(tmp_path / "a"), "--log", "-o", str(tmp_path / "log.png")]) == 0
+    assert [ax.get_yscale() for ax in plot([tmp_path / "a"], tmp_path / "log.png", log=True).axes] == \
+        ["log", "linear", "log"]
 
 
 def test_plot_names_a_directory_that_is_not_a_run(tmp_path, capsys):
