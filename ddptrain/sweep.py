@@ -261,7 +261,7 @@ DRIVER_PACKAGES = {"MySQLdb": "mysqlclient", "mysql": "mysql-connector-python"}
 def _open_study(url: str, study_name: str, space: Space):
     import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
-    from sqlalchemy.exc import ArgumentError
+    from sqlalchemy.exc import ArgumentError, OperationalError
     # A worker that dies leaves its trial RUNNING; the heartbeat marks it failed and a worker retries it.
     # SQLite serialises writers: wait for the lock instead of failing when several workers share the file.
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
@@ -283,10 +283,13 @@ def _open_study(url: str, study_name: str, space: Space):
             raise ConfigError(f"--storage '{_without_password(url)}': SQLAlchemy's driver for it, the module "
                               f"'{driver.name}', is not installed: pip install {package}, or name an installed "
                               f"driver in the URL (dialect+driver://...)") from None
-        except Exception:
-            if attempt == 4:
+        except Exception as e:
+            if attempt < 4:
+                time.sleep(0.5 + attempt)
+            elif isinstance(e, OperationalError):  # the database cannot be opened or reached, retried
+                raise ConfigError(f"--storage '{_without_password(url)}': cannot open it: {e.orig}") from None
+            else:
                 raise
-            time.sleep(0.5 + attempt)
     # An existing study keeps its own direction (Optuna ignores the one asked for): its best trial and this
     # search space's must mean the same thing.
     stored = study.direction.name.lower()
@@ -308,12 +311,14 @@ def run_sweep(config_path: Path, space_path: Path, overrides: list[str], sampler
     base, cfg, space = prepare(config_path, space_path, overrides, sampler)
     study_name = study_name or f"{cfg.name}-sweep"
     sweep_dir = Path(cfg.runs_dir) / study_name
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    if storage is None:  # its database lives there; with another storage the directory waits for the study
+        sweep_dir.mkdir(parents=True, exist_ok=True)
 
     import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("optuna.study._optimize").addFilter(_not_a_failed_trial)
     study = _open_study(storage or f"sqlite:///{(sweep_dir / 'study.db').resolve()}", study_name, space)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
     study.sampler = _sampler(sampler, space, _session_seed(seed, len(study.trials)))
     # The budget counts trials that ran to a verdict; failed ones (crashed, interrupted) are recorded
     # with their log but do not use it up.

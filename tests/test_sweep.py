@@ -277,6 +277,19 @@ def test_a_storage_url_that_cannot_be_opened_is_one_line_without_its_password(tm
                    "sqlalchemy.dialects:nosuchdb; expected a database URL such as sqlite:///study.db\n"), err
 
 
+def test_a_database_that_cannot_be_opened_is_one_line_and_leaves_no_sweep_directory(tmp_path, capsys, monkeypatch):
+    # before: SQLAlchemy's OperationalError as a traceback after five tries, and an empty runs/<study>/ left
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(ROOT / "tests"))
+    monkeypatch.setattr(time, "sleep", lambda s: None)  # the tries between racing workers
+    config = write(tmp_path / "reg.yaml", REGRESSION)
+    space_file = write(tmp_path / "space.yaml", "objective: val_loss\nparams:\n  optim.lr: {low: 0.01, high: 0.1}\n")
+    url = f"sqlite:///{tmp_path}/no/such/dir/study.db"
+    assert main(["sweep", str(config), str(space_file), "--storage", url, "runs_dir=out"]) == 2
+    assert capsys.readouterr().err == f"ddptrain: error: --storage '{url}': cannot open it: unable to open database file\n"
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("url, module, package", [("postgresql://me:hunter2@db/study", "psycopg", "psycopg"),
                                                   ("mysql://me@db/study", "MySQLdb", "mysqlclient")])
 def test_a_storage_url_whose_driver_is_missing_names_that_driver(tmp_path, capsys, monkeypatch, url, module, package):
