@@ -2,13 +2,15 @@
 
 `detect()` is a pure function from environment variables to a frozen DistEnv. `Dist` holds the
 process group once it exists; at world size 1 it has none and every collective is a no-op, so the
-training loop never branches on "am I distributed".
+training loop never branches on "am I distributed". A program that made the process group itself
+(init_process_group, then ddptrain.train or evaluate) keeps it: ddptrain joins it (`in_callers_group`)
+and leaves it as it found it.
 """
 from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Mapping
 
 import torch
@@ -91,6 +93,22 @@ def detect(env: Mapping[str, str]) -> DistEnv:
     return DistEnv()
 
 
+def in_callers_group(env: DistEnv) -> DistEnv:
+    """`env` as the process group that the calling program made before ddptrain has it, if there is one: its
+    rank and world size are the job's. Without a launcher's variables the ranks are taken to share one node
+    (as mp.spawn starts them), each using the GPU of its rank."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return env
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    if (rank, world_size) == (env.rank, env.world_size):
+        return env
+    if env.launcher != "single":
+        raise ConfigError(f"the process group made before ddptrain has rank {rank} of {world_size}, but the "
+                          f"{env.launcher} variables say rank {env.rank} of {env.world_size}; expected the same: "
+                          f"make the group from them (init_process_group() with no rank or world_size)")
+    return replace(env, rank=rank, world_size=world_size, local_rank=rank, local_world_size=world_size)
+
+
 def pick_device(env: DistEnv, device: str, backend: str) -> tuple[torch.device, str]:
     """Return (device, backend) for this rank from the dist config's `device` and `backend`."""
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
@@ -124,8 +142,25 @@ class Dist:
         self.patient = None  # gloo, only for waiting while rank 0 evaluates alone (val.mode: rank0)
         self.timeout_key, self.timeout_s = "dist.init_timeout_s", init_timeout_s  # the one in force, for messages
         self.rank0_timeout_s = rank0_timeout_s
+        self.groups = []  # the groups made here, beside the default one
+        # A group the calling program made is its own: used as it is, never destroyed here (`close`).
+        self.owned = not self.active
+        if not self.owned:
+            self.backend = dist.get_backend()
         if env.world_size == 1:
             return
+        if self.owned:
+            self._init(init_timeout_s)
+        try:
+            self.control = self.new_group(init_timeout_s)
+            self.patient = self.new_group(rank0_timeout_s)
+        except BaseException:
+            self.close()
+            raise
+
+    def _init(self, init_timeout_s: float) -> None:
+        """Make the default process group, from the launcher's variables."""
+        env, device, backend = self.env, self.device, self.backend
         timeout = datetime.timedelta(seconds=init_timeout_s)
         kwargs = dict(backend=backend, rank=env.rank, world_size=env.world_size, timeout=timeout)
         if backend == "nccl":
@@ -147,8 +182,12 @@ class Dist:
                               "store; set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for every torchrun agent "
                               "(launch/ and slurm/ scripts do)", stacklevel=2)
         dist.init_process_group(**kwargs)
-        self.control = dist.new_group(backend="gloo", timeout=timeout)
-        self.patient = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=rank0_timeout_s))
+
+    def new_group(self, timeout_s: float):
+        """A gloo group of every rank, for objects and flags, that `close` destroys. Call on all ranks."""
+        group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        self.groups.append(group)
+        return group
 
     @property
     def active(self) -> bool:
@@ -157,9 +196,10 @@ class Dist:
     def set_timeout(self, seconds: float) -> None:
         """Shorten the collective timeout once start-up is over, so a dead or stalled rank is noticed sooner."""
         self.timeout_key, self.timeout_s = "dist.timeout_s", seconds
-        if self.active:
-            from torch.distributed.distributed_c10d import _set_pg_timeout
+        from torch.distributed.distributed_c10d import _set_pg_timeout
+        if self.active and self.owned:  # the caller's group keeps the caller's timeout
             _set_pg_timeout(datetime.timedelta(seconds=seconds), None)
+        if self.control is not None:
             _set_pg_timeout(datetime.timedelta(seconds=seconds), self.control)
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -246,8 +286,16 @@ class Dist:
             dist.barrier(group=self.control)
 
     def close(self) -> None:
-        if self.active:
+        """Destroy the process group made here (every group with it), or, in the caller's, only the groups made
+        here."""
+        if not self.active:
+            return
+        if self.owned:
             dist.destroy_process_group()
+        else:
+            for group in self.groups:
+                dist.destroy_process_group(group)
+        self.groups = []
 
 
 def broadcast_from_rank0(tensors: list[torch.Tensor]) -> None:

@@ -227,11 +227,8 @@ class Sharded(_Writes):
         self.model: nn.Module | None = None
         self.background = self.group = None
         if cfg.checkpoint.async_save:  # DCP's background collectives get a gloo group of their own
-            import datetime
-            import torch.distributed
             self.background = Background(pin=dist.device.type == "cuda")
-            self.group = torch.distributed.new_group(backend="gloo",
-                                                     timeout=datetime.timedelta(seconds=cfg.dist.timeout_s))
+            self.group = dist.new_group(cfg.dist.timeout_s)
 
     def wrap(self, module: nn.Module, init: Callable | None = None) -> nn.Module:
         """`module` on the device, or on the meta device: then each block gets its weights on the CPU and is

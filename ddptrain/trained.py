@@ -16,7 +16,7 @@ from . import checkpoint as ckpt
 from . import config as config_mod
 from . import task as task_mod
 from .config import Config, ConfigError
-from .dist import Dist, detect
+from .dist import Dist, detect, in_callers_group
 from .runlog import warn
 
 
@@ -113,8 +113,9 @@ def evaluate(run: str | os.PathLike, checkpoint: str = "auto", split: str = "tes
              task: Callable | None = None) -> dict:
     """Evaluate a trained run on its val or test set: {'split', 'checkpoint', 'step', 'loss', <metrics>}.
 
-    Works in one process or on every rank under torchrun/srun (call on all ranks); the numbers are the
-    same for any world size (sharded evaluation of sums, see evaluate.py).
+    Works in one process or on every rank under torchrun/srun (call on all ranks), also in a process group
+    that the calling program made (which it keeps); the numbers are the same for any world size (sharded
+    evaluation of sums, see evaluation.py).
     """
     from .evaluation import Evaluator
     from .precision import Precision
@@ -130,7 +131,7 @@ def evaluate(run: str | os.PathLike, checkpoint: str = "auto", split: str = "tes
                 raise ConfigError(f"config key 'data.{key}': the run was trained with {getattr(trained, key)!r}, "
                                   f"and its {split} set is split with it; another value would evaluate on other "
                                   f"samples, some of them trained on")
-    env = detect(os.environ)
+    env = in_callers_group(detect(os.environ))
     device, backend, built, forward, metrics = prepare(cfg, env, task)
     dataset = getattr(built, split)
     if dataset is None:

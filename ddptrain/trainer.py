@@ -36,7 +36,7 @@ from .config import Config
 from .data import (Steps, StreamPosition, StreamSteps, check_batch_size, micro_batch_size, pinned, stream_length,
                    stream_train_loader, train_loader)
 from .stream import is_stream
-from .dist import Dist, DistEnv, detect, explain_failure
+from .dist import Dist, DistEnv, detect, explain_failure, in_callers_group
 from .preflight import (check_optimizer, check_run_length, check_strategy, check_sync_batchnorm, check_val_mode,
                         prepare, take_run_dir)
 from .early_stop import EarlyStopping
@@ -61,7 +61,8 @@ def train(config: Config | dict | str | os.PathLike, task: Callable | None = Non
     """Train from a Config, a plain dict or a config file path; return the summary.
 
     `task` may be the task function itself (handy in notebooks); otherwise `config.task` names it.
-    Works in one process, or on every rank when the script is started by torchrun or srun.
+    Works in one process, or on every rank when the script is started by torchrun or srun, also in a process
+    group that the script made itself (which it keeps).
     """
     if isinstance(config, Config):
         cfg = config_mod.from_dict(config_mod.apply_overrides(config_mod.to_dict(config), list(overrides)))
@@ -77,6 +78,7 @@ def run(cfg: Config, env: DistEnv, task_fn: Callable | None = None, hooks: dict 
 
     `hooks["before_micro_step"](step, micro_step, batch) -> batch` sees every micro-batch first (tests, benchmarks).
     """
+    env = in_callers_group(env)
     micro_batch_size(cfg.data, env.world_size, cfg.train.grad_accum_steps)  # fail before any process group
     check_sync_batchnorm(cfg, env.world_size)
     check_strategy(cfg, env.world_size)
@@ -88,7 +90,7 @@ def run(cfg: Config, env: DistEnv, task_fn: Callable | None = None, hooks: dict 
     seed_everything(rank_seed(cfg.seed, env.rank))
     if not env.is_main:
         prefix_warnings(env.rank)
-    training, lock = None, RunLock(cfg.run_dir) if env.is_main else None
+    training, dist, lock = None, None, RunLock(cfg.run_dir) if env.is_main else None
     recorded = observe.flight_recorder(cfg.run_dir, cfg.dist.flight_recorder and backend == "nccl")
     try:
         dist = Dist(env, device, backend, cfg.dist.init_timeout_s, cfg.val.rank0_timeout_s)
@@ -121,8 +123,8 @@ def run(cfg: Config, env: DistEnv, task_fn: Callable | None = None, hooks: dict 
         if lock is not None:
             lock.release()
         gc.collect()
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        if dist is not None:  # the process group, if made here; a caller's stays theirs
+            dist.close()
 
 
 def planned_steps(tc: config_mod.TrainConfig, steps_per_epoch: int | None) -> int | None:

@@ -152,3 +152,75 @@ def test_auto_says_so_when_the_best_weights_the_run_tested_are_damaged(trained, 
     assert diagnostics == [f"checkpoint '{best}': size 100 differs from the {(run_dir / 'checkpoints' / 'best.pt').stat().st_size} "
                            f"bytes written (truncated?); the run tested it, so the newest step checkpoint's numbers "
                            f"are not the run's"]
+
+
+def evaluate_in_callers_group(rank, run_dir, launcher_variables):
+    """A user's script that made the process group itself, then evaluates: under torchrun (env://), or as
+    mp.spawn starts ranks (no launcher variables, the group's rank and world size given to init_process_group)."""
+    import torch.distributed as dist
+    if launcher_variables:
+        dist.init_process_group("gloo")
+    else:
+        port = os.environ.pop("MASTER_PORT")
+        for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR"):
+            del os.environ[var]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    result = ddptrain.evaluate(run_dir, "best", "test")
+    model = ddptrain.load_model(run_dir)
+    total = torch.tensor([float(rank + 1)])
+    dist.all_reduce(total)  # the caller's group is still theirs, and still works
+    dist.destroy_process_group()
+    return result, float(total), sum(float(p.detach().sum()) for p in model.parameters())
+
+
+@pytest.mark.parametrize("launcher_variables", [True, False], ids=["torchrun", "spawn"])
+def test_eval_inside_the_callers_process_group_uses_it_and_leaves_it_to_the_caller(trained, launcher_variables):
+    # it raised "trying to initialize the default process group twice", and destroyed the caller's group at the end
+    run_dir, _ = trained
+    alone = run_ranks(evaluate_rank, 1, str(run_dir), "best", "test")[0]
+    weights = sum(float(p.detach().sum()) for p in ddptrain.load_model(run_dir).parameters())
+    for result, total, loaded in run_ranks(evaluate_in_callers_group, 2, str(run_dir), launcher_variables):
+        assert result.keys() == alone.keys() and result["step"] == alone["step"]
+        for k in ("loss", "mse"):
+            assert result[k] == pytest.approx(alone[k], rel=1e-6, abs=0), k
+        assert total == 3.0 and loaded == weights
+
+
+def train_in_callers_group(rank, runs_dir):
+    import datetime
+    import torch.distributed as dist
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=123))
+    summary = ddptrain.train({**CFG, "runs_dir": str(runs_dir)})
+    total = torch.tensor([float(rank + 1)])
+    dist.all_reduce(total)
+    timeout = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu")).options._timeout
+    dist.destroy_process_group()
+    return summary, float(total), timeout.total_seconds()
+
+
+def test_training_inside_the_callers_process_group_trains_as_under_torchrun_and_leaves_it(trained, tmp_path):
+    # the same code path as eval's: it made a second default group, and destroyed the caller's at the end
+    _, alone = trained  # 2 ranks, as ddptrain makes them
+    for summary, total, timeout in run_ranks(train_in_callers_group, 2, tmp_path):
+        assert summary["test"] == alone["test"] and summary["best_step"] == alone["best_step"]
+        assert total == 3.0 and timeout == 123  # dist.timeout_s is for ddptrain's groups, not the caller's
+
+
+def group_against_variables(rank, port):
+    import torch.distributed as dist
+    from ddptrain.config import ConfigError
+    from ddptrain.dist import DistEnv, in_callers_group
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        in_callers_group(DistEnv(rank=1, world_size=2, launcher="torchrun"))
+    except ConfigError as e:
+        return str(e)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_callers_group_that_contradicts_the_launcher_variables_is_one_line():
+    from multirank import free_port
+    assert run_ranks(group_against_variables, 1, free_port())[0] == (
+        "the process group made before ddptrain has rank 0 of 1, but the torchrun variables say rank 1 of 2; "
+        "expected the same: make the group from them (init_process_group() with no rank or world_size)")
