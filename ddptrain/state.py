@@ -10,6 +10,7 @@ matches only statistically.
 """
 from __future__ import annotations
 
+import contextlib
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -138,6 +139,20 @@ def seed_everything(seed: int) -> None:
         np.random.seed(seed % 2**32)
     except ImportError:
         pass
+
+
+@contextlib.contextmanager
+def callers_rng():
+    """Leave the calling program's RNG streams (CPU, and CUDA's once in use) as they were: for the library
+    functions that seed to build a task (load_model, evaluate), called from a user's own script."""
+    outer = cpu_rng()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        set_cpu_rng(outer)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
 
 
 def rank_seed(seed: int, rank: int) -> int:

@@ -18,6 +18,7 @@ from . import task as task_mod
 from .config import Config, ConfigError
 from .dist import Dist, detect, in_callers_group
 from .runlog import warn
+from .state import callers_rng, seed_everything
 
 
 def run_config(run: str | os.PathLike, overrides: list[str] = ()) -> Config:
@@ -98,10 +99,10 @@ def _load_weights(model: nn.Module, path: Path) -> int | None:
     return state.get("step", (state.get("progress") or {}).get("step"))
 
 
+@callers_rng()
 def load_model(run: str | os.PathLike, which: str = "best", task: Callable | None = None) -> nn.Module:
     """The run's model with its trained weights (best, last or a checkpoint's path), on CPU, in eval mode."""
     cfg = run_config(run)
-    from .state import seed_everything
     seed_everything(cfg.seed)
     model = _real_model(task_mod.build(cfg, task or task_mod.resolve(cfg.task)), cfg)
     path = checkpoint_path(cfg, which)
@@ -109,6 +110,7 @@ def load_model(run: str | os.PathLike, which: str = "best", task: Callable | Non
     return model.cpu().eval()
 
 
+@callers_rng()
 def evaluate(run: str | os.PathLike, checkpoint: str = "auto", split: str = "test", overrides: list[str] = (),
              task: Callable | None = None) -> dict:
     """Evaluate a trained run on its val or test set: {'split', 'checkpoint', 'step', 'loss', <metrics>}.

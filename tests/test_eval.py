@@ -67,6 +67,23 @@ def test_load_model_reproduces_the_final_test_predictions(trained):
     assert mse == pytest.approx(summary["test"]["mse"], rel=1e-6)
 
 
+def test_load_model_and_evaluate_leave_the_callers_random_streams_as_they_were(trained):
+    # they seeded the global generators with the run's seed, so a script's next draws were the run's
+    import random
+    import numpy as np
+    run_dir, _ = trained
+
+    def draws(between=lambda: None):
+        torch.manual_seed(123), random.seed(123), np.random.seed(123)
+        first = torch.rand(2).tolist()
+        between()
+        return first, torch.rand(2).tolist(), random.random(), float(np.random.rand())
+
+    expected = draws()
+    assert draws(lambda: ddptrain.load_model(run_dir)) == expected
+    assert draws(lambda: ddptrain.evaluate(run_dir)) == expected
+
+
 def test_eval_under_launch_writes_the_result_and_bad_input_is_one_line(trained, tmp_path):
     run_dir, summary = trained
     out = tmp_path / "results" / "eval.json"  # -o makes its directory
