@@ -175,6 +175,7 @@ def _export(args) -> int:
     out = output_file(args.output) if args.output else cfg.run_dir / "model.pt"
     source = checkpoint_path(cfg, args.checkpoint)
     model = load_model(args.run, str(source))
+    model = getattr(model, "_orig_mod", model)  # a task's torch.compile wrapper: the network's own keys, unprefixed
 
     def write():  # to a temporary file, renamed once whole: a failed write leaves an earlier export as it was
         try:

@@ -184,7 +184,9 @@ def check(cfg: Config, task: Task, forward: Forward, metrics: dict) -> None:
     except Exception as e:
         raise TaskError(f"{name}: training items cannot be batched ({describe(items[0])}): {e}{_in_user_code(e)}") from None
     forward.cpu_batches = on_cpu(batch)
-    model = task.model
+    # A model the task compiled is checked as the network it wraps: the check is not worth a compilation,
+    # and torch.compile warns under the FLOP counter's global module hooks.
+    model = getattr(task.model, "_orig_mod", task.model)
     if on_meta(model):  # the shapes are checked on the meta device: no weights are needed for them
         missing = uninitialisable(model) if task.init is None else None
         if missing:

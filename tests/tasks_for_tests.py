@@ -29,6 +29,8 @@ def regression(cfg) -> Task:
         layers.append(nn.Dropout(a["dropout"]))
     model = nn.Sequential(*layers, nn.Linear(width, 1))
     MODELS.append(model)
+    if a.get("compiled"):  # a task that compiles its own model (its state dict's keys are prefixed _orig_mod.)
+        model = torch.compile(model, backend="eager")
 
     def part(lo, hi):
         return TensorDataset(x[lo:hi], y[lo:hi]) if hi > lo else None

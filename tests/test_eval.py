@@ -84,6 +84,20 @@ def test_load_model_and_evaluate_leave_the_callers_random_streams_as_they_were(t
     assert draws(lambda: ddptrain.evaluate(run_dir)) == expected
 
 
+def test_the_export_of_a_model_the_task_compiled_loads_into_the_plain_model(tmp_path):
+    # its keys were the compiled wrapper's (_orig_mod.0.weight), which the plain network does not take
+    from ddptrain.cli import main
+    cfg = {**CFG, "runs_dir": str(tmp_path), "task_args": {**CFG["task_args"], "compiled": True}, "train": {"epochs": 1}}
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ddptrain.train(cfg)
+    assert not [w for w in caught if "torch.compile" in str(w.message)]  # the pre-flight check runs the network
+    assert main(["export", str(tmp_path / "r"), "-o", str(tmp_path / "model.pt")]) == 0
+    plain = tasks_for_tests.regression(from_dict(CFG)).model
+    plain.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))  # strict: every key, no other
+
+
 def test_eval_under_launch_writes_the_result_and_bad_input_is_one_line(trained, tmp_path):
     run_dir, summary = trained
     out = tmp_path / "results" / "eval.json"  # -o makes its directory
