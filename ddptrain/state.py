@@ -239,9 +239,9 @@ def _get(d: dict, dotted: str):
     return d
 
 
-def check_compatible(saved: dict, current: dict, path, model_keys_matter: bool = True) -> None:
-    """Refuse to continue a checkpoint under a config that would train differently (`model.*` only matters
-    to a task that reads it)."""
+def pinned_diffs(saved: dict, current: dict, model_keys_matter: bool = True) -> list[tuple[str, object, object]]:
+    """The keys that shape the training whose values differ between a checkpoint's config and `current`, as
+    (key, saved value, current value) (`model.*` only matters to a task that reads it)."""
     try:  # keys added since the checkpoint was made take their defaults, which is what it trained with
         saved = config_mod.to_dict(config_mod.from_dict(saved))
     except ConfigError:
@@ -249,7 +249,12 @@ def check_compatible(saved: dict, current: dict, path, model_keys_matter: bool =
     pinned = [k for k in PINNED if model_keys_matter or k != "model"]
     if _get(current, "sched.name") in config_mod.SPANS_RUN:
         pinned += ["train.epochs", "train.max_steps"]  # these schedules are laid out over the whole run
-    diffs = [f"{k}: {_get(saved, k)!r} -> {_get(current, k)!r}" for k in pinned if _get(saved, k) != _get(current, k)]
+    return [(k, _get(saved, k), _get(current, k)) for k in pinned if _get(saved, k) != _get(current, k)]
+
+
+def check_compatible(saved: dict, current: dict, path, model_keys_matter: bool = True) -> None:
+    """Refuse to continue a checkpoint under a config that would train differently."""
+    diffs = [f"{k}: {then!r} -> {now!r}" for k, then, now in pinned_diffs(saved, current, model_keys_matter)]
     if diffs:
         raise ConfigError(f"checkpoint '{path}' was made with a different config ({'; '.join(diffs)}); use another "
                           f"`name`, `checkpoint.resume=none` to start over, or the original values")

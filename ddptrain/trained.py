@@ -18,7 +18,7 @@ from . import task as task_mod
 from .config import Config, ConfigError
 from .dist import Dist, detect, in_callers_group
 from .runlog import warn
-from .state import callers_rng, seed_everything
+from .state import callers_rng, pinned_diffs, seed_everything
 
 
 def run_config(run: str | os.PathLike, overrides: list[str] = ()) -> Config:
@@ -85,10 +85,52 @@ def _real_model(task: task_mod.Task, cfg: Config) -> nn.Module:
     return task.model
 
 
-def _load_weights(model: nn.Module, path: Path) -> int | None:
-    """Load a checkpoint's weights (best.pt or a step checkpoint, a file or a directory of shards) into `model`;
-    return its step."""
+_ABSENT = object()  # a key one config has and the other has not
+
+
+def _leaves(key: str, then, now):
+    """The dotted keys under `key` whose values differ, as (key, then, now): within a mapping, the keys in it."""
+    if not (isinstance(then, dict) and isinstance(now, dict)):
+        yield key, then, now
+        return
+    for k in sorted(then.keys() | now.keys(), key=str):
+        if then.get(k, _ABSENT) != now.get(k, _ABSENT):
+            yield from _leaves(f"{key}.{k}", then.get(k, _ABSENT), now.get(k, _ABSENT))
+
+
+def _shown(value) -> str:
+    return "not set" if value is _ABSENT else repr(value)
+
+
+def _check_as_trained(state: dict, path: Path, run: str | os.PathLike, written: Config, model_keys_matter: bool,
+                      hint: str = "") -> None:
+    """Refuse a run's config file (`written`, as read, without overrides) that was edited after training in what
+    shapes the model or its data (the keys a resume pins), against the config that checkpoint `path` holds, the
+    one it was trained with. A checkpoint without one (best.pt from before it held it) leaves the file as it is."""
+    if "config" not in state:
+        return
+    import yaml
+    trained = yaml.safe_load(yaml.safe_dump(state["config"]))  # as config.yaml would hold it: a tuple is a list there
+    diffs = [leaf for diff in pinned_diffs(trained, config_mod.to_dict(written), model_keys_matter)
+             for leaf in _leaves(*diff)]
+    if not diffs:
+        return
+    shown = "; ".join(f"config key '{k}' is {_shown(now)} in the file, {_shown(then)} in the checkpoint"
+                      for k, then, now in diffs)
+    fix = "put back the values it was trained with"
+    if Path(run).is_dir():
+        file = Path(run) / "config.yaml"
+    else:  # most often the config of the next experiment by now; the run directory keeps the run's own
+        file, fix = Path(run), f"name the run directory '{written.run_dir}' instead, {fix}"
+    raise ConfigError(f"'{file}' no longer matches the config checkpoint '{path}' was trained with: {shown}; "
+                      f"{fix}{hint}")
+
+
+def _load_weights(model: nn.Module, path: Path, check: Callable[[dict], None]) -> int | None:
+    """Load a checkpoint's weights (best.pt or a step checkpoint, a file or a directory of shards) into `model`,
+    once `check` has seen the rest of the checkpoint; return its step."""
     state = ckpt.load(path)
+    check(state)
     if path.is_dir():  # FSDP's shards, put together into the whole tensors of this process's model
         weights = {"model": model.state_dict()}
         ckpt.load_sharded(path, weights, no_dist=True)
@@ -104,9 +146,10 @@ def load_model(run: str | os.PathLike, which: str = "best", task: Callable | Non
     """The run's model with its trained weights (best, last or a checkpoint's path), on CPU, in eval mode."""
     cfg = run_config(run)
     seed_everything(cfg.seed)
-    model = _real_model(task_mod.build(cfg, task or task_mod.resolve(cfg.task)), cfg)
+    built = task_mod.build(cfg, task or task_mod.resolve(cfg.task))
+    model = _real_model(built, cfg)
     path = checkpoint_path(cfg, which)
-    _load_weights(model, path)
+    _load_weights(model, path, lambda state: _check_as_trained(state, path, run, cfg, built.reads_model_config))
     return model.cpu().eval()
 
 
@@ -126,8 +169,9 @@ def evaluate(run: str | os.PathLike, checkpoint: str = "auto", split: str = "tes
     if split not in ("val", "test"):
         raise ConfigError(f"--split: expected val or test, got {split!r}")
     cfg = run_config(run, overrides)
+    written = run_config(run) if overrides else cfg  # the file alone: the checkpoint's config is checked against it
     if overrides and Path(run).is_dir():  # another split would hold some of the run's training samples
-        trained = run_config(run).data
+        trained = written.data
         for key in ("val_fraction", "test_fraction", "split_seed"):
             if getattr(cfg.data, key) != getattr(trained, key):
                 raise ConfigError(f"config key 'data.{key}': the run was trained with {getattr(trained, key)!r}, "
@@ -151,7 +195,10 @@ def evaluate(run: str | os.PathLike, checkpoint: str = "auto", split: str = "tes
         if error:
             raise ckpt.CheckpointError(error)
         module = _real_model(built, cfg)
-        step = _load_weights(module, Path(found))
+        # every rank reads the same files, so every rank refuses an edited config.yaml alike
+        step = _load_weights(module, Path(found), lambda state: _check_as_trained(
+            state, Path(found), run, written, built.reads_model_config,
+            ", or give a change as an override (key=value) to evaluate under it"))
         module = module.to(device)
         values = Evaluator(dist, forward, metrics, Precision(cfg.train.precision, device), cfg.val.mode, cfg.data,
                            built.collate)(module, dataset)

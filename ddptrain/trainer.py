@@ -497,7 +497,8 @@ class Training:
         if cfg.checkpoint.save_best and improved and self.strategy.finite(self.watched):
             self._collectively(lambda: self.strategy.save_weights(
                 self.ckpt_dir / self.strategy.name("best"), self.module,
-                {"epoch": epoch, "step": p.step, "value": self.stopper.best}))
+                # and the config, so that `ddptrain eval` can tell a config.yaml edited since from the one trained with
+                {"epoch": epoch, "step": p.step, "value": self.stopper.best, "config": config_mod.to_dict(cfg)}))
 
     def save_checkpoint(self) -> None:
         """Write the whole run state as the newest step checkpoint. Call on all ranks."""

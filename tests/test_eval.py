@@ -13,7 +13,7 @@ from ddptrain.config import from_dict
 from ddptrain.dist import detect
 from ddptrain.trainer import run
 
-from multirank import run_ranks
+from multirank import RankFailed, run_ranks
 import tasks_for_tests
 
 TESTS = Path(__file__).resolve().parent
@@ -255,3 +255,71 @@ def test_a_callers_group_that_contradicts_the_launcher_variables_is_one_line():
     assert run_ranks(group_against_variables, 1, free_port())[0] == (
         "the process group made before ddptrain has rank 0 of 1, but the torchrun variables say rank 1 of 2; "
         "expected the same: make the group from them (init_process_group() with no rank or world_size)")
+
+
+def edited_copy(run_dir, tmp_path, **changes):
+    """A copy of the run whose config.yaml was edited after training: `changes` as dotted keys (a__b for a.b)."""
+    import shutil
+    import yaml
+    copy = tmp_path / "r"
+    shutil.copytree(run_dir, copy)
+    data = yaml.safe_load((copy / "config.yaml").read_text())
+    for dotted, value in changes.items():
+        *parents, last = dotted.split("__")
+        section = data
+        for part in parents:
+            section = section.setdefault(part, {})
+        section[last] = value
+    (copy / "config.yaml").write_text(yaml.safe_dump(data))
+    return copy
+
+
+@pytest.mark.parametrize("checkpoint", ["best", "last"])
+def test_eval_refuses_a_config_yaml_edited_since_training(trained, tmp_path, capsys, checkpoint):
+    # 30 test samples instead of 40: it evaluated other samples (some of them trained on), and said nothing
+    from ddptrain.cli import main
+    run_dir, summary = trained
+    copy = edited_copy(run_dir, tmp_path, task_args__n_test=30)
+    found = ddptrain.evaluate(run_dir, checkpoint)["checkpoint"]
+    found = found.replace(str(run_dir), str(copy))
+    assert main(["eval", str(copy), "--checkpoint", checkpoint]) == 2
+    assert capsys.readouterr().err == (
+        f"ddptrain: error: '{copy / 'config.yaml'}' no longer matches the config checkpoint '{found}' was trained "
+        f"with: config key 'task_args.n_test' is 30 in the file, 40 in the checkpoint; put back the values it was "
+        f"trained with, or give a change as an override (key=value) to evaluate under it\n")
+    with pytest.raises(RankFailed, match="config key 'task_args.n_test' is 30 in the file") as failed:
+        run_ranks(evaluate_rank, 2, str(copy), checkpoint, "test")
+    assert set(failed.value.errors) == {0, 1}  # every rank refuses: none waits for the others
+    with pytest.raises(ddptrain.config.ConfigError, match="config key 'task_args.n_test' is 30 in the file"):
+        ddptrain.load_model(copy, checkpoint)
+    # named by its config file, which names the original run directory (runs_dir, name)
+    with pytest.raises(ddptrain.config.ConfigError, match=f"is 30 in the file, 40 in the checkpoint; name the run "
+                                                          f"directory '{run_dir}' instead, put back"):
+        ddptrain.evaluate(copy / "config.yaml", checkpoint)
+    # the same change given as an override is the user's choice, and an edit that does not shape the model or
+    # its data (the eval batch size) is no disagreement
+    overridden = ddptrain.evaluate(run_dir, checkpoint, overrides=["task_args.n_test=30"])
+    assert overridden["loss"] != ddptrain.evaluate(run_dir, checkpoint)["loss"]
+    batch = edited_copy(run_dir, tmp_path / "batch", data__eval_batch_size=5)
+    assert ddptrain.evaluate(batch, checkpoint)["loss"] == pytest.approx(
+        ddptrain.evaluate(run_dir, checkpoint)["loss"], rel=1e-6)
+
+
+def test_a_checkpoint_without_its_config_leaves_the_file_unchecked(trained, tmp_path):
+    # best.pt made before it held the config: the run directory's config.yaml is all there is
+    from ddptrain import checkpoint as ckpt
+    copy = edited_copy(trained[0], tmp_path, task_args__n_test=30)
+    best = copy / "checkpoints" / "best.pt"
+    state = ckpt.load(best)
+    del state["format_version"]
+    state.pop("config", None)
+    ckpt.save(best, state)
+    result = ddptrain.evaluate(copy, "best")
+    assert result["step"] == trained[1]["best_step"] and result["loss"] != trained[1]["test"]["loss"]  # 30 samples
+
+
+def test_a_run_trained_from_python_values_that_yaml_writes_otherwise_is_not_edited(tmp_path):
+    # a tuple in task_args is a list in config.yaml: the same value, not an edit
+    cfg = {**CFG, "task_args": {**CFG["task_args"], "unused": (1, 2)}, "train": {"epochs": 1}}
+    summary = run(from_dict({**cfg, "runs_dir": str(tmp_path)}), detect({}))
+    assert ddptrain.evaluate(tmp_path / "r", "auto")["loss"] == summary["test"]["loss"]
