@@ -34,7 +34,7 @@ def run_config(run: str | os.PathLike, overrides: list[str] = ()) -> Config:
     if path.name in ("", ".."):  # `.` or `..`: the run is named by the directory's own name
         path = path.resolve()
     data = {**config_mod.read_file(saved), "runs_dir": str(path.parent), "name": path.name}
-    return config_mod.load(base=data, overrides=overrides)
+    return config_mod.build(data, saved, overrides)
 
 
 def _tested(cfg: Config) -> str | None:
