@@ -1,6 +1,6 @@
-"""DDP communication hooks (dist.comm_hook) on real gloo ranks: fp16 and PowerSGD train to about the same
-result as the plain all-reduce without hanging, a PowerSGD run resumes bitwise, and bf16 (NCCL only) is
-refused in one line."""
+"""DDP communication hooks (dist.comm_hook) on real gloo ranks: fp16, and PowerSGD on weight matrices that it
+really compresses, train to about the same result as the plain all-reduce without hanging, a PowerSGD run
+resumes bitwise, and bf16 (NCCL only) is refused in one line."""
 import pytest
 
 from ddptrain import checkpoint
@@ -17,18 +17,46 @@ def hooked(hook, **dist):
     return {**BASE, "dist": {**BASE["dist"], "comm_hook": hook, **dist}}
 
 
+# A model that PowerSGD compresses: the built-in MLP on diabetes, 10-64-64-1. torch's hook sends an n x m gradient
+# as rank-r factors, P (n x r) and Q (m x r), only where they are more than min_compression_rate (2) times smaller,
+# and only from start_powerSGD_iter (dist.powersgd_start_step) on: at rank 1 the 64x10 and 64x64 weights (640 and
+# 4096 numbers, sent as 74 and 128); the biases and the 1x64 head go whole. (At rank 2, which this test used on
+# the shapes task, its 16x5, 16x3 and 1x16 weights save less than 2x: PowerSGD was the plain all-reduce.) The run
+# ends with a checkpoint, whose per-rank parts hold PowerSGD's state.
+TRAINED = {**BASE, "task": "diabetes", "model": {"hidden": [64, 64]}, "data": {"batch_size": 32},
+           "optim": {"name": "adamw", "lr": 0.003}, "sched": {"name": "cosine"},
+           "checkpoint": {"every_epochs": BASE["train"]["epochs"], "save_best": False}}
+
+
+def trained(runs_dir, hook="none", **dist):
+    cfg = {**TRAINED, "dist": {**BASE["dist"], "comm_hook": hook, **dist}}
+    return run_ranks(train_rank, 2, runs_dir, cfg, None, None, timeout=120)[0]["summary"]
+
+
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory):
-    return run_ranks(train_rank, 2, tmp_path_factory.mktemp("plain"), BASE, None, timeout=120)[0]["summary"]
+    return trained(tmp_path_factory.mktemp("plain"))
 
 
 # How close each comes to the plain all-reduce's test loss (measured: see the README's "Communication hooks").
-@pytest.mark.parametrize("hook,extra,rel", [("fp16", {}, 1e-3),
-                                            ("powersgd", {"powersgd_rank": 2, "powersgd_start_step": 2}, 0.25)])
-def test_each_hook_trains_to_about_the_plain_result(plain, tmp_path, hook, extra, rel):
-    summary = run_ranks(train_rank, 2, tmp_path, hooked(hook, **extra), None, timeout=120)[0]["summary"]
+def test_fp16_trains_to_about_the_plain_result(plain, tmp_path):
+    summary = trained(tmp_path, "fp16")
     assert summary["status"] == "completed"
-    assert summary["test"]["loss"] == pytest.approx(plain["test"]["loss"], rel=rel)
+    assert summary["test"]["loss"] == pytest.approx(plain["test"]["loss"], rel=1e-3)
+
+
+def test_powersgd_at_rank_1_compresses_the_weight_matrices_and_trains_to_about_the_plain_result(plain, tmp_path):
+    summary = trained(tmp_path, "powersgd", powersgd_rank=1, powersgd_start_step=2)
+    assert summary["status"] == "completed"
+    # measured 1.5-2.4% above it over 5 seeds; the untrained model's is 155% above
+    assert summary["test"]["loss"] == pytest.approx(plain["test"]["loss"], rel=0.05)
+    saved = checkpoint.load(checkpoint.step_files(tmp_path / "r" / "checkpoints")[-1])
+    first, second = (saved["ranks"][r]["comm_hook"] for r in (0, 1))
+    assert {name: len(q) for name, q in second["q"].items()} == {"0.0.weight": 10, "0.2.weight": 64}  # m x 1 each
+    # Each rank's error feedback is its gradient less what the all-reduce gave back. Where that was the exact
+    # mean, the ranks' errors cancel (to rounding); where it was the low-rank approximation, they do not.
+    lost = {name: float((e + second["error"][name]).norm() / e.norm()) for name, e in first["error"].items()}
+    assert {name for name, share in lost.items() if share > 1e-3} == {"0.0.weight", "0.2.weight"}
 
 
 def test_a_powersgd_run_killed_mid_run_resumes_bitwise(tmp_path):
