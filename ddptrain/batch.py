@@ -90,6 +90,15 @@ def collate(items: list):
     return default_collate(items)
 
 
+def collate_for(item) -> Callable[[list], Any]:
+    """The collate function for items like `item`: torch's own where `collate` would come to it, so that the
+    loader does not repeat collate's checks at every batch."""
+    if (dataclasses.is_dataclass(item) or isinstance(item, Mapping) and any(map(dataclasses.is_dataclass, item.values()))
+            or type(item) in (tuple, list) and any(map(dataclasses.is_dataclass, item))):
+        return collate
+    return default_collate
+
+
 def tensors(x) -> Iterator[torch.Tensor]:
     """The tensors in `x`, depth first, through tuples, lists and records."""
     if isinstance(x, torch.Tensor):

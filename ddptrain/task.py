@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 
-from .batch import Forward, call, collate, describe, on_cpu, to_device
+from .batch import Forward, call, collate_for, describe, on_cpu, to_device
 from .checkpoint import CheckpointError
 from .config import Config, ConfigError, ModelConfig
 from .dist import is_collective_failure
@@ -179,8 +179,10 @@ def check(cfg: Config, task: Task, forward: Forward, metrics: dict) -> None:
         except Exception as e:
             raise TaskError(f"{name}: reading the training set's first items raised {type(e).__name__}: "
                             f"{message(e)} ({user_frame(e)})") from None
+    if task.collate is None:
+        task.collate = collate_for(items[0])
     try:
-        batch = (task.collate or collate)(items)
+        batch = task.collate(items)
     except Exception as e:
         raise TaskError(f"{name}: training items cannot be batched ({describe(items[0])}): {e}{_in_user_code(e)}") from None
     forward.cpu_batches = on_cpu(batch)

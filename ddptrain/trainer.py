@@ -212,6 +212,7 @@ class Training:
                       **self.strategy.per_rank_parts(), **({"stream": self.position} if self.stream else {})},
             dist=dist)
         self.ckpt_dir = cfg.run_dir / "checkpoints"
+        self.val_every = cfg.val.every_steps if task.val is not None else None  # val.every_steps, where there is a val set
         self.resumed_from = resume_path(cfg, dist)
         tracking = self._resume() if self.resumed_from is not None else None
         self.done = self.finished_summary()
@@ -388,37 +389,45 @@ class Training:
     def after_step(self, epoch: int) -> bool:
         """The optimizer step, then its bookkeeping: log, preemption, checkpoint. True when training is done."""
         p, tc = self.progress, self.cfg.train
-        log_now = (p.step + 1) % tc.log_every == 0 or p.step + 1 == self.total_steps
+        step = p.step + 1
+        log_now = step % tc.log_every == 0 or step == self.total_steps
         self.strategy.before_update()  # an asynchronous checkpoint's copy of the weights is done
         self.norm, stepped = self.step.optimizer_step(measure=log_now)
-        p.step += 1
-        self.profile.after_step(p.step)
+        p.step = step
         p.step_in_epoch += 1
+        self.profile.after_step(step)
         if self.rates.first_step_time is None:
             self.rates.first_step_time = self.clock()
             self.strategy.prepare(self.module, self.optimizer)  # checkpoint.async_save: its copy made ahead
-        if not stepped:
-            self.strategy.skipped()
-        p.skipped_in_a_row = 0 if stepped else p.skipped_in_a_row + 1
-        p.skipped_total += not stepped
-        # A few skipped steps are normal under fp16 (the scaler is finding its scale) and the point of
-        # nonfinite=skip; many in a row mean the run has diverged.
-        if p.skipped_in_a_row >= tc.max_skips_in_a_row:
-            self.nonfinite_stop(f"{p.skipped_in_a_row} steps in a row skipped for non-finite gradients "
-                                f"(train.max_skips_in_a_row={tc.max_skips_in_a_row})")
+        if stepped:
+            p.skipped_in_a_row = 0
+        else:
+            self.skipped()
         if log_now:
             self.log_train(epoch)
-        every_val, done = self.cfg.val.every_steps, self.total_steps is not None and p.step >= self.total_steps
-        if every_val and self.task.val is not None and p.step % every_val == 0 and not done:
+        done = self.total_steps is not None and step >= self.total_steps
+        if self.val_every and step % self.val_every == 0 and not done:
             self.validate_mid_epoch(epoch)
         preempted = self.preemption.poll()
         every = self.cfg.checkpoint.every_steps
-        if preempted or (every and p.step % every == 0 and not self.epoch_save_follows(epoch, done)):
+        if preempted or (every and step % every == 0 and not self.epoch_save_follows(epoch, done)):
             self.save_checkpoint()
         if preempted:
             self._collectively(self.strategy.wait)  # the checkpoint must be whole before the process ends
             raise Preempted(f"{self.preemption.signal_name}: checkpoint written at step {p.step}")
         return done or p.stopped_early
+
+    def skipped(self) -> None:
+        """The optimizer step was skipped for non-finite gradients (fp16's scaler, or train.nonfinite: skip)."""
+        p, limit = self.progress, self.cfg.train.max_skips_in_a_row
+        self.strategy.skipped()
+        p.skipped_in_a_row += 1
+        p.skipped_total += 1
+        # A few skipped steps are normal under fp16 (the scaler is finding its scale) and the point of
+        # nonfinite=skip; many in a row mean the run has diverged.
+        if p.skipped_in_a_row >= limit:
+            self.nonfinite_stop(f"{p.skipped_in_a_row} steps in a row skipped for non-finite gradients "
+                                f"(train.max_skips_in_a_row={limit})")
 
     def validate_mid_epoch(self, epoch: int) -> None:
         """val.every_steps: validate within the epoch; its time counts neither as training nor in the next log."""

@@ -278,3 +278,20 @@ def test_only_batches_of_cpu_tensors_are_pinned():
     assert not on_cpu({**cpu_batch, "pair": (torch.ones(2, device="meta"),)})
     assert not pinned(cfg, cuda, False) and not pinned(cfg, torch.device("cpu"), True)
     assert not pinned(DataConfig(batch_size=4, pin_memory=False), cuda, True)
+
+
+def test_the_loader_collates_plain_items_with_torchs_own_function_and_records_field_by_field():
+    import dataclasses
+    from torch.utils.data import default_collate
+    from ddptrain.batch import collate, collate_for
+
+    @dataclasses.dataclass
+    class Item:
+        x: torch.Tensor
+
+    t = torch.zeros(2)
+    for plain in (t, (t, t), [t, 1], {"x": t}, {"x": (t, t)}):
+        assert collate_for(plain) is default_collate, plain
+    for record in (Item(t), (Item(t), t), [t, Item(t)], {"x": Item(t)}):
+        assert collate_for(record) is collate, record
+    assert collate_for(Item(t))([Item(t), Item(t + 1)]).x.tolist() == [[0, 0], [1, 1]]
