@@ -290,7 +290,7 @@ def test_submit_sweep_renders_a_job_array_of_workers_and_checks_the_space_first(
     for args, message in [
         (["--nodes", 2], "--nodes 2: a sweep runs one worker per node; give the number of workers with --tasks"),
         (["--sampler", "grid"], "--sampler grid needs choices, not ranges, for: optim.lr"),
-        (["optim.lr=-1"], "config key 'optim.lr': expected > 0, got -1"),
+        (["optim.lr=-1"], "override 'optim.lr=-1': config key 'optim.lr': expected > 0, got -1"),
     ]:
         bad = submit("exp.yaml", "--sweep", "space.yaml", "--nproc-per-node", 1, *args, "--dry-run", cwd=tmp_path)
         assert bad.returncode == 2 and bad.stderr.startswith(f"ddptrain: error: {message}"), bad.stderr
@@ -468,7 +468,7 @@ def test_a_job_that_fails_is_not_requeued(batch):
     job, cwd = batch["fails"]
     info = wait_for(job, 180)
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0" and info["Restarts"] == "0"
-    assert "ddptrain: error: config key 'optim.lr': expected > 0, got -1" in log_of(cwd, "exp", job)
+    assert "ddptrain: error: override 'optim.lr=-1': config key 'optim.lr': expected > 0, got -1" in log_of(cwd, "exp", job)
 
 
 # --- preemption: checkpoint, requeue, resume, the uninterrupted result -----------------------------------
