@@ -3,7 +3,9 @@
 torchrun exits 1 whatever its workers' status, after a 40-line ChildFailedError report. Here a worker's
 ddptrain status (2 a user mistake, 3 non-finite, 4 a collective failure, 75 preempted) comes through as
 the agent's own, and the worker's one-line message is all that is printed; a worker killed by a signal is
-one line and status 4 (a rank died), any other failure one line after the worker's own traceback.
+one line and status 4 (a rank died), any other failure one line after the worker's own traceback. A signal
+sent to the agent (forwarded to its workers, which checkpoint and exit) is status 128 + the signal's number,
+without torchrun's SignalException traceback.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ class _QuietAboutFailures(logging.Filter):
 
 
 def main(argv: list[str]) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
@@ -39,6 +42,10 @@ def main(argv: list[str]) -> int:
         print(f"ddptrain: error: rank {rank} (pid {first.pid}) exited with status {first.exitcode} (its traceback "
               f"is above)", file=sys.stderr, flush=True)
         return first.exitcode or 1
+    except SignalException as e:
+        # torchrun has passed the signal on to its workers and waited for them (a preemption checkpoint);
+        # `ddptrain launch` reads what they did in the run's summary. Its traceback would say nothing more.
+        return 128 + int(e.sigval)
     return 0
 
 

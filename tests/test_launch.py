@@ -71,3 +71,20 @@ def test_accelerate_launch_starts_two_ranks(tmp_path, config):
                           env=env_with(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert summary(tmp_path / "acc")["world_size"] == 2
+
+
+def test_a_signal_to_the_agent_is_its_status_without_torchruns_traceback(monkeypatch, capsys):
+    """`ddptrain launch` forwards SIGTERM to its torchrun agent, which passes it on to the workers and then raises
+    SignalException: that is status 143 (launch reads the preemption in the summary), not a 25-line traceback."""
+    import signal
+    import torch.distributed.run
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from ddptrain import agent
+
+    def torchrun(argv):
+        raise SignalException("Process 1 got signal: 15", sigval=signal.SIGTERM)
+
+    monkeypatch.setattr(torch.distributed.run, "main", torchrun)
+    assert agent.main([]) == 128 + signal.SIGTERM
+    captured = capsys.readouterr()
+    assert captured.out == captured.err == ""

@@ -83,6 +83,7 @@ def test_signal_to_the_launcher_checkpoints_exits_75_and_resumes_exactly(tmp_pat
     stopped_in = time.monotonic() - t0
     assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
     assert f"ddptrain: preempted by {sig.name}: checkpoint written at step" in err
+    assert "Traceback" not in err and "SignalException" not in err, err[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "preempted" and 3 <= summary["steps"] < 24
     assert checkpoint.step_files(run_dir / "checkpoints")[-1].name == f"step-{summary['steps']:09d}.pt"
