@@ -198,7 +198,7 @@ def evaluate(run: str | os.PathLike, checkpoint: str = "auto", split: str = "tes
         # every rank reads the same files, so every rank refuses an edited config.yaml alike
         step = _load_weights(module, Path(found), lambda state: _check_as_trained(
             state, Path(found), run, written, built.reads_model_config,
-            ", or give a change as an override (key=value) to evaluate under it"))
+            ", then give a change as an override (key=value) to evaluate under it on purpose"))
         module = module.to(device)
         values = Evaluator(dist, forward, metrics, Precision(cfg.train.precision, device), cfg.val.mode, cfg.data,
                            built.collate)(module, dataset)

@@ -286,7 +286,7 @@ def test_eval_refuses_a_config_yaml_edited_since_training(trained, tmp_path, cap
     assert capsys.readouterr().err == (
         f"ddptrain: error: '{copy / 'config.yaml'}' no longer matches the config checkpoint '{found}' was trained "
         f"with: config key 'task_args.n_test' is 30 in the file, 40 in the checkpoint; put back the values it was "
-        f"trained with, or give a change as an override (key=value) to evaluate under it\n")
+        f"trained with, then give a change as an override (key=value) to evaluate under it on purpose\n")
     with pytest.raises(RankFailed, match="config key 'task_args.n_test' is 30 in the file") as failed:
         run_ranks(evaluate_rank, 2, str(copy), checkpoint, "test")
     assert set(failed.value.errors) == {0, 1}  # every rank refuses: none waits for the others
