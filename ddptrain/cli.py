@@ -39,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("run", help="run directory (with its config.yaml) or the run's config file")
     ev.add_argument("overrides", nargs="*", help="section.key=value overrides (data.eval_batch_size, val.mode, ...)")
     ev.add_argument("--checkpoint", default="auto",
-                    help="auto (best.pt if whole, else the newest step checkpoint; default), best, last, or a file")
+                    help="auto (default: the weights the run's own test used, tested_weights in summary.json; before the run "
+                         "has ended best.pt if whole, else the newest checkpoint), best, last, or a checkpoint's path")
     ev.add_argument("--split", choices=["val", "test"], default="test", help="default test")
     ev.add_argument("-o", "--output", default=None, help="also write the result as JSON to this file")
 
