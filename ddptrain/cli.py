@@ -65,7 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("space", help="search-space file (.yaml or .toml)")
     sw.add_argument("overrides", nargs="*", help="section.key=value overrides of the base config")
     sw.add_argument("--sampler", choices=["grid", "random", "tpe", "gp"], default="tpe", help="default tpe")
-    sw.add_argument("--trials", type=int, default=20, help="finished trials the study should reach (default 20)")
+    sw.add_argument("--trials", type=int, default=20, help="finished trials the study should reach (default 20); failed ones do not "
+                    "count, but this command starts at most this many minus the finished ones")
     sw.add_argument("--workers", type=int, default=1, help="trials run at once by this process (default 1)")
     sw.add_argument("--nproc-per-node", type=int, default=1, help="processes per trial, via torchrun (default 1)")
     sw.add_argument("--storage", default=None, help="Optuna storage URL (default: SQLite in the sweep directory)")
