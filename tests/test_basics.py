@@ -226,3 +226,26 @@ def test_token_accuracy_is_a_mean_over_the_counted_tokens_whatever_the_batching(
     assert metric([range(0, 2), range(2, 3), range(3, 6)]) == pytest.approx(expected, rel=1e-12)
     per_sample_mean = float(as_metric(lambda o, t: (o.argmax(-1) == t).float()).batch_stats(logits, y)[0]) / 6
     assert per_sample_mean != pytest.approx(expected)  # what a plain per-sample function reports here
+
+
+def test_an_epoch_left_early_shuts_its_loader_workers_down_at_once():
+    # they lived on in the step generators until a garbage collection, where torch's loader waits 5 s for each
+    import gc
+    import itertools
+    import multiprocessing
+    from torch.utils.data import DataLoader, TensorDataset
+    from ddptrain.data import Steps
+    from ddptrain.observe import Rates
+    from ddptrain.trainer import _timed
+    loader = DataLoader(TensorDataset(torch.arange(40.0)), batch_size=2, num_workers=1)
+    gc.disable()  # what is freed must be freed by reference counts alone
+    try:
+        steps = Steps(_timed(itertools.islice(loader, 20), Rates(0)), 2, 10)
+        for i, _ in enumerate(steps):
+            if i == 2:
+                break
+        assert multiprocessing.active_children()  # the worker is still there, the epoch's loop left
+        steps.settle()
+        assert not multiprocessing.active_children()
+    finally:
+        gc.enable()
