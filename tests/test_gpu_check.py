@@ -92,3 +92,45 @@ def test_a_gpu_that_torch_cannot_use_stops_the_check_instead_of_passing_on_cpu(t
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "has an NVIDIA GPU, but torch" in proc.stderr, proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def cuda_check(gpu_check, tmp_path, seconds: float = 30.0):
+    """A Check as the GPU mode makes it, its item's deadline `seconds` away."""
+    import time
+    ctx = gpu_check.Check(True, 1, "", "NVIDIA H200", None, tmp_path)
+    ctx.deadline = time.monotonic() + seconds
+    return ctx
+
+
+def test_the_async_save_item_is_judged_on_the_loops_stall_and_shares_its_items_time(tmp_path, monkeypatch):
+    """Issue 12's target is the stall (a synchronous save's 1.3 s against 0.012 s); the cost swings from -0.08 to
+    1.2 between runs with the write's competition for the machine, so it is a figure, not the verdict. The child
+    gets what is left of the item's time, not the item's whole timeout again."""
+    gpu_check = load_script()
+    ctx, given = cuda_check(gpu_check, tmp_path, seconds=30), []
+
+    def bench(commands, timeout):
+        given.append(timeout)
+        out = Path(commands[0][0][commands[0][0].index("--out") + 1])
+        runs = {f"ddp, {mode}": {k: 0.5 for k in ("stall_per_save_s", "cost_per_save_s", "each_save_s", "step_s")}
+                for mode in ("sync", "async")}
+        out.write_text(json.dumps({"ddp async/sync": stall_and_cost[1], "ddp async/sync, later saves": 0.2,
+                                   "ddp async/sync stall": stall_and_cost[0], **runs}))
+        return [gpu_check.Proc(0, "", "")]
+    monkeypatch.setattr(gpu_check, "run_procs", bench)
+    for stall_and_cost, status in (((0.009, 0.6), "pass"), ((0.3, 0.05), "fail")):
+        [e] = gpu_check.item_async_save(ctx)
+        assert e["status"] == status and e["figures"]["stall_ratio"] == stall_and_cost[0], e
+    assert all(t <= 30 for t in given) and given[0] > 25
+
+
+def test_a_run_with_its_reference_and_nothing_to_run_starts_no_process(tmp_path, monkeypatch):
+    """The multi-rank items ask for the digits reference, which an earlier item already ran: no child for it."""
+    gpu_check = load_script()
+    ctx = cuda_check(gpu_check, tmp_path)
+    ctx.refs["digits"] = 0.95
+
+    def started(commands, timeout):
+        raise AssertionError(f"started {commands[0][0]}")
+    monkeypatch.setattr(gpu_check, "run_procs", started)
+    assert gpu_check.train_runs(ctx, "ddp-2ranks", "digits", []) == []
