@@ -149,6 +149,8 @@ class Dist:
             self.backend = dist.get_backend()
         if env.world_size == 1:
             return
+        if not self.owned:
+            self._check_callers_group()
         if self.owned:
             self._init(init_timeout_s)
         try:
@@ -182,6 +184,17 @@ class Dist:
                               "store; set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for every torchrun agent "
                               "(launch/ and slurm/ scripts do)", stacklevel=2)
         dist.init_process_group(**kwargs)
+
+    def _check_callers_group(self) -> None:
+        """The caller's group must carry this run's tensors: an NCCL group has no backend for CPU ones, and DDP
+        would fail at its first broadcast with an error that names neither."""
+        try:
+            dist.distributed_c10d._get_default_group()._get_backend(self.device)
+        except RuntimeError:
+            raise ConfigError(f"config key 'dist.device': this run's tensors are on {self.device.type}, but the "
+                              f"process group made before ddptrain (backend {self.backend}) has no backend for "
+                              f"{self.device.type} tensors; expected a group that carries them: make it with "
+                              f"backend 'gloo' (or 'cpu:gloo,cuda:nccl'), or set dist.device to match it") from None
 
     def new_group(self, timeout_s: float):
         """A gloo group of every rank, for objects and flags, that `close` destroys. Call on all ranks."""

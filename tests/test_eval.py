@@ -237,6 +237,32 @@ def test_training_inside_the_callers_process_group_trains_as_under_torchrun_and_
         assert total == 3.0 and timeout == 123  # dist.timeout_s is for ddptrain's groups, not the caller's
 
 
+def train_in_a_group_without_cpu(rank, runs_dir):
+    """A real 2-rank group whose backend serves CUDA tensors alone, as an NCCL group does (gloo underneath, declared
+    for cuda only: this machine has no NCCL)."""
+    import torch.distributed as dist
+    from ddptrain.config import ConfigError
+    dist.Backend.register_backend("cudaonly", lambda store, rank, size, timeout: dist.ProcessGroupGloo(
+        store, rank, size, timeout), devices=["cuda"])
+    dist.init_process_group("cudaonly")
+    try:
+        ddptrain.train({**CFG, "runs_dir": str(runs_dir), "dist": {"device": "cpu"}})
+    except ConfigError as e:
+        return str(e)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_callers_group_that_cannot_carry_the_runs_tensors_is_one_line(tmp_path):
+    # DDP failed at its first broadcast: "No backend type associated with device type cpu"
+    for message in run_ranks(train_in_a_group_without_cpu, 2, tmp_path):
+        assert message == (
+            "config key 'dist.device': this run's tensors are on cpu, but the process group made before ddptrain "
+            "(backend cudaonly) has no backend for cpu tensors; expected a group that carries them: make it with "
+            "backend 'gloo' (or 'cpu:gloo,cuda:nccl'), or set dist.device to match it")
+    assert not list(tmp_path.rglob("*.pt"))
+
+
 def group_against_variables(rank, port):
     import torch.distributed as dist
     from ddptrain.config import ConfigError
