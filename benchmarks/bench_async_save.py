@@ -70,7 +70,7 @@ def train(strategy: str, save: str, runs: str, idle_s: float = 0.0, every: int =
     `none`, per save: what it adds wherever it lands (the copy, waits for it, the background write's
     competition for the CPU), not only the time the loop spends in the save call."""
     from ddptrain import strategy as strategies, trainer
-    from ddptrain.config import from_dict
+    from ddptrain.configfile import from_dict
     from ddptrain.dist import detect
     ends, blocked = [], {"save_s": [], "copy_wait_s": []}
     after_step, save_checkpoint, before_update = (trainer.Training.after_step, trainer.Training.save_checkpoint,

@@ -89,7 +89,7 @@ def minimal(kind: str, steps: int) -> dict:
 
 def with_ddptrain(kind: str, steps: int) -> dict:
     import ddptrain
-    from ddptrain.config import from_dict
+    from ddptrain.configfile import from_dict
     from ddptrain.dist import detect
     from ddptrain.trainer import run
     times, measured = {}, {}

@@ -161,7 +161,7 @@ def patch_ddptrain(patches: list[str]) -> None:
 
 
 def run_ddptrain(args, ds, timer: Timer) -> dict:
-    from ddptrain import config, task, trainer
+    from ddptrain import config, configfile, task, trainer
     from ddptrain.dist import detect
 
     patch_ddptrain(args.patch)
@@ -175,7 +175,7 @@ def run_ddptrain(args, ds, timer: Timer) -> dict:
                                         "every_steps": None}.items() if k in known}
     observed = {"log_every": 10, "log_grad_norms": True, "peak_flops": 1e11} if args.runner == "ddptrain_observed" \
         else {}
-    cfg = config.from_dict({
+    cfg = configfile.from_dict({
         "task": "benchmark", "name": "bench", "runs_dir": args.tmp, "seed": 0,
         "data": {"batch_size": PER_RANK_BATCH * world},  # ddptrain's batch_size is the global batch
         "optim": {"name": "sgd", "lr": LR, "momentum": MOMENTUM, "weight_decay": 0.0},

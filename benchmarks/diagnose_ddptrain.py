@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
-from ddptrain import config
+from ddptrain import configfile
 from ddptrain.batch import Forward
 from ddptrain.losses import Sums
 from ddptrain.observe import RankTime
@@ -44,8 +44,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ddp_worker import LR, MOMENTUM, PER_RANK_BATCH, make_data, make_model, make_optimizer  # noqa: E402
 
 torch.set_num_threads(1)
-CFG = config.from_dict({"optim": {"name": "sgd", "lr": LR, "momentum": MOMENTUM, "weight_decay": 0.0},
-                        "sched": {"name": "constant"}, "train": {"precision": "fp32"}})
+CFG = configfile.from_dict({"optim": {"name": "sgd", "lr": LR, "momentum": MOMENTUM, "weight_decay": 0.0},
+                            "sched": {"name": "constant"}, "train": {"precision": "fp32"}})
 PRECISION = Precision("fp32", torch.device("cpu"))
 
 

@@ -135,7 +135,7 @@ def work_runs(spec: dict) -> None:
     to the device (is it pinned?). One result line per run."""
     import inspect
     import torch
-    from ddptrain import config, trainer
+    from ddptrain import configfile, trainer
     from ddptrain.batch import first_tensor, to_device
     from ddptrain.dist import detect
 
@@ -155,7 +155,7 @@ def work_runs(spec: dict) -> None:
             torch._dynamo.reset()  # each compiled run compiles as a fresh process would (the disk caches stay)
         started = time.perf_counter()
         try:
-            cfg = config.load(REPO / "examples" / f"{example}.yaml", overrides)
+            cfg = configfile.load(REPO / "examples" / f"{example}.yaml", overrides)
             summary = trainer.run(cfg, detect(os.environ), hooks={"before_micro_step": look})
         except Exception as e:
             emit(error=first_line(e))

@@ -21,7 +21,7 @@ def __getattr__(name):
         from .config import Config
         return Config
     if name == "load_config":
-        from .config import load
+        from .configfile import load
         return load
     if name == "shard":
         from .stream import shard

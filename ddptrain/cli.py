@@ -100,13 +100,13 @@ def _is_main() -> bool:
 
 
 def _train(args) -> int:
-    from . import config as config_mod
+    from . import configfile
     from .trainer import run
     from .dist import detect
 
-    cfg = config_mod.load(args.config, args.overrides)
+    cfg = configfile.load(args.config, args.overrides)
     if args.print_config:
-        print(config_mod.dump_yaml(cfg), end="")
+        print(configfile.dump_yaml(cfg), end="")
         return 0
     summary = run(cfg, detect(os.environ))
     if _is_main():
@@ -196,6 +196,7 @@ def _launch(args, command: str = "train", argv: list[str] = ()) -> int:
     import signal
     import subprocess
     from . import config as config_mod
+    from . import configfile
     from .data import micro_batch_size
     from .preempt import EXIT_PREEMPTED
     from .task import resolve
@@ -210,7 +211,7 @@ def _launch(args, command: str = "train", argv: list[str] = ()) -> int:
         cfg = run_config(parsed.run, parsed.overrides)
     else:
         argv = [args.config, *args.overrides]
-        cfg = config_mod.load(args.config, args.overrides)
+        cfg = configfile.load(args.config, args.overrides)
         micro_batch_size(cfg.data, args.nproc_per_node, cfg.train.grad_accum_steps)
         from .preflight import check_strategy, check_sync_batchnorm
         check_sync_batchnorm(cfg, args.nproc_per_node)

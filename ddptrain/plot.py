@@ -54,7 +54,7 @@ def _read(run_dir: Path) -> tuple[list[dict], dict]:
         if not isinstance(summary, dict):
             raise ConfigError(f"'{summary_file}': not a JSON object (damaged?)")
     if "monitor" not in summary and (run_dir / "config.yaml").is_file():
-        from .config import read_file  # a damaged file is one line
+        from .configfile import read_file  # a damaged file is one line
         config = read_file(run_dir / "config.yaml")
         summary["monitor"] = (config.get("early_stop") or {}).get("monitor", "val_loss")
     return events, summary

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import config as config_mod
+from . import configfile
 from .config import Config, ConfigError
 
 PRUNERS = ("median", "successive_halving", "none")
@@ -110,13 +111,13 @@ def _checked_param(key: str, spec, keys: list[str], base: dict) -> Param:
         raise ConfigError(f"unknown config key '{key}'{hint}")
     p = _param(key, spec)
     for value in p.samples():
-        config_mod.from_dict(config_mod.apply_overrides(base, as_overrides({key: value})))
+        configfile.from_dict(configfile.apply_overrides(base, as_overrides({key: value})))
     return p
 
 
 def load_space(path: Path, base: dict) -> Space:
     """Read and check the space file against the base config (as plain data): errors before any trial."""
-    data = config_mod.read_file(path, "search space file")
+    data = configfile.read_file(path, "search space file")
     known_top = {"objective", "direction", "params", "pruner"}
     for key in data:
         if key not in known_top:
@@ -135,7 +136,7 @@ def load_space(path: Path, base: dict) -> Space:
         try:
             params.append(_checked_param(key, spec, keys, base))
         except ConfigError as e:
-            line = config_mod.key_line(path, ["params", key])
+            line = configfile.key_line(path, ["params", key])
             raise ConfigError(f"{path}:{line}: {e}" if line else f"search space '{path}': {e}") from None
     pruner = data.get("pruner") or {"name": "median"}
     if not isinstance(pruner, dict):

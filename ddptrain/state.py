@@ -20,6 +20,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import config as config_mod
+from . import configfile
 from .config import Config, ConfigError
 from .dist import Dist
 
@@ -243,7 +244,7 @@ def pinned_diffs(saved: dict, current: dict, model_keys_matter: bool = True) -> 
     """The keys that shape the training whose values differ between a checkpoint's config and `current`, as
     (key, saved value, current value) (`model.*` only matters to a task that reads it)."""
     try:  # keys added since the checkpoint was made take their defaults, which is what it trained with
-        saved = config_mod.to_dict(config_mod.from_dict(saved))
+        saved = config_mod.to_dict(configfile.from_dict(saved))
     except ConfigError:
         pass
     pinned = [k for k in PINNED if model_keys_matter or k != "model"]

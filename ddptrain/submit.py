@@ -173,14 +173,14 @@ def _check_arguments(args) -> None:
 def _check_run(args, overrides: list[str]) -> tuple[str, list[str], str]:
     """Check the run or sweep as far as the login node can (fail here, not after hours in the queue);
     return the job name, the batch script's arguments and where the results will be."""
-    from . import config as config_mod
+    from . import configfile
     from .data import micro_batch_size
     from .task import resolve
 
     per_node = args.gpus_per_node or args.nproc_per_node
     config = str(Path(args.config).resolve())
     if args.sweep is None:
-        cfg = config_mod.load(args.config, overrides)
+        cfg = configfile.load(args.config, overrides)
         micro_batch_size(cfg.data, args.nodes * per_node, cfg.train.grad_accum_steps)
         resolve(cfg.task)
         return cfg.name, [config, *overrides], f"run directory {cfg.run_dir}"

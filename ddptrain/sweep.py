@@ -22,7 +22,7 @@ import time
 import warnings
 from pathlib import Path
 
-from . import config as config_mod
+from . import configfile
 from .config import Config, ConfigError
 from .runlog import read_event
 from .space import Space, as_overrides, check_objective, load_space
@@ -45,10 +45,10 @@ def prepare(config_path: Path, space_path: Path, overrides: list[str], sampler: 
         import optuna  # noqa: F401
     except ModuleNotFoundError:
         raise ConfigError("ddptrain sweep needs optuna: pip install 'ddptrain[sweep]'") from None
-    data = config_mod.read_file(config_path)
+    data = configfile.read_file(config_path)
     data.setdefault("name", Path(config_path).stem)
-    cfg = config_mod.build(data, config_path, overrides)
-    base = config_mod.apply_overrides(data, list(overrides))
+    cfg = configfile.build(data, config_path, overrides)
+    base = configfile.apply_overrides(data, list(overrides))
     space = load_space(Path(space_path), base)
     check_objective(cfg, space.objective)
     if space.direction is None:

@@ -9,7 +9,7 @@ import json
 import warnings
 from pathlib import Path
 
-from . import config as config_mod
+from . import configfile
 from .config import Config
 from .space import Space, as_overrides
 
@@ -54,9 +54,9 @@ def report(study, space: Space, cfg: Config, base: dict, sweep_dir: Path) -> dic
     by_key = {p.key: p for p in space.params}
     best_params = {k: by_key[k].decode(v) for k, v in best.params.items()}
     fixed = {p.key: p.value for p in space.params if p.kind == "fixed"}
-    best_cfg = config_mod.from_dict(config_mod.apply_overrides(
+    best_cfg = configfile.from_dict(configfile.apply_overrides(
         base, as_overrides({**fixed, **best_params}) + [f"name={cfg.name}-best"]))
-    (sweep_dir / "best_config.yaml").write_text(config_mod.dump_yaml(best_cfg))
+    (sweep_dir / "best_config.yaml").write_text(configfile.dump_yaml(best_cfg))
     (sweep_dir / "best.json").write_text(json.dumps(
         {"trial": best.number, "value": best.value, "params": best_params, "objective": space.objective}, indent=2))
     _plots(study, sweep_dir, len(complete))

@@ -14,6 +14,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from . import config as config_mod
+from . import configfile
 from . import task as task_mod
 from .config import Config, ConfigError
 from .dist import Dist, detect, in_callers_group
@@ -27,14 +28,14 @@ def run_config(run: str | os.PathLike, overrides: list[str] = ()) -> Config:
     if not path.exists():
         raise ConfigError(f"'{path}': not found; expected a run directory or a config file")
     if not path.is_dir():
-        return config_mod.load(path, overrides)
+        return configfile.load(path, overrides)
     saved = path / "config.yaml"
     if not saved.is_file():
         raise ConfigError(f"'{path}': not a run directory (it has no config.yaml)")
     if path.name in ("", ".."):  # `.` or `..`: the run is named by the directory's own name
         path = path.resolve()
-    data = {**config_mod.read_file(saved), "runs_dir": str(path.parent), "name": path.name}
-    return config_mod.build(data, saved, overrides)
+    data = {**configfile.read_file(saved), "runs_dir": str(path.parent), "name": path.name}
+    return configfile.build(data, saved, overrides)
 
 
 def _tested(cfg: Config) -> str | None:

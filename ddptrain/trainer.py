@@ -27,6 +27,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import config as config_mod
+from . import configfile
 from . import grad_norms, observe
 from . import strategy as strategy_mod
 from . import task as task_mod
@@ -65,11 +66,11 @@ def train(config: Config | dict | str | os.PathLike, task: Callable | None = Non
     group that the script made itself (which it keeps).
     """
     if isinstance(config, Config):
-        cfg = config_mod.from_dict(config_mod.apply_overrides(config_mod.to_dict(config), list(overrides)))
+        cfg = configfile.from_dict(configfile.apply_overrides(config_mod.to_dict(config), list(overrides)))
     elif isinstance(config, dict):
-        cfg = config_mod.load(base=config, overrides=overrides)
+        cfg = configfile.load(base=config, overrides=overrides)
     else:
-        cfg = config_mod.load(config, overrides)
+        cfg = configfile.load(config, overrides)
     return run(cfg, detect(os.environ), task)
 
 
@@ -254,7 +255,7 @@ class Training:
         if tracking is None:
             archive(cfg.run_dir)
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        (cfg.run_dir / "config.yaml").write_text(config_mod.dump_yaml(cfg))
+        (cfg.run_dir / "config.yaml").write_text(configfile.dump_yaml(cfg))
         run_dir = RunDirLogger(cfg.run_dir, self.progress.records if tracking is not None else None)
         loggers = [run_dir, ConsoleLogger(self.total_steps, self.progress.step)]
         if cfg.wandb.enabled:

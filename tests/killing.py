@@ -11,7 +11,7 @@ import torch
 import ddptrain
 
 from ddptrain import checkpoint
-from ddptrain.config import from_dict
+from ddptrain.configfile import from_dict
 from ddptrain.dist import detect
 from ddptrain.trainer import run
 

@@ -9,7 +9,8 @@ from torch import nn
 
 from ddptrain import checkpoint
 from ddptrain.batch import on_cpu, to_device
-from ddptrain.config import DataConfig, from_dict
+from ddptrain.config import DataConfig
+from ddptrain.configfile import from_dict
 from ddptrain.data import pinned
 from ddptrain.dist import detect
 from ddptrain.task import TaskError

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from ddptrain import checkpoint, train
-from ddptrain.config import ConfigError, from_dict
+from ddptrain.config import ConfigError
+from ddptrain.configfile import from_dict
 from ddptrain.dist import Dist, DistEnv
 from ddptrain.batch import Forward
 from ddptrain.evaluation import Evaluator

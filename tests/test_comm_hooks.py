@@ -94,7 +94,7 @@ def nan_on_rank1_at(at):
 
 def train_summary(rank, runs_dir, cfg_dict, hook=None):
     import os
-    from ddptrain.config import from_dict
+    from ddptrain.configfile import from_dict
     from ddptrain.dist import detect
     from ddptrain.trainer import run
     cfg = from_dict({"name": "r", **cfg_dict, "runs_dir": str(runs_dir)})

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from ddptrain import config as C
+from ddptrain import configfile as CF
 from ddptrain.config import ConfigError
 from ddptrain.data import ShardSampler, split
 from ddptrain.dist import DistEnv, detect
@@ -14,29 +15,29 @@ from ddptrain.early_stop import EarlyStopping
 def test_defaults_file_and_overrides_take_precedence_in_order(tmp_path):
     f = tmp_path / "exp.yaml"
     f.write_text("optim:\n  lr: 1e-3\n  name: sgd\ntrain:\n  epochs: 3\n")
-    cfg = C.load(f, ["optim.lr=0.5", "--train.epochs=7", "model.hidden=[8, 4]"])
+    cfg = CF.load(f, ["optim.lr=0.5", "--train.epochs=7", "model.hidden=[8, 4]"])
     assert cfg.optim.lr == 0.5 and cfg.optim.name == "sgd"  # override > file > default
     assert cfg.train.epochs == 7 and cfg.model.hidden == [8, 4]
     assert cfg.optim.weight_decay == 0.0  # default
     assert cfg.name == "exp"  # run name from the file's stem
-    assert C.load(f).optim.lr == 1e-3  # YAML 1.1 reads 1e-3 as a string; it is still a float
+    assert CF.load(f).optim.lr == 1e-3  # YAML 1.1 reads 1e-3 as a string; it is still a float
 
 
 def test_toml_config(tmp_path):
     f = tmp_path / "exp.toml"
     f.write_text('task = "diabetes"\n[optim]\nlr = 0.01\n[train]\nprecision = "bf16"\n')
-    cfg = C.load(f)
+    cfg = CF.load(f)
     assert (cfg.task, cfg.optim.lr, cfg.train.precision) == ("diabetes", 0.01, "bf16")
 
 
 def test_a_number_given_for_a_name_is_that_name():
-    assert C.load(None, ["name=2024", "task=7"]).name == "2024"
+    assert CF.load(None, ["name=2024", "task=7"]).name == "2024"
 
 
 def test_print_config_round_trips():
-    cfg = C.from_dict({"optim": {"lr": 0.1}})
+    cfg = CF.from_dict({"optim": {"lr": 0.1}})
     import yaml
-    assert C.from_dict(yaml.safe_load(C.dump_yaml(cfg))) == cfg
+    assert CF.from_dict(yaml.safe_load(CF.dump_yaml(cfg))) == cfg
 
 
 @pytest.mark.parametrize("data, message", [
@@ -58,33 +59,33 @@ def test_print_config_round_trips():
 ])
 def test_bad_values_name_the_key_the_value_and_the_expectation(data, message):
     with pytest.raises(ConfigError) as e:
-        C.from_dict(data)
+        CF.from_dict(data)
     assert message in str(e.value)
 
 
 def test_missing_or_unparsable_file(tmp_path):
     with pytest.raises(ConfigError, match="config file '.*nope.yaml': not found"):
-        C.load(tmp_path / "nope.yaml")
+        CF.load(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("optim: [1, 2\n")
     with pytest.raises(ConfigError, match="config file '.*bad.yaml': cannot parse") as e:
-        C.load(bad)
+        CF.load(bad)
     assert str(e.value).endswith("while parsing a flow sequence: expected ',' or ']', but got '<stream end>' "
                                  "(line 2, column 1)"), e.value  # one line, not PyYAML's five
     with pytest.raises(ConfigError, match="expected section.key=value"):
-        C.apply_overrides({}, ["lr"])
+        CF.apply_overrides({}, ["lr"])
     latin1 = tmp_path / "latin1.yaml"
     latin1.write_bytes("name: caf\xe9\n".encode("latin-1"))
     with pytest.raises(ConfigError, match="config file '.*latin1.yaml': cannot read it .*can't decode byte 0xe9"):
-        C.load(latin1)
+        CF.load(latin1)
     twice = tmp_path / "twice.yaml"
     twice.write_text("optim:\n  lr: 0.1\n  lr: 0.01\n")
     with pytest.raises(ConfigError, match=r"config file '.*twice.yaml': cannot parse: key 'lr' appears twice "
                                           r"\(line 3, column 3\)$"):
-        C.load(twice)
+        CF.load(twice)
     (tmp_path / "dir.yaml").mkdir()
     with pytest.raises(ConfigError, match="config file '.*dir.yaml': is a directory"):
-        C.load(tmp_path / "dir.yaml")
+        CF.load(tmp_path / "dir.yaml")
 
 
 @pytest.mark.parametrize("name, text, message", [
@@ -99,7 +100,7 @@ def test_a_bad_key_in_a_file_is_named_with_its_file_and_line(tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     (tmp_path / name).write_text(text)
     with pytest.raises(ConfigError) as e:
-        C.load(name)
+        CF.load(name)
     assert str(e.value).startswith(message), str(e.value)
 
 
@@ -107,10 +108,10 @@ def test_a_bad_key_from_an_override_names_the_override_not_the_file(tmp_path, mo
     monkeypatch.chdir(tmp_path)
     (tmp_path / "exp.yaml").write_text("optim:\n  lr: 0.1\n")
     with pytest.raises(ConfigError) as e:
-        C.load("exp.yaml", ["optim.lr=0.2", "optim.lr=fast"])
+        CF.load("exp.yaml", ["optim.lr=0.2", "optim.lr=fast"])
     assert str(e.value) == "override 'optim.lr=fast': config key 'optim.lr': expected a number, got 'fast'"
     with pytest.raises(ConfigError) as e:  # a default, set by neither: no place to name
-        C.load("exp.yaml", ["early_stop.mode=max"], base={"early_stop": {"monitor": "loss"}})
+        CF.load("exp.yaml", ["early_stop.mode=max"], base={"early_stop": {"monitor": "loss"}})
     assert str(e.value).startswith("config key 'early_stop.monitor'")
 
 
@@ -180,7 +181,7 @@ def test_shard_sampler_is_disjoint_and_unpadded():
 @pytest.mark.parametrize("name", ["constant", "step", "cosine", "linear", "onecycle"])
 def test_schedules_warm_up_and_end_where_configured(name):
     from ddptrain.optim import build_scheduler
-    cfg = C.from_dict({"sched": {"name": name, "warmup_steps": 5, "min_lr": 0.001, "step_size": 10}})
+    cfg = CF.from_dict({"sched": {"name": name, "warmup_steps": 5, "min_lr": 0.001, "step_size": 10}})
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     sched = build_scheduler(opt, cfg.sched, total_steps=30, lr=0.1)
     lrs = []

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from ddptrain.config import from_dict
+from ddptrain.configfile import from_dict
 from ddptrain.dist import DistEnv
 from ddptrain.task import TaskError
 from ddptrain.trainer import run

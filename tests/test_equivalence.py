@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from ddptrain.config import from_dict
+from ddptrain.configfile import from_dict
 from ddptrain.dist import detect
 from ddptrain.trainer import run
 import os

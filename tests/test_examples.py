@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ddptrain.config import ConfigError, from_dict
+from ddptrain.config import ConfigError
+from ddptrain.configfile import from_dict
 from ddptrain.stream import rank_stream
 from killing import kill_and_resume
 

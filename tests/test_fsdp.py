@@ -17,7 +17,7 @@ from torch.utils.data import TensorDataset
 import ddptrain
 from ddptrain import checkpoint
 from ddptrain.batch import Forward
-from ddptrain.config import from_dict
+from ddptrain.configfile import from_dict
 from ddptrain.dist import Dist, detect
 from ddptrain.evaluation import Evaluator
 from ddptrain.losses import CrossEntropy, accuracy, as_metric

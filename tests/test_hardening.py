@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from ddptrain import checkpoint
-from ddptrain.config import from_dict, to_dict
+from ddptrain.config import to_dict
+from ddptrain.configfile import from_dict
 from ddptrain.dist import detect
 from ddptrain.trainer import NonFiniteError, run
 

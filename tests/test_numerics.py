@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from ddptrain.config import from_dict
+from ddptrain.configfile import from_dict
 from ddptrain.dist import detect
 from ddptrain.precision import Precision
 from ddptrain.optim import optimizer_step

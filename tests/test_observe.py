@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ddptrain.config import from_dict
+from ddptrain.configfile import from_dict
 from ddptrain.dist import detect
 from ddptrain.observe import Rates
 from ddptrain.preempt import Preempted

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ddptrain import checkpoint
-from ddptrain.config import from_dict
+from ddptrain.configfile import from_dict
 from ddptrain.dist import detect
 from ddptrain.preempt import EXIT_PREEMPTED
 from ddptrain.trainer import run

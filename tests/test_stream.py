@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import ddptrain
-from ddptrain.config import from_dict
+from ddptrain.configfile import from_dict
 from ddptrain.dist import detect
 from ddptrain.trainer import run
 

@@ -362,7 +362,7 @@ def test_a_direction_left_out_minimizes_a_loss_and_follows_early_stop_for_the_mo
 def test_the_printed_table_shows_string_choices_plainly_and_trials_csv_keeps_json(tmp_path, capsys):
     import optuna
     from optuna.distributions import CategoricalDistribution, FloatDistribution
-    from ddptrain.config import from_dict
+    from ddptrain.configfile import from_dict
     from ddptrain.space import Param, Space
     from ddptrain.sweep_report import report
     space = Space("val_loss", "minimize", [Param("optim.name", "choice", choices=["adam", "sgd"]),

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from ddptrain.cli import main
-from ddptrain.config import from_dict
+from ddptrain.configfile import from_dict
 from ddptrain.dist import detect
 from ddptrain.trainer import run
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from ddptrain.config import from_dict
+from ddptrain.configfile import from_dict
 from ddptrain.dist import Dist, detect
 from ddptrain.batch import Forward
 from ddptrain.evaluation import Evaluator
