@@ -69,11 +69,11 @@ def train(strategy: str, save: str, runs: str, idle_s: float = 0.0, every: int =
     flight: with saves (`sync` or `async`) or without (`none`). The cost of a save is the difference over
     `none`, per save: what it adds wherever it lands (the copy, waits for it, the background write's
     competition for the CPU), not only the time the loop spends in the save call."""
-    from ddptrain import strategy as strategies, trainer
+    from ddptrain import run, saving, strategy as strategies, trainer
     from ddptrain.configfile import from_dict
     from ddptrain.dist import detect
     ends, blocked = [], {"save_s": [], "copy_wait_s": []}
-    after_step, save_checkpoint, before_update = (trainer.Training.after_step, trainer.Training.save_checkpoint,
+    after_step, save_checkpoint, before_update = (trainer.Training.after_step, saving.save_checkpoint,
                                                   strategies._Writes.before_update)
 
     def timed(self, epoch):
@@ -81,9 +81,9 @@ def train(strategy: str, save: str, runs: str, idle_s: float = 0.0, every: int =
         ends.append(time.perf_counter())
         return done
 
-    def timed_save(self):  # the loop stalls here: the whole write when synchronous, the copy's start when not
+    def timed_save(training):  # the loop stalls here: the whole write when synchronous, the copy's start when not
         start = time.perf_counter()
-        save_checkpoint(self)
+        save_checkpoint(training)
         blocked["save_s"].append(time.perf_counter() - start)
 
     def timed_update(self):  # and here, asynchronously: the optimizer step waits for the copy of the weights
@@ -91,7 +91,7 @@ def train(strategy: str, save: str, runs: str, idle_s: float = 0.0, every: int =
         before_update(self)
         if blocked["save_s"]:
             blocked["copy_wait_s"].append(time.perf_counter() - start)
-    trainer.Training.after_step, trainer.Training.save_checkpoint = timed, timed_save
+    trainer.Training.after_step, saving.save_checkpoint = timed, timed_save
     strategies._Writes.before_update = timed_update
     cfg = from_dict({"name": f"{strategy}-{save}", "runs_dir": runs, "task_args": {"idle_s": idle_s},
                      "loss": {"name": "cross_entropy"},
@@ -100,7 +100,7 @@ def train(strategy: str, save: str, runs: str, idle_s: float = 0.0, every: int =
                      "dist": {"strategy": strategy, "timeout_s": 600},
                      "checkpoint": {"every_steps": every if save != "none" else None, "every_epochs": 0,
                                     "save_best": False, "keep_last": 1, "async_save": save == "async"}})
-    trainer.run(cfg, detect(os.environ), task)
+    run.run(cfg, detect(os.environ), task)
     times = [b - a for a, b in zip(ends[1:], ends[2:])]  # steps 3 to the last: where a save's cost lands
     end = time.perf_counter()
     stall = sum(blocked["save_s"]) + sum(blocked["copy_wait_s"])

@@ -91,7 +91,7 @@ def with_ddptrain(kind: str, steps: int) -> dict:
     import ddptrain
     from ddptrain.configfile import from_dict
     from ddptrain.dist import detect
-    from ddptrain.trainer import run
+    from ddptrain.run import run
     times, measured = {}, {}
 
     def hook(step, micro, batch):

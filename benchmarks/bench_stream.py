@@ -169,9 +169,9 @@ class Even(IterableDataset):
 def steps_with(agree: bool, batch: int, runs: str, name: str) -> float:
     """2-rank training on an even stream, with or without the end-of-pass agreement (without it, the
     pass ends on each rank when its part does, which is safe only because the parts are equal): samples/s."""
-    from ddptrain import trainer
+    from ddptrain import train_data
     if not agree:
-        trainer.StreamSteps = NoAgreement
+        train_data.StreamSteps = NoAgreement
     cfg = config(0, batch, Path(runs), name)
     cfg["train"]["log_every"] = 50
     return ddptrain.train(cfg, task=lambda c: ddptrain.Task(model=model(), train=Even(batch * 600)))["samples_per_s"]

@@ -161,7 +161,7 @@ def patch_ddptrain(patches: list[str]) -> None:
 
 
 def run_ddptrain(args, ds, timer: Timer) -> dict:
-    from ddptrain import config, configfile, task, trainer
+    from ddptrain import config, configfile, run, task, trainer
     from ddptrain.dist import detect
 
     patch_ddptrain(args.patch)
@@ -198,7 +198,7 @@ def run_ddptrain(args, ds, timer: Timer) -> dict:
     if args.runner == "ddptrain_dict":  # Hugging Face style items: {"input": x, "labels": y} -> model(input=x)
         ds = DictItems(ds)
 
-    summary = trainer.run(cfg, detect(os.environ), task_fn, hooks={"before_micro_step": before_micro_step})
+    summary = run.run(cfg, detect(os.environ), task_fn, hooks={"before_micro_step": before_micro_step})
     info["ddp_wrapped"] = True  # ddptrain wraps whenever world_size > 1; in_sync checks it did
     info["ddptrain_file"] = trainer.__file__
     info["ddptrain_steps"] = summary["steps"]

@@ -135,7 +135,8 @@ def work_runs(spec: dict) -> None:
     to the device (is it pinned?). One result line per run."""
     import inspect
     import torch
-    from ddptrain import configfile, trainer
+    from ddptrain import configfile
+    from ddptrain.run import run as train_run
     from ddptrain.batch import first_tensor, to_device
     from ddptrain.dist import detect
 
@@ -156,7 +157,7 @@ def work_runs(spec: dict) -> None:
         started = time.perf_counter()
         try:
             cfg = configfile.load(REPO / "examples" / f"{example}.yaml", overrides)
-            summary = trainer.run(cfg, detect(os.environ), hooks={"before_micro_step": look})
+            summary = train_run(cfg, detect(os.environ), hooks={"before_micro_step": look})
         except Exception as e:
             emit(error=first_line(e))
             continue

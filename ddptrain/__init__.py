@@ -9,7 +9,7 @@ __all__ = ["train", "evaluate", "load_model", "Task", "Config", "load_config", "
 
 def __getattr__(name):
     if name == "train":
-        from .trainer import train
+        from .run import train
         return train
     if name in ("evaluate", "load_model"):
         from . import trained

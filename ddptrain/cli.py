@@ -101,7 +101,7 @@ def _is_main() -> bool:
 
 def _train(args) -> int:
     from . import configfile
-    from .trainer import run
+    from .run import run
     from .dist import detect
 
     cfg = configfile.load(args.config, args.overrides)
@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         from .task import TaskError
         from .preempt import EXIT_PREEMPTED, Preempted
         from .dist import CollectiveError
-        from .trainer import NonFiniteError
+        from .nonfinite import NonFiniteError
         if isinstance(e, Preempted):
             if _is_main():
                 print(f"ddptrain: preempted by {e}; run the same command again to resume", file=sys.stderr, flush=True)

@@ -225,6 +225,21 @@ class Loggers:
             lg.close(failed)
 
 
+def run_loggers(cfg, tracking: dict | None, records: int, total_steps: int | None, start_step: int) -> Loggers:
+    """Rank 0's loggers: the run directory, the console and, if enabled, wandb (continuing the resumed run's).
+    `tracking` is the resumed checkpoint's (None when starting over: an earlier run's files are archived)."""
+    from . import configfile
+    if tracking is None:
+        archive(cfg.run_dir)
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    (cfg.run_dir / "config.yaml").write_text(configfile.dump_yaml(cfg))
+    run_dir = RunDirLogger(cfg.run_dir, records if tracking is not None else None)
+    loggers = [run_dir, ConsoleLogger(total_steps, start_step)]
+    if cfg.wandb.enabled:
+        from .tracking import WandbLogger
+        loggers.append(WandbLogger(cfg, (tracking or {}).get("wandb_run_id"), replayed=run_dir.replayed))
+    return Loggers(*loggers)
+
 def archive(run_dir: Path) -> Path | None:
     """Move an earlier run's files into run_dir/archive/<time>/ before starting over: nothing is lost."""
     old = [p for p in run_dir.iterdir() if p.name not in ("archive", ".lock")] if run_dir.is_dir() else []

@@ -13,7 +13,7 @@ import ddptrain
 from ddptrain import checkpoint
 from ddptrain.configfile import from_dict
 from ddptrain.dist import detect
-from ddptrain.trainer import run
+from ddptrain.run import run
 
 import rundirs
 from multirank import RankFailed, run_ranks

@@ -14,7 +14,7 @@ from ddptrain.configfile import from_dict
 from ddptrain.data import pinned
 from ddptrain.dist import detect
 from ddptrain.task import TaskError
-from ddptrain.trainer import run
+from ddptrain.run import run
 
 from killing import kill_and_resume, train_rank
 from multirank import run_ranks

@@ -159,7 +159,7 @@ def test_train_loss_is_the_mean_over_all_ranks(tmp_path):
     """The logged train loss at each step is the same on 1 and 2 ranks: not rank 0's half of the batch."""
     def losses(rank, ws_dir):
         from ddptrain.dist import detect
-        from ddptrain.trainer import run
+        from ddptrain.run import run
         cfg = from_dict({"task": "tasks_for_tests:regression", "runs_dir": str(ws_dir), "data": {"batch_size": 16},
                          "optim": {"name": "sgd", "lr": 0.05}, "train": {"epochs": 2, "log_every": 1}})
         run(cfg, detect(os.environ))
@@ -237,7 +237,7 @@ def test_an_epoch_left_early_shuts_its_loader_workers_down_at_once():
     from torch.utils.data import DataLoader, TensorDataset
     from ddptrain.data import Steps
     from ddptrain.observe import Rates
-    from ddptrain.trainer import _timed
+    from ddptrain.train_data import _timed
     loader = DataLoader(TensorDataset(torch.arange(40.0)), batch_size=2, num_workers=1)
     gc.disable()  # what is freed must be freed by reference counts alone
     try:

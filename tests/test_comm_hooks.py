@@ -96,7 +96,7 @@ def train_summary(rank, runs_dir, cfg_dict, hook=None):
     import os
     from ddptrain.configfile import from_dict
     from ddptrain.dist import detect
-    from ddptrain.trainer import run
+    from ddptrain.run import run
     cfg = from_dict({"name": "r", **cfg_dict, "runs_dir": str(runs_dir)})
     return run(cfg, detect(os.environ), hooks={"before_micro_step": hook} if hook else None)
 

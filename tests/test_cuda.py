@@ -10,7 +10,7 @@ from torch.utils.data import TensorDataset
 from ddptrain.configfile import from_dict
 from ddptrain.dist import DistEnv
 from ddptrain.task import TaskError
-from ddptrain.trainer import run
+from ddptrain.run import run
 
 import tasks_for_tests
 

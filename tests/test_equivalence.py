@@ -4,7 +4,7 @@ import torch
 
 from ddptrain.configfile import from_dict
 from ddptrain.dist import detect
-from ddptrain.trainer import run
+from ddptrain.run import run
 import os
 
 from multirank import RankFailed, run_ranks

@@ -14,7 +14,7 @@ from ddptrain import checkpoint
 from ddptrain.configfile import from_dict
 from ddptrain.dist import detect
 from ddptrain.preempt import Preempted
-from ddptrain.trainer import run
+from ddptrain.run import run
 
 import rundirs
 import tasks_for_tests

@@ -24,7 +24,7 @@ from ddptrain.losses import CrossEntropy, accuracy, as_metric
 from ddptrain.precision import Precision
 from ddptrain.strategy import Sharded
 from ddptrain.task import TaskError
-from ddptrain.trainer import run
+from ddptrain.run import run
 
 from killing import kill_and_resume, train_rank
 from multirank import RankFailed, run_ranks

@@ -13,7 +13,8 @@ from ddptrain import checkpoint
 from ddptrain.config import to_dict
 from ddptrain.configfile import from_dict
 from ddptrain.dist import detect
-from ddptrain.trainer import NonFiniteError, run
+from ddptrain.nonfinite import NonFiniteError
+from ddptrain.run import run
 
 import tasks_for_tests
 

@@ -10,7 +10,8 @@ from ddptrain.configfile import from_dict
 from ddptrain.dist import detect
 from ddptrain.precision import Precision
 from ddptrain.optim import optimizer_step
-from ddptrain.trainer import NonFiniteError, run
+from ddptrain.nonfinite import NonFiniteError
+from ddptrain.run import run
 
 from multirank import RankFailed, run_ranks
 import tasks_for_tests

@@ -16,7 +16,7 @@ from ddptrain.configfile import from_dict
 from ddptrain.dist import detect
 from ddptrain.observe import Rates
 from ddptrain.preempt import Preempted
-from ddptrain.trainer import run
+from ddptrain.run import run
 
 from multirank import run_ranks
 

@@ -15,7 +15,7 @@ from ddptrain import checkpoint
 from ddptrain.configfile import from_dict
 from ddptrain.dist import detect
 from ddptrain.preempt import EXIT_PREEMPTED
-from ddptrain.trainer import run
+from ddptrain.run import run
 
 from multirank import RankFailed, run_ranks
 

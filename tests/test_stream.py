@@ -11,7 +11,7 @@ import torch
 import ddptrain
 from ddptrain.configfile import from_dict
 from ddptrain.dist import detect
-from ddptrain.trainer import run
+from ddptrain.run import run
 
 from killing import kill_and_resume, records, train_rank
 from multirank import RankFailed, run_ranks

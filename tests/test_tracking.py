@@ -8,7 +8,7 @@ import pytest
 from ddptrain.cli import main
 from ddptrain.configfile import from_dict
 from ddptrain.dist import detect
-from ddptrain.trainer import run
+from ddptrain.run import run
 
 from multirank import RankFailed, run_ranks
 from wandb_files import read_run

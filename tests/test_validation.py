@@ -13,7 +13,7 @@ from ddptrain.batch import Forward
 from ddptrain.evaluation import Evaluator
 from ddptrain.losses import R2, CrossEntropy, as_metric, squared_error
 from ddptrain.precision import Precision
-from ddptrain.trainer import run
+from ddptrain.run import run
 
 from multirank import run_ranks
 import tasks_for_tests
