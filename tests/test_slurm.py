@@ -214,7 +214,9 @@ STUBS = {  # stand-ins for SLURM's commands and the Python interpreter: they say
     "scancel": "true",
     "srun": 'while [ "${1#--}" != "$1" ]; do shift; done; echo "srun: MASTER=${MASTER_ADDR:-}:${MASTER_PORT:-} '
             'SRUN_CPUS_PER_TASK=${SRUN_CPUS_PER_TASK:-}"; SLURM_NODEID=0 exec "$@"',
-    "python": 'echo "python OMP_NUM_THREADS=${OMP_NUM_THREADS:-} $*"',
+    # the batch script's own step runner is ddptrain's, run for real; the training command only says how it was called
+    "python": f'[ "$1 $2" = "-m ddptrain.slurm" ] && exec {sys.executable} "$@"; '
+              'echo "python OMP_NUM_THREADS=${OMP_NUM_THREADS:-} $*"',
 }
 
 
@@ -284,7 +286,7 @@ def test_submit_sweep_renders_a_job_array_of_workers_and_checks_the_space_first(
         "requeue", "signal=B:USR1@120", "gpus-per-node=4", "time=1:00:00", "array=0-2"]
     assert (f"set -- {tmp_path / 'exp.yaml'} {tmp_path / 'space.yaml'} --trials 30 --storage "
             f"postgresql://me@db/sweeps seed=2\n") in script
-    assert 'srun --ntasks=1 --kill-on-bad-exit=0 "$PYTHON" -m ddptrain sweep "$@" &' in script
+    assert 'exec "$PYTHON" -m ddptrain.slurm step sweep -- srun --ntasks=1 --kill-on-bad-exit=0 "$PYTHON" -m ddptrain sweep "$@"\n' in script
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
 
     for args, message in [
@@ -550,7 +552,7 @@ def test_a_signalled_sweep_task_requeues_itself_and_its_trial_continues_from_its
         ("COMPLETED", "0", "COMPLETED", "1"), logs
     assert attempts(logs[0]) == [1] and attempts(logs[1]) == [1, 2]
     before = logs[1].split(" attempt 2 started")[0]
-    assert "SIGUSR1" in before and "passing it to the sweep" in before and "requeuing this task" not in logs[1]
+    assert "SIGUSR1" in before and "passing it to the sweep" in before and "requeuing it" not in logs[1]
     assert "ddptrain: sweep stopped by SIGUSR1" in before and f"ddptrain: requeued job {array}_1\n" in before
     study = study_of(cwd / "runs" / "exp-sweep")
     assert sum(t.state.name == "COMPLETE" for t in study.trials) == 3
