@@ -1,6 +1,6 @@
 """The run's checkpoints, as the loop takes them: resuming from one, the step checkpoint and best.pt (of
 finite weights only), and a failed write that stops every rank alike. What a checkpoint holds is state.py's
-(`RunState`), its files checkpoint.py's, which rank writes what strategy.py's.
+(`RunState`), its files checkpoint.py's (FSDP's shards sharded.py's), which rank writes what strategy.py's.
 Functions of the run's `Training` (trainer.py).
 """
 from __future__ import annotations

@@ -6,7 +6,7 @@ branches on it.
 - `Sharded` (fsdp): PyTorch's FSDP2 (`fully_shard` on each block, then on the root, over a 1-D device
   mesh): each rank holds 1/N of the parameters, gradients and optimizer state, gathers a block's weights
   for its forward and backward and reduce-scatters its gradients. Its model and optimizer state are
-  written by every rank, its own shards, with Distributed Checkpoint (checkpoint.py).
+  written by every rank, its own shards, with Distributed Checkpoint (sharded.py).
 
 Each one wraps the model, turns gradient sync off for all micro-batches of a step but the last, says
 whether the weights are finite (on every rank alike), and moves the model and optimizer state in and out.
@@ -26,6 +26,7 @@ from .config import Config, ConfigError
 from .dist import Dist, broadcast_from_rank0
 from .models import materialize, on_meta
 from .powersgd import PowerSGD
+from .sharded import load_sharded, save_sharded
 
 
 def build(cfg: Config, dist: Dist) -> "Replicated | Sharded":
@@ -295,14 +296,14 @@ class Sharded(_Writes):
     def save(self, path: Path, state: dict | None, module: nn.Module, optimizer) -> None:
         """Every rank writes its shards, rank 0 the rest; the directory counts only once all are whole.
         Call on all ranks."""
-        ckpt.save_sharded(path, self._states(module, optimizer), state, self.dist, self.cfg.checkpoint.keep_last,
-                          self.background, self.group, updated_in_place(module, optimizer))
+        save_sharded(path, self._states(module, optimizer), state, self.dist, self.cfg.checkpoint.keep_last,
+                     self.background, self.group, updated_in_place(module, optimizer))
 
     def load(self, path: Path, module: nn.Module, optimizer) -> None:
         """Every rank reads its shards (resharded by DCP when the world size changed). Call on all ranks."""
         from torch.distributed.checkpoint.state_dict import set_state_dict
         states = self._states(module, optimizer)
-        ckpt.load_sharded(path, states)
+        load_sharded(path, states)
         set_state_dict(module, optimizer, model_state_dict=states["model"], optim_state_dict=states["optimizer"])
 
     def name(self, stem: str) -> str:
@@ -311,8 +312,8 @@ class Sharded(_Writes):
     def save_weights(self, path: Path, module: nn.Module, extra: dict) -> None:
         """best/: the model's shards alone, and `extra`. Call on all ranks."""
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
-        ckpt.save_sharded(path, {"model": _rank0_buffers(get_model_state_dict(module))},
-                          extra if self.dist.env.is_main else None, self.dist)
+        save_sharded(path, {"model": _rank0_buffers(get_model_state_dict(module))},
+                     extra if self.dist.env.is_main else None, self.dist)
 
     def load_weights(self, path: Path, module: nn.Module) -> str | None:
         """Every rank reads its shards of the weights if the directory is whole; else why not. Call on all ranks."""
@@ -323,7 +324,7 @@ class Sharded(_Writes):
         error = None
         try:
             weights = {"model": get_model_state_dict(module)}
-            ckpt.load_sharded(path, weights)
+            load_sharded(path, weights)
             set_model_state_dict(module, weights["model"])
         except ckpt.CheckpointError as e:
             error = str(e)

@@ -19,6 +19,7 @@ from . import task as task_mod
 from .config import Config, ConfigError
 from .dist import Dist, detect, in_callers_group
 from .runlog import warn
+from .sharded import load_sharded
 from .state import callers_rng, pinned_diffs, seed_everything
 
 
@@ -134,7 +135,7 @@ def _load_weights(model: nn.Module, path: Path, check: Callable[[dict], None]) -
     check(state)
     if path.is_dir():  # FSDP's shards, put together into the whole tensors of this process's model
         weights = {"model": model.state_dict()}
-        ckpt.load_sharded(path, weights, no_dist=True)
+        load_sharded(path, weights, no_dist=True)
         state = {**state, "model": weights["model"]}
     if "model" not in state:
         raise ckpt.CheckpointError(f"checkpoint '{path}': it holds no model weights")

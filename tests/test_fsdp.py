@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 import ddptrain
-from ddptrain import checkpoint
+from ddptrain import checkpoint, sharded
 from ddptrain.batch import Forward
 from ddptrain.configfile import from_dict
 from ddptrain.dist import Dist, detect
@@ -276,7 +276,7 @@ def test_a_checkpoint_whose_dcp_metadata_holds_code_is_refused(ddp_and_fsdp, tmp
     (bad / ".metadata").write_bytes(pickle.dumps(Boom()))
     model = ddptrain.load_model(run_dir, "best")
     with pytest.raises(checkpoint.CheckpointError, match="refused, its metadata holds objects that safe loading"):
-        checkpoint.load_sharded(bad, {"model": model.state_dict()}, no_dist=True)
+        sharded.load_sharded(bad, {"model": model.state_dict()}, no_dist=True)
     assert not (tmp_path / "pwned").exists()
 
 
@@ -366,21 +366,21 @@ def test_the_same_step_saved_again_keeps_the_whole_one_until_the_new_one_is_mark
         tmp = tmp_path / ".step-000000006.tmp"
         tmp.mkdir()
         (tmp / "__0_0.distcp").write_bytes(bytes([value]) * 8)
-        checkpoint._finish_sharded(path, tmp, {"progress": {"step": 6}, "value": value}, None)
+        sharded._finish_sharded(path, tmp, {"progress": {"step": 6}, "value": value}, None)
     finish(1)
     assert checkpoint.verify(path) is None
-    writes = checkpoint.write_atomic
+    writes = sharded.write_atomic
 
     def marker_fails(target, write):
         if target.name.endswith(".done"):
             raise OSError(28, "No space left on device")
         writes(target, write)
-    monkeypatch.setattr(checkpoint, "write_atomic", marker_fails)
+    monkeypatch.setattr(sharded, "write_atomic", marker_fails)
     with pytest.raises(checkpoint.CheckpointError, match="No space left on device; the previous checkpoint is kept"):
         finish(2)
     assert checkpoint.verify(path) is None and checkpoint.load(path)["value"] == 1
     assert (path / "__0_0.distcp").read_bytes() == bytes([1]) * 8
-    monkeypatch.setattr(checkpoint, "write_atomic", writes)
+    monkeypatch.setattr(sharded, "write_atomic", writes)
     finish(3)
     assert checkpoint.verify(path) is None and checkpoint.load(path)["value"] == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000000006", "step-000000006.done"]
