@@ -87,7 +87,10 @@ def run_step(command: list[str], kind: str, env: Mapping[str, str] = os.environ)
         name = signal.Signals(signum).name
         signalled.append(name)
         _say(f"{job}: {name} at {_now()}; passing it to {told}")
-        subprocess.run(["scancel", f"--signal={name[3:]}", job])
+        try:
+            subprocess.run(["scancel", f"--signal={name[3:]}", job])
+        except OSError as e:  # no scancel here (inside a container?): the step runs on, unsignalled
+            print(f"ddptrain: cannot pass {name} on: {e}", flush=True)
     for s in FORWARDED:
         signal.signal(s, forward)
     step = subprocess.Popen(command)
@@ -95,7 +98,8 @@ def run_step(command: list[str], kind: str, env: Mapping[str, str] = os.environ)
     rc = 128 - rc if rc < 0 else rc  # killed by signal n: 128 + n, as the shell says it
     _say(f"{job} attempt {int(restarts) + 1}: {exits} exited with status {rc} at {_now()}")
     if signalled and rc != 0 and job is not None:
-        shown = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True).stdout
+        shown = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True).stdout \
+            if shutil.which("scontrol") else ""  # requeue_and_log says what is missing
         now = re.search(r"\bRestarts=(\d+)", shown)
         if now is None or now.group(1) == restarts:  # not requeued by the training processes
             _say(f"{job}: not requeued by {told}; requeuing it")
