@@ -1,4 +1,10 @@
-"""torchrun's agent as `ddptrain launch` runs it: `python -m ddptrain.agent <torchrun arguments>`.
+"""torchrun's agent as ddptrain runs it (`ddptrain launch`, launch/*.sh, the sbatch scripts):
+`python -m ddptrain.agent <torchrun arguments>`.
+
+It forwards USR1 and USR2 to the workers as well as torchrun's TERM, INT, HUP and QUIT, unless given
+`--signals-to-handle` (torchrun forwards only its four by default: pytorch#154849), and starts each attempt
+with a fresh rendezvous store unless TORCH_DISABLE_SHARE_RDZV_TCP_STORE is set: the shared one keeps the dead
+attempt's peer addresses, so an elastic restart often fails or hangs (pytorch#135712).
 
 torchrun exits 1 whatever its workers' status, after a 40-line ChildFailedError report. Here a worker's
 ddptrain status (2 a user mistake, 3 non-finite, 4 a collective failure, 75 preempted) comes through as
@@ -10,9 +16,11 @@ without torchrun's SignalException traceback.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 STATUSES = (2, 3, 4, 75)
+SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2"
 
 
 class _QuietAboutFailures(logging.Filter):
@@ -28,6 +36,9 @@ def main(argv: list[str]) -> int:
     from torch.distributed.run import main as torchrun
 
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_QuietAboutFailures())
+    if not any(a.split("=")[0] in ("--signals-to-handle", "--signals_to_handle") for a in argv):
+        argv = [f"--signals-to-handle={SIGNALS}", *argv]
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     try:
         torchrun(argv)
     except ChildFailedError as e:

@@ -1,5 +1,5 @@
-"""`ddptrain launch`: torchrun with N workers on this node running `ddptrain train` (or `eval`), once the
-arguments are checked here; the environment and the signals that a torchrun agent gets.
+"""`ddptrain launch`: torchrun (ddptrain's agent, agent.py) with N workers on this node running
+`ddptrain train` (or `eval`), once the arguments, the config and the task are checked here.
 """
 from __future__ import annotations
 
@@ -11,15 +11,6 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .config import Config
 
-# torchrun forwards only TERM, INT, HUP and QUIT to its workers unless told otherwise (pytorch#154849).
-TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2"
-
-
-def torchrun_env() -> dict:
-    """The environment for a torchrun agent. A fresh rendezvous store per attempt makes elastic restarts
-    reliable: the shared one keeps the dead attempt's peer addresses (pytorch#135712)."""
-    return {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
-
 
 def launch(args, command: str = "train", argv: list[str] = ()) -> int:
     """torchrun with N workers running `ddptrain <command> <argv>`, once the arguments are checked here."""
@@ -30,11 +21,10 @@ def launch(args, command: str = "train", argv: list[str] = ()) -> int:
     argv, cfg = _checked(args, command, argv)
     # ddptrain.agent is torchrun's own agent, passing the workers' exit status through (see agent.py)
     cmd = [sys.executable, "-m", "ddptrain.agent", "--standalone", f"--nproc-per-node={args.nproc_per_node}",
-           f"--max-restarts={args.max_restarts}", f"--signals-to-handle={TORCHRUN_SIGNALS}",
-           "-m", "ddptrain", command, *argv]
+           f"--max-restarts={args.max_restarts}", "-m", "ddptrain", command, *argv]
     sys.stdout.flush()
     started = time.time()
-    env = torchrun_env()
+    env = dict(os.environ)
     if args.nproc_per_node > 1:  # torchrun's own default, set here so that it does not print a 4-line warning
         env.setdefault("OMP_NUM_THREADS", "1")
     agent = subprocess.Popen(cmd, env=env)

@@ -23,10 +23,9 @@ gpus=$(python3 -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null |
 nproc=${NPROC_PER_NODE:-$([ "$gpus" -gt 0 ] && echo "$gpus" || echo 1)}
 extra=()
 [ -n "${LOCAL_ADDR:-}" ] && extra+=(--local-addr="$LOCAL_ADDR")
-# A fresh rendezvous store per attempt keeps elastic restarts reliable (pytorch#135712); torchrun
-# forwards SIGUSR1/SIGUSR2 to the workers only when told to (pytorch#154849).
-export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
-exec torchrun --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2 --nnodes="$NNODES" --node-rank="$NODE_RANK" --nproc-per-node="$nproc" \
+# ddptrain's torchrun (ddptrain/agent.py): it forwards SIGUSR1/SIGUSR2 to the workers too, starts each
+# elastic attempt with a fresh rendezvous store, and exits with the workers' ddptrain status.
+exec python3 -m ddptrain.agent --nnodes="$NNODES" --node-rank="$NODE_RANK" --nproc-per-node="$nproc" \
   --master-addr="$MASTER_ADDR" --master-port="${MASTER_PORT:-29500}" \
   --max-restarts="${MAX_RESTARTS:-0}" "${extra[@]}" \
   -m ddptrain train "$@"

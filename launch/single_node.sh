@@ -11,8 +11,7 @@ if [ $# -lt 1 ]; then
 fi
 gpus=$(python3 -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
 nproc=${NPROC:-$([ "$gpus" -gt 0 ] && echo "$gpus" || echo 2)}
-# A fresh rendezvous store per attempt keeps elastic restarts reliable (pytorch#135712); torchrun
-# forwards SIGUSR1/SIGUSR2 to the workers only when told to (pytorch#154849).
-export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
-exec torchrun --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2 --standalone --nproc-per-node="$nproc" --max-restarts="${MAX_RESTARTS:-0}" \
+# ddptrain's torchrun (ddptrain/agent.py): it forwards SIGUSR1/SIGUSR2 to the workers too, starts each
+# elastic attempt with a fresh rendezvous store, and exits with the workers' ddptrain status.
+exec python3 -m ddptrain.agent --standalone --nproc-per-node="$nproc" --max-restarts="${MAX_RESTARTS:-0}" \
   -m ddptrain train "$@"

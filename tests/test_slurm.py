@@ -239,10 +239,9 @@ def test_torchrun_script_takes_processes_per_node_from_the_allocation(tmp_path, 
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"nodes: n1 n2 (2 x {nproc} processes); rendezvous n1:20123" in proc.stdout
     assert f"srun: MASTER=: SRUN_CPUS_PER_TASK={allocation.get('SLURM_CPUS_PER_TASK', '')}\n" in proc.stdout
-    assert (f"python OMP_NUM_THREADS={threads} -m torch.distributed.run --nnodes=2 --nproc-per-node={nproc} "
+    assert (f"python OMP_NUM_THREADS={threads} -m ddptrain.agent --nnodes=2 --nproc-per-node={nproc} "
             f"--rdzv-backend=c10d --rdzv-endpoint=n1:20123 --rdzv-id=123 --rdzv-conf=is_host=1 --max-restarts=0 "
-            f"--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2 -m ddptrain train exp.yaml "
-            f"optim.lr=0.1\n") in proc.stdout
+            f"-m ddptrain train exp.yaml optim.lr=0.1\n") in proc.stdout
 
     srun = subprocess.run(["bash", SLURM / "ddptrain_srun.sbatch", "exp.yaml"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=30, env={**env, "SLURM_NTASKS": "16", "SLURM_TASKS_PER_NODE": "8(x2)"})
@@ -315,7 +314,7 @@ def test_submit_dry_run_renders_a_script_that_sbatch_accepts(tmp_path, cluster):
     assert header == ["job-name=exp", "nodes=2", "ntasks-per-node=1", "output=logs/%x-%j.out", "open-mode=append",
                       "requeue", "signal=B:USR1@120", "cpus-per-task=2", "time=00:10:00", "account=ml", "exclusive"]
     assert f"set -- {tmp_path / 'exp.yaml'} optim.lr=0.02\n" in script and "export NPROC_PER_NODE=2\n" in script
-    assert "--rdzv-backend=c10d" in script and "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in script
+    assert "--rdzv-backend=c10d" in script and "-m ddptrain.agent --nnodes" in script
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
     # SLURM checks it without queueing it (the account is unknown to this cluster: no accounting)
     test_only = subprocess.run(["sbatch", "--test-only"], input=script.replace("#SBATCH --account=ml\n", ""),
