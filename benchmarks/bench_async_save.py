@@ -74,7 +74,7 @@ def train(strategy: str, save: str, runs: str, idle_s: float = 0.0, every: int =
     from ddptrain.dist import detect
     ends, blocked = [], {"save_s": [], "copy_wait_s": []}
     after_step, save_checkpoint, before_update = (trainer.Training.after_step, saving.save_checkpoint,
-                                                  strategies._Writes.before_update)
+                                                  strategies.Writes.before_update)
 
     def timed(self, epoch):
         done = after_step(self, epoch)
@@ -92,7 +92,7 @@ def train(strategy: str, save: str, runs: str, idle_s: float = 0.0, every: int =
         if blocked["save_s"]:
             blocked["copy_wait_s"].append(time.perf_counter() - start)
     trainer.Training.after_step, saving.save_checkpoint = timed, timed_save
-    strategies._Writes.before_update = timed_update
+    strategies.Writes.before_update = timed_update
     cfg = from_dict({"name": f"{strategy}-{save}", "runs_dir": runs, "task_args": {"idle_s": idle_s},
                      "loss": {"name": "cross_entropy"},
                      "optim": {"name": "adamw", "lr": 1e-4}, "data": {"batch_size": 16},

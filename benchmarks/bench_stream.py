@@ -34,8 +34,9 @@ from torch.utils.data import IterableDataset, TensorDataset
 
 import ddptrain
 from ddptrain.config import DataConfig
-from ddptrain.data import StreamSteps, stream_train_loader
+from ddptrain.data import stream_train_loader
 from ddptrain.dist import DistEnv
+from ddptrain.steps import StreamSteps
 
 from spawned import on_ranks
 

@@ -1,6 +1,6 @@
 """The training data on this rank: its loader (a dataset through the resumable sampler, or a stream), the
 run's length in optimizer steps, and each epoch's whole steps from where the run is, with the wait for each
-batch timed. (The loaders and `Steps` themselves are data.py's.)
+batch timed. (The loaders are data.py's, `Steps` steps.py's.)
 """
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import time
 from . import config as config_mod
 from . import observe
 from .config import Config
-from .data import Steps, StreamPosition, StreamSteps, stream_length, stream_train_loader, train_loader
+from .data import stream_length, stream_train_loader, train_loader
 from .dist import Dist
 from .state import Progress, rank_seed
+from .steps import Steps, StreamPosition, StreamSteps
 from .stream import is_stream
 from .task import Task, user_error
 

@@ -23,7 +23,7 @@ from . import task as task_mod
 from .batch import Forward, to_device
 from .task import user_error
 from .config import Config
-from .data import Steps, pinned
+from .data import pinned
 from .dist import Dist
 from .early_stop import EarlyStopping
 from .evaluation import Evaluator
@@ -36,6 +36,7 @@ from .results import mfu
 from .runlog import Clock, NullLogger, run_loggers
 from .state import Progress, RngState, RunState, cpu_rng, rank_seed, resume_path, seed_everything, set_cpu_rng
 from .step import TrainStep
+from .steps import Steps
 from .train_data import TrainData, planned_steps
 
 

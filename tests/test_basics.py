@@ -235,7 +235,7 @@ def test_an_epoch_left_early_shuts_its_loader_workers_down_at_once():
     import itertools
     import multiprocessing
     from torch.utils.data import DataLoader, TensorDataset
-    from ddptrain.data import Steps
+    from ddptrain.steps import Steps
     from ddptrain.observe import Rates
     from ddptrain.train_data import _timed
     loader = DataLoader(TensorDataset(torch.arange(40.0)), batch_size=2, num_workers=1)

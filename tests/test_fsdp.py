@@ -22,7 +22,7 @@ from ddptrain.dist import Dist, detect
 from ddptrain.evaluation import Evaluator
 from ddptrain.losses import CrossEntropy, accuracy, as_metric
 from ddptrain.precision import Precision
-from ddptrain.strategy import Sharded
+from ddptrain.fsdp import Sharded
 from ddptrain.task import TaskError
 from ddptrain.run import run
 
