@@ -62,6 +62,11 @@ def _coerce(value: Any, tp, key: str):
             return [_coerce(v, item, key) for v in value]
         except ConfigError:
             raise bad from None
+    return _scalar(value, tp, key, bad)
+
+
+def _scalar(value: Any, tp, key: str, bad: ConfigError):
+    """Return value converted to the plain type tp (bool, int, float, str or dict), or raise `bad`."""
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -166,25 +166,7 @@ def prepare(cfg: Config, task: Task) -> tuple[Forward, dict]:
 def check(cfg: Config, task: Task, forward: Forward, metrics: dict) -> None:
     """Run the model on a batch of two training samples: it must fit the model, the loss and the metrics."""
     name = f"task '{cfg.task}'"
-    if isinstance(task.train, IterableDataset):
-        try:
-            items = list(itertools.islice(task.train, 2))
-        except Exception as e:
-            raise TaskError(f"{name}: reading the training stream raised {type(e).__name__}: {e} ({user_frame(e)})") from None
-        if not items:
-            raise TaskError(f"{name}: the training stream is empty")
-    else:
-        try:
-            items = [task.train[i] for i in range(min(2, len(task.train)))]
-        except Exception as e:
-            raise TaskError(f"{name}: reading the training set's first items raised {type(e).__name__}: "
-                            f"{message(e)} ({user_frame(e)})") from None
-    if task.collate is None:
-        task.collate = collate_for(items[0])
-    try:
-        batch = task.collate(items)
-    except Exception as e:
-        raise TaskError(f"{name}: training items cannot be batched ({describe(items[0])}): {e}{_in_user_code(e)}") from None
+    batch = _first_batch(name, task)
     forward.cpu_batches = on_cpu(batch)
     # A model the task compiled is checked as the network it wraps: the check is not worth a compilation,
     # and torch.compile warns under the FLOP counter's global module hooks.
@@ -201,33 +183,8 @@ def check(cfg: Config, task: Task, forward: Forward, metrics: dict) -> None:
     was_training = model.training
     model.eval()
     try:
-        from torch.utils.flop_counter import FlopCounterMode
         with torch.no_grad():
-            with FlopCounterMode(display=False) as flops:  # counts matrix products, convolutions, attention
-                if task.step is not None:
-                    try:
-                        c = forward(model, batch)
-                    except Exception as e:
-                        raise TaskError(f"{name}: the task's step fails on a training batch {describe(batch)}: "
-                                        f"{e}{_in_user_code(e)}") from None
-                else:
-                    c = _check_forward(name, cfg, forward, model, batch)
-            forward.flops_per_sample = flops.get_total_flops() // max(c.samples, 1)
-            try:
-                for metric_name, m in metrics.items():
-                    if c.output is None or c.target is None:
-                        raise TaskError(f"{name}: metrics need the output and the target; let the step return "
-                                        f"(loss, output, target)")
-                    _check_metric(name, metric_name, m, c)
-            except TaskError:
-                raise
-            except Exception as e:
-                raise TaskError(f"{name}: metrics fail on model output {describe(c.output)} and target "
-                                f"{describe(c.target)}: {e}{_in_user_code(e)}") from None
-            if not (isinstance(c.loss, torch.Tensor) and c.loss.dim() == 0):
-                raise TaskError(f"{name}: the loss must be a scalar tensor, got {_shape(c.loss)}")
-            if forward.num_items and not on_meta(model):
-                _check_num_items(name, forward, model, batch, c.loss)
+            _check_step(name, cfg, task, forward, model, batch, metrics)
     finally:
         model.train(was_training)
     known = ["loss", *metrics]
@@ -236,6 +193,61 @@ def check(cfg: Config, task: Task, forward: Forward, metrics: dict) -> None:
         close = difflib.get_close_matches(cfg.early_stop.monitor, [f"val_{k}" for k in known], n=1)
         hint = f"; did you mean '{close[0]}'?" if close else f"; available: {', '.join('val_' + k for k in known)}"
         raise ConfigError(f"config key 'early_stop.monitor': the task reports no {cfg.early_stop.monitor!r}{hint}")
+
+
+def _first_batch(name: str, task: Task):
+    """A batch of the training set's first two items, collated by the task's collate (set to the default for
+    such items when it gives none)."""
+    if isinstance(task.train, IterableDataset):
+        try:
+            items = list(itertools.islice(task.train, 2))
+        except Exception as e:
+            raise TaskError(f"{name}: reading the training stream raised {type(e).__name__}: {e} ({user_frame(e)})") from None
+        if not items:
+            raise TaskError(f"{name}: the training stream is empty")
+    else:
+        try:
+            items = [task.train[i] for i in range(min(2, len(task.train)))]
+        except Exception as e:
+            raise TaskError(f"{name}: reading the training set's first items raised {type(e).__name__}: "
+                            f"{message(e)} ({user_frame(e)})") from None
+    if task.collate is None:
+        task.collate = collate_for(items[0])
+    try:
+        return task.collate(items)
+    except Exception as e:
+        raise TaskError(f"{name}: training items cannot be batched ({describe(items[0])}): {e}{_in_user_code(e)}") from None
+
+
+def _check_step(name: str, cfg: Config, task: Task, forward: Forward, model, batch, metrics: dict) -> None:
+    """The step (or the forward and the loss) on `batch`, its FLOPs per sample counted, then the metrics on its
+    output and target, and the loss's shape."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as flops:  # counts matrix products, convolutions, attention
+        if task.step is not None:
+            try:
+                c = forward(model, batch)
+            except Exception as e:
+                raise TaskError(f"{name}: the task's step fails on a training batch {describe(batch)}: "
+                                f"{e}{_in_user_code(e)}") from None
+        else:
+            c = _check_forward(name, cfg, forward, model, batch)
+    forward.flops_per_sample = flops.get_total_flops() // max(c.samples, 1)
+    try:
+        for metric_name, m in metrics.items():
+            if c.output is None or c.target is None:
+                raise TaskError(f"{name}: metrics need the output and the target; let the step return "
+                                f"(loss, output, target)")
+            _check_metric(name, metric_name, m, c)
+    except TaskError:
+        raise
+    except Exception as e:
+        raise TaskError(f"{name}: metrics fail on model output {describe(c.output)} and target "
+                        f"{describe(c.target)}: {e}{_in_user_code(e)}") from None
+    if not (isinstance(c.loss, torch.Tensor) and c.loss.dim() == 0):
+        raise TaskError(f"{name}: the loss must be a scalar tensor, got {_shape(c.loss)}")
+    if forward.num_items and not on_meta(model):
+        _check_num_items(name, forward, model, batch, c.loss)
 
 
 def _check_metric(name: str, metric_name: str, m, c) -> None:

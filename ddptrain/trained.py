@@ -155,6 +155,30 @@ def load_model(run: str | os.PathLike, which: str = "best", task: Callable | Non
     return model.cpu().eval()
 
 
+def _check_same_split(cfg: Config, written: Config, split: str) -> None:
+    """The overrides keep the run's split: another would hold some of its training samples."""
+    for key in ("val_fraction", "test_fraction", "split_seed"):
+        if getattr(cfg.data, key) != getattr(written.data, key):
+            raise ConfigError(f"config key 'data.{key}': the run was trained with {getattr(written.data, key)!r}, "
+                              f"and its {split} set is split with it; another value would evaluate on other "
+                              f"samples, some of them trained on")
+
+
+def _chosen_checkpoint(cfg: Config, dist: Dist, checkpoint: str) -> str:
+    """The checkpoint's path, picked by rank 0, so that a run still writing one cannot make the ranks disagree.
+    Call on all ranks."""
+    found, error = None, None
+    if dist.env.is_main:
+        try:
+            found = str(checkpoint_path(cfg, checkpoint))
+        except ckpt.CheckpointError as e:
+            error = str(e)
+    found, error = dist.broadcast_object((found, error))
+    if error:
+        raise ckpt.CheckpointError(error)
+    return found
+
+
 @callers_rng()
 def evaluate(run: str | os.PathLike, checkpoint: str = "auto", split: str = "test", overrides: list[str] = (),
              task: Callable | None = None) -> dict:
@@ -173,12 +197,7 @@ def evaluate(run: str | os.PathLike, checkpoint: str = "auto", split: str = "tes
     cfg = run_config(run, overrides)
     written = run_config(run) if overrides else cfg  # the file alone: the checkpoint's config is checked against it
     if overrides and Path(run).is_dir():  # another split would hold some of the run's training samples
-        trained = written.data
-        for key in ("val_fraction", "test_fraction", "split_seed"):
-            if getattr(cfg.data, key) != getattr(trained, key):
-                raise ConfigError(f"config key 'data.{key}': the run was trained with {getattr(trained, key)!r}, "
-                                  f"and its {split} set is split with it; another value would evaluate on other "
-                                  f"samples, some of them trained on")
+        _check_same_split(cfg, written, split)
     env = in_callers_group(detect(os.environ))
     device, backend, built, forward, metrics = prepare(cfg, env, task)
     dataset = getattr(built, split)
@@ -186,16 +205,7 @@ def evaluate(run: str | os.PathLike, checkpoint: str = "auto", split: str = "tes
         raise ConfigError(f"task '{cfg.task}' has no {split} set")
     dist = Dist(env, device, backend, cfg.dist.init_timeout_s, cfg.val.rank0_timeout_s)
     try:
-        # rank 0 picks the checkpoint, so that a run still writing one cannot make the ranks disagree
-        found, error = None, None
-        if env.is_main:
-            try:
-                found = str(checkpoint_path(cfg, checkpoint))
-            except ckpt.CheckpointError as e:
-                error = str(e)
-        found, error = dist.broadcast_object((found, error))
-        if error:
-            raise ckpt.CheckpointError(error)
+        found = _chosen_checkpoint(cfg, dist, checkpoint)
         module = _real_model(built, cfg)
         # every rank reads the same files, so every rank refuses an edited config.yaml alike
         step = _load_weights(module, Path(found), lambda state: _check_as_trained(

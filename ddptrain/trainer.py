@@ -48,7 +48,7 @@ class Training:
     """One run on this rank: its parts (built here) and its loop (`fit`), which ends in `results.finish`."""
 
     def __init__(self, cfg: Config, dist: Dist, task: task_mod.Task, forward: Forward, metrics: dict):
-        env, device, tc = dist.env, dist.device, cfg.train
+        device, tc = dist.device, cfg.train
         self.cfg, self.dist, self.task, self.phase, self.clock = cfg, dist, task, "start-up", Clock()
         self.module = task.model if on_meta(task.model) else task.model.to(device)  # meta: the strategy's to build
         if cfg.dist.sync_batchnorm:
@@ -68,21 +68,38 @@ class Training:
         self.precision = Precision(tc.precision, device)
         self.stopper = EarlyStopping(cfg.early_stop.mode, cfg.early_stop.patience, cfg.early_stop.min_delta)
         self.sums = Sums(metrics, device)
-        self.rank_time = observe.RankTime(device) if env.world_size > 1 else observe.Untimed()  # read at log steps
+        self.step = self._train_step(model, forward)
+        self.evaluate = Evaluator(dist, forward, metrics, self.precision, cfg.val.mode, cfg.data, task.collate,
+                                  lockstep=self.strategy.sharded)
+        self._resume()
+        self.preemption = Preemption(cfg.preempt.signals, dist)
+        self.rates = observe.Rates(self.progress.step)  # this attempt's
+        self.finite_at = self.progress.step  # the last step at which the weights were seen finite
+        self.norm: torch.Tensor | None = torch.zeros(())
+        self.last_loss: torch.Tensor | None = None  # the latest micro-batch's
+        self.steps: Steps | None = None  # the epoch in progress, in whole steps
+
+    def _train_step(self, model, forward: Forward) -> TrainStep:
+        """The optimizer step, compiled if asked, with what it times and measures at log steps."""
+        cfg, dist, tc, device = self.cfg, self.dist, self.cfg.train, self.dist.device
+        self.rank_time = observe.RankTime(device) if dist.env.world_size > 1 else observe.Untimed()
         self.stragglers = observe.Stragglers()
         layer_norms = None
         if tc.log_grad_norms:  # per layer, at log steps; under fsdp one all-reduce makes the shards' norms whole
             layer_norms = functools.partial(grad_norms.layer_norms, grad_norms.layers(self.module),
                                             dist if self.strategy.sharded else None)
-        self.step = TrainStep(torch.compile(model, backend=tc.compile_backend) if tc.compile else model,
-                              self.module, forward, self.optimizer, self.scheduler, self.precision, tc,
-                              cfg.optim.l1, self.strategy.no_sync(), self.rank_time, layer_norms, dist)
         # FLOPs per optimizer step: a forward counted in the pre-flight check, times 3 (the backward is two)
         self.flops_per_sample, self.peak_flops = 3 * forward.flops_per_sample, observe.peak_flops(device, tc.peak_flops)
-        self.profile = observe.Profile(tc.profile, tc.profile_ranks, env.rank, cfg.run_dir)
+        self.profile = observe.Profile(tc.profile, tc.profile_ranks, dist.env.rank, cfg.run_dir)
         observe.start_memory_history(device, tc.memory_snapshot)
-        self.evaluate = Evaluator(dist, forward, metrics, self.precision, cfg.val.mode, cfg.data, task.collate,
-                                  lockstep=self.strategy.sharded)
+        return TrainStep(torch.compile(model, backend=tc.compile_backend) if tc.compile else model,
+                         self.module, forward, self.optimizer, self.scheduler, self.precision, tc,
+                         cfg.optim.l1, self.strategy.no_sync(), self.rank_time, layer_norms, dist)
+
+    def _resume(self) -> None:
+        """The run's state, as one registry of checkpoint parts; loaded from the checkpoint to resume from, if
+        any; then the loggers (rank 0's), unless the run had ended already (`done`, its summary)."""
+        cfg, dist, device, task = self.cfg, self.dist, self.dist.device, self.task
         self.state = RunState(
             shared={**self.strategy.state_parts(self.module, self.optimizer), "scheduler": self.scheduler,
                     "precision": self.precision, "early_stop": self.stopper, "progress": self.progress},
@@ -97,13 +114,7 @@ class Training:
         self.done = results.finished_summary(dist, cfg.run_dir, self.progress.step) \
             if self.resumed_from is not None and self.reached_end() else None
         self.log = run_loggers(cfg, tracking, self.progress.records, self.total_steps, self.progress.step) \
-            if env.is_main and self.done is None else NullLogger()  # rank 0's, and nothing to rewrite when done
-        self.preemption = Preemption(cfg.preempt.signals, dist)
-        self.rates = observe.Rates(self.progress.step)  # this attempt's
-        self.finite_at = self.progress.step  # the last step at which the weights were seen finite
-        self.norm: torch.Tensor | None = torch.zeros(())
-        self.last_loss: torch.Tensor | None = None  # the latest micro-batch's
-        self.steps: Steps | None = None  # the epoch in progress, in whole steps
+            if dist.env.is_main and self.done is None else NullLogger()  # rank 0's, and nothing to rewrite when done
 
     def _reseed(self, rank: int) -> None:
         seed_everything(rank_seed(self.cfg.seed, rank) + self.progress.step)
