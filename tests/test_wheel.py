@@ -65,7 +65,7 @@ def test_a_plain_wheel_install_runs_the_documented_commands(tmp_path):
     assert json.loads((tmp_path / "runs" / "stream" / "summary.json").read_text())["epochs_completed"] == 2
 
     script = sh(venv / "ddptrain", "submit", "mine.yaml", "--nodes", "1", "--nproc-per-node", "2", "--dry-run").stdout
-    assert script.startswith("#!/bin/bash") and "-m torch.distributed.run" in script and "mine.yaml" in script
+    assert script.startswith("#!/bin/bash") and "-m ddptrain.agent" in script and "mine.yaml" in script
 
     plot = sh(venv / "ddptrain", "plot", "runs/mine", ok=False)
     assert plot.returncode == 2 and plot.stderr == "ddptrain: error: ddptrain plot needs 'matplotlib': pip install " \
