@@ -88,3 +88,19 @@ def test_a_signal_to_the_agent_is_its_status_without_torchruns_traceback(monkeyp
     assert agent.main([]) == 128 + signal.SIGTERM
     captured = capsys.readouterr()
     assert captured.out == captured.err == ""
+
+
+def test_the_agent_forwards_usr1_and_usr2_and_starts_each_attempt_afresh_unless_told_otherwise(monkeypatch):
+    """ddptrain's agent is what launch, launch/*.sh and the sbatch scripts run: the one place of these defaults."""
+    import torch.distributed.run
+    from ddptrain import agent
+    seen = []
+    monkeypatch.setattr(torch.distributed.run, "main", lambda argv: seen.append(
+        (argv, os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE"))))
+    monkeypatch.delenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", raising=False)
+    assert agent.main(["--standalone", "-m", "ddptrain", "train", "c.yaml"]) == 0
+    assert seen.pop() == (["--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2", "--standalone", "-m",
+                           "ddptrain", "train", "c.yaml"], "1")
+    monkeypatch.setenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "0")
+    assert agent.main(["--signals-to-handle=SIGTERM", "-m", "ddptrain", "train", "c.yaml"]) == 0
+    assert seen.pop() == (["--signals-to-handle=SIGTERM", "-m", "ddptrain", "train", "c.yaml"], "0")
