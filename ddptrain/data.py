@@ -10,6 +10,7 @@ its passes end on all ranks at the same step (steps.py).
 from __future__ import annotations
 
 import itertools
+import signal
 import warnings
 from typing import Callable, Iterator, Sequence
 
@@ -145,10 +146,39 @@ def pinned(cfg: DataConfig, device: torch.device, cpu_batches: bool) -> bool:
     return cfg.pin_memory and device.type == "cuda" and cpu_batches
 
 
+# The signals that stop or preempt a run (preempt.signals may name these) are the rank's to act on, not its
+# DataLoader workers': torchrun sends them to each rank's process group and SLURM to every process of the job
+# step, workers included, and torch's worker dies of a SIGTERM that its parent did not send, which the rank then
+# takes for a failure of the data (no preemption checkpoint). A worker ends when its rank stops it, or on its own
+# once the rank is gone; torchrun's and SLURM's SIGKILL still end it.
+WORKERS_IGNORE = (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def _worker_start(worker_id: int) -> None:
+    """A DataLoader worker's start (after torch has set its own handlers): the signals above ignored, and a
+    SIGTERM obeyed only from the parent, as torch's worker does, since the parent's multiprocessing stops
+    its workers with one at exit. The sender is known only to a thread that waits for the signal."""
+    for sig in WORKERS_IGNORE:
+        signal.signal(sig, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # not on Linux: torch's handler stays
+        return
+    import os
+    import threading
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # pending for the thread, in every thread
+
+    def wait_for_the_parent(parent: int) -> None:
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+            pass
+        os._exit(0)
+    threading.Thread(target=wait_for_the_parent, args=(os.getppid(),), daemon=True,
+                     name="ddptrain-worker-sigterm").start()
+
+
 def _loader_kwargs(cfg: DataConfig, pin: bool, collate: Callable | None) -> dict:
     kw = {"num_workers": cfg.num_workers, "pin_memory": pin,
           "collate_fn": collate or batch.collate}
     if cfg.num_workers > 0:
+        kw["worker_init_fn"] = _worker_start  # runs after torch's own signal handlers are set
         kw["persistent_workers"] = cfg.persistent_workers
         if cfg.prefetch_factor is not None:
             kw["prefetch_factor"] = cfg.prefetch_factor
@@ -187,6 +217,15 @@ def stream_train_loader(stream: IterableDataset, cfg: DataConfig, env: DistEnv, 
         warnings.filterwarnings("ignore", message=".*'set_vital' is deprecated")
         return StatefulDataLoader(part, batch_size=micro_batch_size(cfg, env.world_size, grad_accum_steps),
                                   drop_last=True, generator=torch.Generator(), **kwargs)
+
+
+def shut_down(loader: DataLoader) -> None:
+    """Stop the worker processes that a loader with persistent workers keeps between epochs, now. Left to the
+    garbage collection of the run's objects, the loader's queues can go first, so its workers never hear that
+    they are done: torch waits 5 s for each and then kills it (as Lightning, through the loader's iterator)."""
+    iterator, loader._iterator = getattr(loader, "_iterator", None), None
+    if hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
 
 
 def stream_length(stream: IterableDataset) -> int | None:

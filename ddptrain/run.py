@@ -83,6 +83,7 @@ def run(cfg: Config, env: DistEnv, task_fn: Callable | None = None, hooks: dict 
         raise
     finally:
         if training is not None:
+            training.data.close()
             try:  # a write in flight ends before the process group does (or fails: it is never marked whole)
                 training.strategy.close()
             except ckpt.CheckpointError:

@@ -10,7 +10,7 @@ import time
 from . import config as config_mod
 from . import observe
 from .config import Config
-from .data import stream_length, stream_train_loader, train_loader
+from .data import shut_down, stream_length, stream_train_loader, train_loader
 from .dist import Dist
 from .state import Progress, rank_seed
 from .steps import Steps, StreamPosition, StreamSteps
@@ -73,3 +73,7 @@ class TrainData:
         self.sampler.start = step_in_epoch * k * self.loader.batch_size
         left = (self.steps_per_epoch - step_in_epoch) * k
         return Steps(_timed(itertools.islice(self.loader, left), rates), k, left // k)
+
+    def close(self) -> None:
+        """The loader's workers stopped (at the run's end, or on its way out)."""
+        shut_down(self.loader)

@@ -40,6 +40,20 @@ class Items(IterableDataset):
             yield item(i)
 
 
+class SlowItems(Items):
+    """Items, each read in `delay` seconds."""
+
+    def __init__(self, n: int, delay: float):
+        super().__init__(n)
+        self.delay = delay
+
+    def __iter__(self):
+        import time
+        for x in super().__iter__():
+            time.sleep(self.delay)
+            yield x
+
+
 class Files(IterableDataset):
     """"Files" of ids (their lengths given), split over ranks and workers with ddptrain.shard."""
 
@@ -92,13 +106,15 @@ class SizedItems(Items):
 
 def stream(cfg):
     """task_args: kind: items (split by ddptrain), files (ddptrain.shard), noisy (files with noise drawn as read), stateful (files with a state) or
-    sized (items with a __len__); lengths of the files (12 of 16); val_n: validation and test items (none)."""
+    sized (items with a __len__) or slow (items, each read in task_args.delay seconds); lengths of the files (12 of 16);
+    val_n: validation and test items (none)."""
     kind, lengths = cfg.task_args.get("kind", "files"), cfg.task_args.get("lengths", [16] * 12)
     val_n = cfg.task_args.get("val_n", 0)
     torch.manual_seed(cfg.seed)
     train = {"items": lambda: Items(sum(lengths)), "files": lambda: Files(list(lengths)),
              "noisy": lambda: NoisyFiles(list(lengths)),
-             "stateful": lambda: StatefulFiles(list(lengths)), "sized": lambda: SizedItems(sum(lengths))}[kind]()
+             "stateful": lambda: StatefulFiles(list(lengths)), "sized": lambda: SizedItems(sum(lengths)),
+             "slow": lambda: SlowItems(sum(lengths), cfg.task_args.get("delay", 0.01))}[kind]()
     model = Numbered()
     MODELS.append(model)
     val = Items(val_n, first=sum(lengths)) if val_n else None

@@ -36,10 +36,10 @@ def write_config(path: Path, delay=0.0, kill_after=0, epochs=4) -> Path:
     return path
 
 
-def launch(config: Path, *extra, **popen):
+def launch(config: Path, *extra, overrides=(), **popen):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
     return subprocess.Popen([sys.executable, "-m", "ddptrain", "launch", "--nproc-per-node", "2", *extra,
-                             str(config), "runs_dir=runs"], cwd=config.parent, env=env, text=True,
+                             str(config), "runs_dir=runs", *overrides], cwd=config.parent, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
 
 
@@ -95,6 +95,27 @@ def test_signal_to_the_launcher_checkpoints_exits_75_and_resumes_exactly(tmp_pat
     assert train_steps(run_dir) == list(range(1, 25))
     resumed = final_weights(run_dir)
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+
+
+@pytest.mark.parametrize("data", [
+    ["task_args.delay=0.01", "data.num_workers=1"],  # map-style: torch's DataLoader workers
+    ["task=tasks_stream:stream", "task_args={kind: slow, delay: 0.01}", "data.num_workers=2", "loss.name=mse"],
+])  # a stream: torchdata's StatefulDataLoader workers
+def test_a_preemption_signal_that_reaches_the_data_workers_too_still_checkpoints(tmp_path, data):
+    """torchrun signals each worker's process group and SLURM every process of the step, the DataLoader workers
+    with them: torch's worker dies of a SIGTERM its parent did not send, which the rank took for a failure of the
+    data (status 2, no checkpoint). The workers leave the signal to the rank."""
+    config = write_config(tmp_path / "exp.yaml", epochs=40)
+    run_dir = tmp_path / "runs" / "exp"
+    proc = launch(config, overrides=data)
+    wait_for_step(run_dir, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
+    assert "ddptrain: preempted by SIGTERM: checkpoint written at step" in err and "error" not in err, err[-3000:]
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "preempted"
+    # and each rank exits: its workers still obey the SIGTERM that its multiprocessing stops them with at exit
+    assert "Unable to shutdown process" not in err, err[-3000:]  # torchrun's word for a SIGKILL 30 s on
 
 
 def test_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
