@@ -97,6 +97,14 @@ def taken(study, below: int | None = None) -> int:
     return sum(below is None or t.number < below for t in study.get_trials(deepcopy=False, states=states))
 
 
+def _point_taken(trial, params: dict) -> bool:
+    """Another trial of the study, finished or running, has these parameters."""
+    import optuna
+    S = optuna.trial.TrialState
+    return any(t.params == params for t in trial.study.get_trials(deepcopy=False, states=(S.COMPLETE, S.PRUNED, S.RUNNING))
+               if t.number != trial.number)
+
+
 def _queue_again(trial, run_dir: Path | None) -> None:
     """Queue a stopped trial's parameters again; the trial that takes them continues `run_dir` from its checkpoint."""
     import optuna
@@ -118,8 +126,8 @@ class Runner:
     """Runs one trial as a subprocess, reporting validations to Optuna and pruning when asked."""
 
     def __init__(self, config_path: Path, overrides: list[str], space: Space, sweep_dir: Path, study_name: str,
-                 nproc: int, budget: int):
-        self.config_path, self.overrides, self.space = config_path, overrides, space
+                 nproc: int, budget: int, grid: bool = False):
+        self.config_path, self.overrides, self.space, self.grid = config_path, overrides, space, grid
         self.sweep_dir, self.study_name, self.nproc, self.budget = sweep_dir, study_name, nproc, budget
         self.worker = worker_name()
         self.running: set[subprocess.Popen] = set()
@@ -142,6 +150,9 @@ class Runner:
                 raise _failed(trial, "not run: the sweep was stopping; queued again")
             # another worker took the last place between this worker's check and its new trial
             raise _failed(trial, f"not run: the study already has its {self.budget} trials")
+        if self.grid and resume is None and _point_taken(trial, params):
+            trial.study.stop()  # Optuna's grid sampler hands out a point again once every point is taken
+            raise _failed(trial, "not run: every point of the grid has run or is running")
         run_dir = Path(resume) if resume else self.sweep_dir / f"trial-{trial.number:04d}"
         log_path = self.sweep_dir / "logs" / f"trial-{trial.number:04d}.log"
         for key, value in (("run_dir", str(run_dir)), ("log", str(log_path)), ("worker", self.worker)):
@@ -236,8 +247,10 @@ def run_sweep(config_path: Path, space_path: Path, overrides: list[str], sampler
     # with their log but do not use it up.
     S = optuna.trial.TrialState
     remaining = trials - len(study.get_trials(deepcopy=False, states=(S.COMPLETE, S.PRUNED)))
+    if sampler == "grid" and study.sampler.is_exhausted(study):  # a finished grid run again: nothing left to run
+        remaining = 0
     runner = Runner(Path(config_path).resolve(), list(overrides), space, sweep_dir.resolve(), study_name, nproc,
-                    budget=trials)
+                    budget=trials, grid=sampler == "grid")
     previous = {sig: signal.signal(sig, runner.stop) for sig in (*PREEMPT_SIGNALS, signal.SIGINT)}
     try:
         if remaining > 0 and taken(study) < trials and not runner.stopped_by:

@@ -109,6 +109,26 @@ pruner: {name: none}
 
 
 @pytest.mark.timeout(300)
+def test_a_grid_runs_each_point_once_with_two_workers_and_when_run_again(tmp_path):
+    """Optuna's grid sampler hands out a running point again once every point is taken (the first worker done
+    while the second runs), and a visited one to a finished study run again: neither runs twice."""
+    config = write(tmp_path / "reg.yaml", "task: tasks_for_tests:regression_for_launch\ntask_args: {delay: 0.005}\n"
+                                          "data: {batch_size: 16}\ntrain: {epochs: 2}\n")
+    space = write(tmp_path / "space.yaml", "objective: val_loss\ndirection: minimize\npruner: {name: none}\n"
+                  "params:\n  optim.lr: {choices: [0.01, 0.02]}\n")
+    args = (config, space, "--sampler", "grid", "--trials", "50", "--workers", "2")
+    first = sweep(tmp_path, *args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    sweep_dir = tmp_path / "runs" / "reg-sweep"
+    ran = sorted(json.loads(r["optim.lr"]) for r in trials(sweep_dir) if r["state"] == "COMPLETE")
+    assert ran == [0.01, 0.02], trials(sweep_dir)
+    again = sweep(tmp_path, *args)
+    assert again.returncode == 0 and "started" not in again.stdout and "re-evaluating" not in again.stderr, \
+        again.stdout + again.stderr[-3000:]
+    assert sorted(d.name for d in sweep_dir.glob("trial-*")) == ["trial-0000", "trial-0001"]
+
+
+@pytest.mark.timeout(300)
 def test_stopped_sweep_continues_without_repeating_finished_trials(tmp_path):
     """SIGTERM (a preemption) stops the sweep with 75, SIGINT (Ctrl-C) with 130; either way the interrupted
     trial is queued again and continues its run from its checkpoint, and no finished trial runs again."""
