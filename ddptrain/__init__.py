@@ -5,6 +5,7 @@
 __version__ = "0.1.0"
 
 __all__ = ["train", "evaluate", "load_model", "Task", "Config", "load_config", "split", "shard"]
+SUBMODULES = ("data", "losses", "stream")  # the modules a task's code may reach through ddptrain.<name>
 
 
 def __getattr__(name):
@@ -29,4 +30,7 @@ def __getattr__(name):
     if name == "split":
         from .data import split
         return split
+    if name in SUBMODULES:  # `ddptrain.losses.R2()` after a plain `import ddptrain`, as the README writes it
+        import importlib
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'ddptrain' has no attribute {name!r}")

@@ -20,7 +20,8 @@ class Parser(argparse.ArgumentParser):
     """argparse, whose usage errors are one line, `ddptrain: error: ...` (exit 2), as every other mistake is."""
 
     def error(self, message: str):
-        self.exit(2, f"ddptrain: error: {self.prog}: {message} (`{self.prog} --help` shows the usage)\n")
+        where = "" if self.prog == "ddptrain" else f"{self.prog}: "  # a sub-command's parser names it
+        self.exit(2, f"ddptrain: error: {where}{message} (`{self.prog} --help` shows the usage)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,14 +44,14 @@ def _parser() -> argparse.ArgumentParser:
 def _add_train(sub) -> None:
     t = sub.add_parser("train", help="train in this process (or as one rank under torchrun/srun)")
     t.add_argument("config", help="config file (.yaml, .yml or .toml)")
-    t.add_argument("overrides", nargs="*", help="section.key=value (or --section.key=value) overrides")
+    t.add_argument("overrides", nargs="*", default=[], help="section.key=value (or --section.key=value) overrides")
     t.add_argument("--print-config", action="store_true", help="print the resolved config with every default and exit")
 
 
 def _add_eval(sub) -> None:
     ev = sub.add_parser("eval", help="evaluate a trained run without training (one process, or each rank under torchrun)")
     ev.add_argument("run", help="run directory (with its config.yaml) or the run's config file")
-    ev.add_argument("overrides", nargs="*", help="section.key=value overrides (data.eval_batch_size, val.mode, ...)")
+    ev.add_argument("overrides", nargs="*", default=[], help="section.key=value overrides (data.eval_batch_size, val.mode, ...)")
     ev.add_argument("--checkpoint", default="auto",
                     help="auto (default: the weights the run's own test used, tested_weights in summary.json; before the run "
                          "has ended best.pt if whole, else the newest checkpoint), best, last, or a checkpoint's path")
@@ -71,7 +72,7 @@ def _add_launch(sub) -> None:
     la.add_argument("--nproc-per-node", "--nproc_per_node", type=int, default=2, help="processes to start (default 2)")
     la.add_argument("--max-restarts", type=int, default=0, help="torchrun elastic restarts (default 0)")
     la.add_argument("config", help="config file")
-    la.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    la.add_argument("overrides", nargs="*", default=[], help="section.key=value overrides")
 
 
 def _add_sweep(sub) -> None:
@@ -82,7 +83,7 @@ def _add_sweep(sub) -> None:
                                     "trials continue from their checkpoints.")
     sw.add_argument("config", help="base config file")
     sw.add_argument("space", help="search-space file (.yaml or .toml)")
-    sw.add_argument("overrides", nargs="*", help="section.key=value overrides of the base config")
+    sw.add_argument("overrides", nargs="*", default=[], help="section.key=value overrides of the base config")
     sw.add_argument("--sampler", choices=["grid", "random", "tpe", "gp"], default="tpe", help="default tpe")
     sw.add_argument("--trials", type=int, default=20, help="finished trials the study should reach (default 20); failed ones do not "
                     "count, but this command starts at most this many minus the finished ones")
@@ -171,6 +172,11 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, str, list[str]]:
     if extra:
         args.overrides += extra
     return args, launched, launch_argv
+
+
+def parse_eval(argv: list[str]) -> argparse.Namespace:
+    """`eval ARGS...` parsed as `ddptrain eval` parses them (for `ddptrain launch ... eval`)."""
+    return _parse(["eval", *argv])[0]
 
 
 def _said(e: Exception) -> int | None:

@@ -53,9 +53,9 @@ def _checked(args, command: str, argv: list[str]) -> tuple[list[str], Config]:
     if args.max_restarts < 0:
         raise config_mod.ConfigError(f"--max-restarts: expected 0 or more, got {args.max_restarts}")
     if command == "eval":  # fail here, not once per rank
-        from .cli import _parser
+        from .cli import parse_eval
         from .trained import run_config
-        parsed = _parser().parse_args(["eval", *argv])
+        parsed = parse_eval(argv)
         cfg = run_config(parsed.run, parsed.overrides)
     else:
         argv = [args.config, *args.overrides]

@@ -44,8 +44,11 @@ def stop(t: Training, what: str) -> None:
     """Write a diagnostic (rank 0) and raise NonFiniteError on every rank. Call on all ranks."""
     p, cfg = t.progress, t.cfg
     losses = t.dist.gather_object(float(t.last_loss.detach()))
-    message = (f"{what}; stopped at step {p.step}, epoch {p.epoch}; set train.nonfinite=skip to skip such "
-               f"steps (it checks every step), or lower optim.lr")
+    if cfg.train.nonfinite == "stop":
+        fix = "set train.nonfinite=skip to skip such steps (it checks every step), or lower optim.lr"
+    else:  # skipping already: the steps keep failing
+        fix = "lower optim.lr, clip the gradients (train.clip_grad_norm) or raise train.max_skips_in_a_row"
+    message = f"{what}; stopped at step {p.step}, epoch {p.epoch}; {fix}"
     if t.dist.env.is_main:
         from .runlog import write_json_atomic
         last = ckpt.latest_valid(t.ckpt_dir)  # whole: not one a dead attempt left unmarked

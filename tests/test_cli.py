@@ -239,7 +239,8 @@ def test_launch_refuses_sync_batchnorm_on_cpu_before_starting_torchrun(tmp_path,
 
 @pytest.mark.parametrize("argv, expected", [
     (["eval", "runs/x", "--split", "train"], "ddptrain eval: argument --split: invalid choice: 'train'"),
-    ([], "ddptrain: the following arguments are required: command"),
+    ([], "the following arguments are required: command"),
+    (["train"], "ddptrain train: the following arguments are required: config"),
     (["submit", "c.yaml"], "ddptrain submit: one of the arguments --gpus-per-node --nproc-per-node is required"),
 ])
 def test_a_usage_mistake_is_one_line(argv, expected, capsys):
@@ -266,3 +267,11 @@ def test_a_task_error_under_launch_is_one_line_without_torchruns_thread_banner(t
                           capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("ddptrain: error: task 'tasks_for_tests:raises_in_build'") \
         and proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_the_submodules_a_task_uses_are_reached_after_a_plain_import():
+    """The README writes `ddptrain.losses.R2()` and `ddptrain.data.check_fractions` after `import ddptrain`."""
+    code = ("import ddptrain; print(type(ddptrain.losses.R2()).__name__, ddptrain.data.check_fractions.__name__, "
+            "ddptrain.stream.shard is ddptrain.shard)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["R2", "check_fractions", "True"], out.stderr

@@ -102,8 +102,8 @@ def test_eval_under_launch_writes_the_result_and_bad_input_is_one_line(trained, 
     run_dir, summary = trained
     out = tmp_path / "results" / "eval.json"  # -o makes its directory
     proc = subprocess.run([sys.executable, "-m", "ddptrain", "launch", "--nproc-per-node", "2", "eval", str(run_dir),
-                           "--checkpoint", "best", "-o", str(out)], cwd=TESTS, capture_output=True, text=True,
-                          timeout=120)
+                           "--checkpoint", "best", "-o", str(out), "data.eval_batch_size=7"], cwd=TESTS,
+                          capture_output=True, text=True, timeout=120)  # an override after the options, as in eval
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     assert result["mse"] == pytest.approx(summary["test"]["mse"], rel=1e-12)

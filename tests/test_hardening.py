@@ -127,8 +127,10 @@ def test_export_to_a_full_disk_is_one_line_and_keeps_the_previous_file(small_dis
 def test_skipping_non_finite_steps_gives_up_after_a_few_in_a_row(tmp_path):
     cfg = from_dict({**to_dict(diverging(3)), "runs_dir": str(tmp_path)})
     with pytest.raises(NonFiniteError, match=r"3 steps in a row skipped for non-finite gradients "
-                                             r"\(train.max_skips_in_a_row=3\)"):
+                                             r"\(train.max_skips_in_a_row=3\)") as raised:
         run(cfg, detect({}))
+    # skipping already: the hint is what to try next, not to turn on skipping
+    assert "nonfinite=skip" not in str(raised.value) and "train.clip_grad_norm" in str(raised.value)
     diagnostic = strict_json(tmp_path / "d" / "nonfinite.json")  # valid JSON, though lr and losses may be inf
     assert diagnostic["step"] < 24
 
