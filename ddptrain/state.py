@@ -240,9 +240,27 @@ def _get(d: dict, dotted: str):
     return d
 
 
+_ABSENT = object()  # a key one config has and the other has not
+
+
+def _leaves(key: str, then, now):
+    """The dotted keys under `key` whose values differ, as (key, then, now): within a mapping, the keys in it."""
+    if not (isinstance(then, dict) and isinstance(now, dict)):
+        yield key, then, now
+        return
+    for k in sorted(then.keys() | now.keys(), key=str):
+        if then.get(k, _ABSENT) != now.get(k, _ABSENT):
+            yield from _leaves(f"{key}.{k}", then.get(k, _ABSENT), now.get(k, _ABSENT))
+
+
+def shown_value(value) -> str:
+    return "not set" if value is _ABSENT else repr(value)
+
+
 def pinned_diffs(saved: dict, current: dict, model_keys_matter: bool = True) -> list[tuple[str, object, object]]:
-    """The keys that shape the training whose values differ between a checkpoint's config and `current`, as
-    (key, saved value, current value) (`model.*` only matters to a task that reads it)."""
+    """The keys that shape the training whose values differ between a checkpoint's config and `current`, each
+    leaf of a section by itself, as (dotted key, saved value, current value) (`model.*` only matters to a task
+    that reads it)."""
     try:  # keys added since the checkpoint was made take their defaults, which is what it trained with
         saved = config_mod.to_dict(configfile.from_dict(saved))
     except ConfigError:
@@ -250,16 +268,20 @@ def pinned_diffs(saved: dict, current: dict, model_keys_matter: bool = True) -> 
     pinned = [k for k in PINNED if model_keys_matter or k != "model"]
     if _get(current, "sched.name") in config_mod.SPANS_RUN:
         pinned += ["train.epochs", "train.max_steps"]  # these schedules are laid out over the whole run
-    return [(k, _get(saved, k), _get(current, k)) for k in pinned if _get(saved, k) != _get(current, k)]
+    return [leaf for k in pinned if _get(saved, k) != _get(current, k) for leaf in _leaves(k, _get(saved, k),
+                                                                                           _get(current, k))]
 
 
 def check_compatible(saved: dict, current: dict, path, model_keys_matter: bool = True) -> None:
     """Refuse to continue a checkpoint under a config that would train differently."""
-    diffs = [f"{k}: {then!r} -> {now!r}" for k, then, now in pinned_diffs(saved, current, model_keys_matter)]
-    if diffs:
-        raise ConfigError(f"checkpoint '{path}' was made with a different config ({'; '.join(diffs)}); use another "
-                          f"`name`, `checkpoint.resume=none` to start over, or the original values")
-
+    diffs = pinned_diffs(saved, current, model_keys_matter)
+    if not diffs:
+        return
+    shown = "; ".join(f"{k}: {shown_value(then)} -> {shown_value(now)}" for k, then, now in diffs)
+    if any(k in ("train.epochs", "train.max_steps") for k, _, _ in diffs):
+        shown += f" (sched.name={_get(current, 'sched.name')} is laid out over the run's length)"
+    raise ConfigError(f"checkpoint '{path}' was made with a different config ({shown}); use another "
+                      f"`name`, `checkpoint.resume=none` to start over, or the original values")
 
 
 def resume_path(cfg: Config, dist: Dist) -> Path | None:

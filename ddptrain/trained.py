@@ -20,7 +20,7 @@ from .config import Config, ConfigError
 from .dist import Dist, detect, in_callers_group
 from .runlog import warn
 from .sharded import load_sharded
-from .state import callers_rng, pinned_diffs, seed_everything
+from .state import callers_rng, pinned_diffs, seed_everything, shown_value
 
 
 def run_config(run: str | os.PathLike, overrides: list[str] = ()) -> Config:
@@ -87,23 +87,6 @@ def _real_model(task: task_mod.Task, cfg: Config) -> nn.Module:
     return task.model
 
 
-_ABSENT = object()  # a key one config has and the other has not
-
-
-def _leaves(key: str, then, now):
-    """The dotted keys under `key` whose values differ, as (key, then, now): within a mapping, the keys in it."""
-    if not (isinstance(then, dict) and isinstance(now, dict)):
-        yield key, then, now
-        return
-    for k in sorted(then.keys() | now.keys(), key=str):
-        if then.get(k, _ABSENT) != now.get(k, _ABSENT):
-            yield from _leaves(f"{key}.{k}", then.get(k, _ABSENT), now.get(k, _ABSENT))
-
-
-def _shown(value) -> str:
-    return "not set" if value is _ABSENT else repr(value)
-
-
 def _check_as_trained(state: dict, path: Path, run: str | os.PathLike, written: Config, model_keys_matter: bool,
                       hint: str = "") -> None:
     """Refuse a run's config file (`written`, as read, without overrides) that was edited after training in what
@@ -113,11 +96,10 @@ def _check_as_trained(state: dict, path: Path, run: str | os.PathLike, written: 
         return
     import yaml
     trained = yaml.safe_load(yaml.safe_dump(state["config"]))  # as config.yaml would hold it: a tuple is a list there
-    diffs = [leaf for diff in pinned_diffs(trained, config_mod.to_dict(written), model_keys_matter)
-             for leaf in _leaves(*diff)]
+    diffs = pinned_diffs(trained, config_mod.to_dict(written), model_keys_matter)
     if not diffs:
         return
-    shown = "; ".join(f"config key '{k}' is {_shown(now)} in the file, {_shown(then)} in the checkpoint"
+    shown = "; ".join(f"config key '{k}' is {shown_value(now)} in the file, {shown_value(then)} in the checkpoint"
                       for k, then, now in diffs)
     fix = "put back the values it was trained with"
     if Path(run).is_dir():
