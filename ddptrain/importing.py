@@ -74,6 +74,9 @@ def import_object(spec: str, key: str):
                 where = "" if Path(target).is_absolute() else \
                     f" (a relative path is taken from the current directory, {os.getcwd()})"
                 raise ConfigError(f"config key '{key}': file '{target}' not found{where}")
+            home = str(Path(target).resolve().parent)  # its siblings import, as under `python file.py`
+            if home not in sys.path:
+                sys.path.insert(0, home)
             mod_spec = importlib.util.spec_from_file_location(Path(target).stem, target)
             module = importlib.util.module_from_spec(mod_spec)
             mod_spec.loader.exec_module(module)

@@ -201,6 +201,23 @@ def test_compile_option_trains_like_eager(tmp_path):
     assert compiled["val"]["loss"] == pytest.approx(eager["val"]["loss"], rel=1e-4)
 
 
+def test_a_task_file_imports_its_siblings_from_any_directory(tmp_path):
+    # as under `python tasks/task.py`: the file's own directory is importable, not only the current one
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "sibling_net.py").write_text("from torch import nn\nNet = lambda: nn.Linear(3, 1)\n")
+    (tmp_path / "tasks" / "task.py").write_text(
+        "import torch\nfrom torch.utils.data import TensorDataset\nimport ddptrain\nfrom sibling_net import Net\n"
+        "def build(cfg):\n    g = torch.Generator().manual_seed(0)\n"
+        "    data = TensorDataset(torch.randn(32, 3, generator=g), torch.randn(32, 1, generator=g))\n"
+        "    return ddptrain.Task(model=Net(), train=data, loss=torch.nn.functional.mse_loss)\n")
+    f = write(tmp_path, f"task: tasks/task.py:build\nruns_dir: {tmp_path}\nname: s\ntrain:\n  epochs: 1\n"
+                        "data:\n  batch_size: 16\n")
+    proc = subprocess.run([sys.executable, "-m", "ddptrain", "train", str(f)], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "s" / "summary.json").read_text())["steps"] == 2
+
+
 def test_python_api_takes_a_task_function(tmp_path):
     import tasks_for_tests
     from ddptrain import train
