@@ -205,7 +205,8 @@ def _said(e: Exception) -> int | None:
         # says it once; an error only some ranks meet says which rank it is.
         if _is_main():
             print(f"ddptrain: error: {e}", file=sys.stderr, flush=True)
-        elif getattr(e, "rank_specific", False):
+        elif getattr(e, "rank_specific", False):  # and if rank 0 met it too, rank 0's line is the one said:
+            time.sleep(QUIET_RANK_GRACE_S)  # torchrun stops this rank once rank 0 has exited
             print(f"[rank {os.environ.get('RANK', os.environ.get('SLURM_PROCID'))}] ddptrain: error: {e}", file=sys.stderr, flush=True)
         else:  # rank 0 says it: torchrun stops every worker once one has exited, so do not end before rank 0 can
             time.sleep(QUIET_RANK_GRACE_S)

@@ -50,6 +50,8 @@ def run(cfg: Config, env: DistEnv, task_fn: Callable | None = None, hooks: dict 
     `hooks["before_micro_step"](step, micro_step, batch) -> batch` sees every micro-batch first (tests, benchmarks).
     """
     env = in_callers_group(env)
+    if not env.is_main:
+        prefix_warnings(env.rank)
     micro_batch_size(cfg.data, env.world_size, cfg.train.grad_accum_steps)  # fail before any process group
     check_sync_batchnorm(cfg, env.world_size)
     check_strategy(cfg, env.world_size)
@@ -59,8 +61,6 @@ def run(cfg: Config, env: DistEnv, task_fn: Callable | None = None, hooks: dict 
     check_val_mode(cfg, task)
     check_optimizer(cfg, task)
     seed_everything(rank_seed(cfg.seed, env.rank))
-    if not env.is_main:
-        prefix_warnings(env.rank)
     training, dist, lock = None, None, RunLock(cfg.run_dir) if env.is_main else None
     recorded = observe.flight_recorder(cfg.run_dir, cfg.dist.flight_recorder and backend == "nccl")
     try:

@@ -51,6 +51,12 @@ def warn(message: str) -> None:
     diagnostics.warning(message)
 
 
+def warn_once(message: str) -> None:
+    """A diagnostic that every rank meets alike (of the task or the config): said by rank 0 alone."""
+    if not _rank and os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+        warn(message)
+
+
 class Logger(Protocol):
     def record(self, event: dict) -> None: ...     # one metrics event (split, step, epoch, values)
     def progress(self, step: int, total: int) -> None: ...

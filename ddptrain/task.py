@@ -22,7 +22,7 @@ from .dist import is_collective_failure
 from .importing import import_object, message, user_frame
 from .losses import ELEMENTWISE, as_metric, build_loss
 from .models import on_meta, uninitialisable
-from .runlog import warn
+from .runlog import warn_once
 
 BUILTIN = {"digits": "ddptrain.tasks.digits:build", "diabetes": "ddptrain.tasks.diabetes:build"}
 
@@ -116,7 +116,7 @@ def build(cfg: Config, fn: Callable[[Config], Task]) -> Task:
     task.reads_model_config = bool(model_keys.read)
     changed = [f"model.{k}" for k, v in vars(cfg.model).items() if getattr(ModelConfig(), k) != v]
     if changed and not task.reads_model_config:
-        warn(f"{', '.join(changed)} {'is' if len(changed) == 1 else 'are'} set, but task '{cfg.task}' does not read "
+        warn_once(f"{', '.join(changed)} {'is' if len(changed) == 1 else 'are'} set, but task '{cfg.task}' does not read "
              f"cfg.model (only the built-in tasks' MLP does): ignored, and not pinned when the run resumes")
     return task
 
@@ -283,7 +283,7 @@ def _check_num_items(name: str, forward: Forward, model: nn.Module, batch, mean:
     except Exception as e:
         why = f"the model fails when given it ({type(e).__name__}: {message(e)})"
     forward.num_items = False
-    warn(f"{name}: the model's forward takes num_items_in_batch (or **kwargs), but {why}; ddptrain weights its loss, "
+    warn_once(f"{name}: the model's forward takes num_items_in_batch (or **kwargs), but {why}; ddptrain weights its loss, "
          f"a mean, by its tokens instead (set accepts_loss_kwargs = False on the model to say so)")
 
 

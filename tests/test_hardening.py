@@ -240,6 +240,15 @@ def test_bad_data_met_mid_run_on_one_rank_is_one_line_under_launch(tmp_path):
         proc.stderr.count("\n") == 1, proc.stderr
 
 
+def test_a_warning_every_rank_meets_is_said_once_under_launch(tmp_path):
+    # each rank builds the task: both said that the task does not read model.hidden
+    (tmp_path / "c.yaml").write_text(f"task: tasks_for_tests:regression\nruns_dir: {tmp_path}\ntrain: {{epochs: 1}}\n"
+                                     "model: {hidden: [8]}\n")
+    proc = subprocess.run([sys.executable, "-m", "ddptrain", "launch", "--nproc-per-node", "2", str(tmp_path / "c.yaml")],
+                          cwd=TESTS, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stderr.count("does not read cfg.model") == 1, proc.stderr
+
+
 WRONG_LINEAR = """import torch
 from torch import nn
 
@@ -258,10 +267,12 @@ class Net(nn.Module):
 """
 
 
-@pytest.mark.parametrize("compile", [False, True])
-def test_a_wrong_layer_size_met_mid_run_names_the_model_files_line(tmp_path, compile):
+@pytest.mark.parametrize("command, compile", [(["train"], False), (["train"], True),
+                                              (["launch", "--nproc-per-node", "2"], False)])
+def test_a_wrong_layer_size_met_mid_run_names_the_model_files_line(tmp_path, command, compile):
     # raised inside torch (F.linear): the line is the model's, not torch's; under torch.compile torch raised it
-    # from its own frames alone, and the message named torch/_dynamo/exc.py
+    # from its own frames alone, and the message named torch/_dynamo/exc.py; under launch, every rank met it
+    # and each said it ("[rank 1] ddptrain: error: ..." below rank 0's line)
     (tmp_path / "wrong_model.py").write_text(WRONG_LINEAR)
     (tmp_path / "task.py").write_text(
         "import torch\nfrom torch.utils.data import TensorDataset\nimport ddptrain\nfrom wrong_model import Net\n\n"
@@ -269,11 +280,12 @@ def test_a_wrong_layer_size_met_mid_run_names_the_model_files_line(tmp_path, com
         "    return ddptrain.Task(model=Net(), train=data, loss=torch.nn.functional.mse_loss)\n")
     (tmp_path / "c.yaml").write_text(f"task: task.py:build\nruns_dir: runs\ndata: {{batch_size: 16}}\n"
                                      f"train: {{epochs: 1, compile: {str(compile).lower()}}}\n")
-    proc = subprocess.run([sys.executable, "-m", "ddptrain", "train", "c.yaml"], cwd=tmp_path, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "ddptrain", *command, "c.yaml"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=120)
     last = proc.stderr.strip().splitlines()[-1]  # torch.compile logs the failure on its own lines first
     assert proc.returncode == 2 and last.startswith("ddptrain: error: the model or the loss, at step 1 on rank 0, "
                                                     "raised ") and last.endswith(" (wrong_model.py:15)"), proc.stderr
+    assert compile or proc.stderr.count("\n") == 1, proc.stderr
 
 
 def test_the_users_frame_is_below_no_installed_packages_frame(tmp_path):
