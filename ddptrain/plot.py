@@ -125,7 +125,8 @@ def plot(run_dirs: list[Path], out: Path, log: bool = False):
         train = [e for e in events if e["split"] == "train"]
         val = [e for e in events if e["split"] == "val"]
         monitor = summary.get("monitor", "val_loss")[4:]
-        ax_loss.plot(_values(train, "step"), _values(train, "loss"), color=color, label=f"{label} train")
+        dot = {"marker": "o", "ms": 3} if len(train) == 1 else {}  # a line of one point is not drawn
+        ax_loss.plot(_values(train, "step"), _values(train, "loss"), color=color, label=f"{label} train", **dot)
         if val:
             ax_loss.plot(_values(val, "step"), _values(val, "loss"), color=color, ls="--", marker="o",
                          ms=3, label=f"{label} val")
@@ -137,7 +138,7 @@ def plot(run_dirs: list[Path], out: Path, log: bool = False):
         if summary.get("stopped_early"):
             for ax in (ax_loss, ax_metric):
                 ax.axvline(summary["steps"], color=color, ls=":", label=f"{label} early stop" if ax is ax_metric else None)
-        ax_lr.plot(_values(train, "step"), _values(train, "lr"), color=color, label=label)
+        ax_lr.plot(_values(train, "step"), _values(train, "lr"), color=color, label=label, **dot)
     for ax, title in ((ax_loss, "loss"), (ax_metric, "monitored validation metric"), (ax_lr, "learning rate")):
         ax.set_title(title)
         ax.set_xlabel("step")

@@ -220,11 +220,12 @@ def test_plot_of_a_damaged_summary_or_config_is_one_line(tmp_path, capsys, name,
     assert err.startswith("ddptrain: error: " + expected.format(run / name)) and err.count("\n") == 1, err
 
 
-def test_plot_of_a_run_without_validation_draws_no_empty_legend(tmp_path, recwarn):
+def test_plot_of_a_run_of_one_train_event_draws_its_point_and_no_empty_legend(tmp_path, recwarn):
     from ddptrain.plot import plot
     run = tmp_path / "no_val"
     run.mkdir()
     (run / "metrics.jsonl").write_text(json.dumps({"split": "train", "step": 1, "epoch": 0, "loss": 1.0, "lr": 0.1}))
-    ax_loss, ax_metric, _ = plot([run], tmp_path / "curves.png").axes
+    ax_loss, ax_metric, ax_lr = plot([run], tmp_path / "curves.png").axes
     assert ax_loss.get_legend() is not None and ax_metric.get_legend() is None
+    assert ax_loss.lines[0].get_marker() == ax_lr.lines[0].get_marker() == "o"  # one point: a line showed nothing
     assert [str(w.message) for w in recwarn] == []
