@@ -145,9 +145,13 @@ class Profile:
     """train.profile: torch.profiler over optimizer steps [first, last], each step marked `ddptrain step N`,
     as a Chrome trace per rank (`profile/rank<r>.json`) that Perfetto and TensorBoard's profiler open."""
 
-    def __init__(self, steps: list[int] | None, ranks: str, rank: int, run_dir: Path):
+    def __init__(self, steps: list[int] | None, ranks: str, rank: int, run_dir: Path, total_steps: int | None):
         self.first, self.last = steps if steps else (None, None)
         self.on = steps is not None and (ranks == "all" or rank == 0)
+        if steps is not None and total_steps is not None and self.last > total_steps and rank == 0:
+            from .runlog import warn
+            warn(f"train.profile={list(steps)} goes past the run's {total_steps} optimizer steps: "
+                 + ("no trace is recorded" if self.first > total_steps else f"the trace ends at step {total_steps}"))
         self.path = run_dir / "profile" / f"rank{rank}.json"
         self.profiler = self.mark = None
 

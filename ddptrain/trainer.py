@@ -90,7 +90,7 @@ class Training:
                                             dist if self.strategy.sharded else None)
         # FLOPs per optimizer step: a forward counted in the pre-flight check, times 3 (the backward is two)
         self.flops_per_sample, self.peak_flops = 3 * forward.flops_per_sample, observe.peak_flops(device, tc.peak_flops)
-        self.profile = observe.Profile(tc.profile, tc.profile_ranks, dist.env.rank, cfg.run_dir)
+        self.profile = observe.Profile(tc.profile, tc.profile_ranks, dist.env.rank, cfg.run_dir, self.total_steps)
         observe.start_memory_history(device, tc.memory_snapshot)
         return TrainStep(torch.compile(model, backend=tc.compile_backend) if tc.compile else model,
                          self.module, forward, self.optimizer, self.scheduler, self.precision, tc,

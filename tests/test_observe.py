@@ -102,6 +102,13 @@ def test_train_profile_writes_a_trace_of_the_chosen_steps_that_loads(tmp_path):
     assert any(n.startswith("aten::addmm") for n in names)  # the model's own work is in it
 
 
+@pytest.mark.parametrize("steps, said", [([13, 15], "no trace is recorded"), ([11, 15], "the trace ends at step 12")])
+def test_a_profile_past_the_runs_length_is_said(tmp_path, steps, said):
+    result = train(0, tmp_path, {**BASE, "train": {**BASE["train"], "profile": steps}})  # 2 epochs of 6 steps
+    assert result["warnings"] == [f"train.profile={steps} goes past the run's 12 optimizer steps: {said}"]
+    assert (tmp_path / "r" / "profile").exists() == (steps[0] <= 12)
+
+
 def test_a_cuda_out_of_memory_error_is_one_line_with_what_to_try(tmp_path):
     config = tmp_path / "c.yaml"  # JSON is YAML
     config.write_text(json.dumps({**BASE, "task": "tasks_observe:out_of_memory", "runs_dir": str(tmp_path)}))
