@@ -51,6 +51,11 @@ def warn(message: str) -> None:
     diagnostics.warning(message)
 
 
+def note(message: str) -> None:
+    """What the run did that its user should know of (not a problem): `ddptrain: ...` on stderr by default."""
+    diagnostics.info(message)
+
+
 def warn_once(message: str) -> None:
     """A diagnostic that every rank meets alike (of the task or the config): said by rank 0 alone."""
     if not _rank and os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Callable
 from . import checkpoint as ckpt
 from . import config as config_mod
 from .dist import Dist
-from .runlog import warn
+from .runlog import note, warn
 from .state import check_compatible
 
 if TYPE_CHECKING:
@@ -35,6 +35,13 @@ def resume(t: Training) -> dict:
             warn(f"resumed at step {t.progress.step}, before the newest checkpoints of '{t.ckpt_dir}': "
                  f"those past it are moved to '{aside}' and never resumed from")
     return saved.get("tracking", {})
+
+
+def say_resumed(t: Training) -> None:
+    """Rank 0 tells where the run resumes (not when it had ended: its summary is all there is to say)."""
+    p = t.progress
+    where = f"after epoch {p.epoch}" if p.pass_ended else f"{p.step_in_epoch} steps into epoch {p.epoch}"
+    note(f"resuming from '{t.resumed_from}' at step {p.step}, {where}")
 
 
 def save_checkpoint(t: Training) -> None:

@@ -113,6 +113,8 @@ class Training:
         # resumed at the end of a run that completed: its summary (its last checkpoint may precede its end)
         self.done = results.finished_summary(dist, cfg.run_dir, self.progress.step) \
             if self.resumed_from is not None and self.reached_end() else None
+        if self.resumed_from is not None and self.done is None and dist.env.is_main:
+            saving.say_resumed(self)
         self.log = run_loggers(cfg, tracking, self.progress.records, self.total_steps, self.progress.step) \
             if dist.env.is_main and self.done is None else NullLogger()  # rank 0's, and nothing to rewrite when done
 

@@ -192,7 +192,7 @@ def test_running_a_finished_run_again_leaves_its_results_as_they_were(tmp_path):
     assert {f: (run_dir / f).read_bytes() for f in before} == before
 
 
-def test_model_keys_that_the_task_does_not_read_are_reported_and_not_pinned(tmp_path, diagnostics):
+def test_model_keys_that_the_task_does_not_read_are_reported_and_not_pinned_and_a_resume_is_said(tmp_path, diagnostics):
     base = {"task": "tasks_for_tests:regression", "runs_dir": str(tmp_path), "name": "m", "data": {"batch_size": 16},
             "train": {"epochs": 1}}
     run(from_dict({**base, "model": {"hidden": [8]}}), detect({}))
@@ -200,6 +200,10 @@ def test_model_keys_that_the_task_does_not_read_are_reported_and_not_pinned(tmp_
                            "the built-in tasks' MLP does): ignored, and not pinned when the run resumes"]
     resumed = run(from_dict({**base, "model": {"hidden": [4, 4]}, "train": {"epochs": 2}}), detect({}))
     assert resumed["resumed_at_step"] == 6 and resumed["steps"] == 12  # not refused for model.hidden
+    said = f"resuming from '{tmp_path / 'm' / 'checkpoints' / 'step-000000006.pt'}' at step 6, after epoch 0"
+    assert diagnostics[-1] == said  # a resumed run says so; one that had ended says its summary alone:
+    run(from_dict({**base, "model": {"hidden": [4, 4]}, "train": {"epochs": 2}}), detect({}))
+    assert diagnostics.count(said) == 1 and not any(m.startswith("resuming from") and m != said for m in diagnostics)
     built_in = {"task": "diabetes", "runs_dir": str(tmp_path), "name": "b", "train": {"epochs": 1}}
     run(from_dict(built_in), detect({}))
     with pytest.raises(Exception, match=r"\(model\.hidden: \[256, 128\] -> \[8\]\)"):
