@@ -14,12 +14,17 @@ from .config import Config
 from .space import Space, as_overrides
 
 
+def _params(t) -> dict:
+    """A trial's parameters; a waiting one's (queued again) are those it will take."""
+    return t.params or t.system_attrs.get("fixed_params", {})
+
+
 def _row(t, space: Space) -> dict:
     seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
     run_dir = t.user_attrs.get("run_dir")
     return {"trial": t.number, "state": t.state.name, space.objective: t.value,
             "seconds": round(seconds, 1) if seconds is not None else None,
-            **{k: v if isinstance(v, str) and v[:1] == "[" else json.dumps(v) for k, v in t.params.items()},
+            **{k: v if isinstance(v, str) and v[:1] == "[" else json.dumps(v) for k, v in _params(t).items()},
             "worker": t.user_attrs.get("worker"), "run": Path(run_dir).name if run_dir else None,
             "note": t.user_attrs.get("note"), "log": t.user_attrs.get("log")}
 
@@ -43,7 +48,7 @@ def report(study, space: Space, cfg: Config, base: dict, sweep_dir: Path) -> dic
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         writer.writerows(rows)
-    shown, params = [k for k in keys if k != "log"], {k for t in study.trials for k in t.params}
+    shown, params = [k for k in keys if k != "log"], {k for t in study.trials for k in _params(t)}
     print(" | ".join(shown))
     for r in rows:
         print(" | ".join(_cell(r.get(k), k in params) for k in shown))

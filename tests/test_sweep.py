@@ -153,6 +153,8 @@ def test_stopped_sweep_continues_without_repeating_finished_trials(tmp_path):
     assert first.returncode == 75, err[-3000:]
     assert "ddptrain: sweep stopped by SIGTERM; run the same command again to continue" in err
     stopped_at = train_steps(run)[-1]
+    queued = trials(sweep_dir)[-1]  # its parameters shown: the table had an empty cell
+    assert queued["state"] == "WAITING" and queued["optim.lr"] == trials(sweep_dir)[2]["optim.lr"] != ""
 
     second = start()  # trial 3 continues trial 2's run; Ctrl-C stops it again
     wait_until(lambda: train_steps(run)[-1:] >= [stopped_at + 2], second)
