@@ -1,6 +1,6 @@
 """The training loop on this rank: `Training` builds the run's parts, then trains epochs of optimizer steps
-(step.py) with logging, validation, early stopping and checkpoints (saving.py; one `RunState` lists what they
-hold), and ends the run (results.py). `run` (run.py) starts it.
+(step.py) with logging (train_event.py), validation, early stopping and checkpoints (saving.py; one `RunState`
+lists what they hold), and ends the run (results.py). `run` (run.py) starts it.
 The loop has no per-step collective or host sync of its own (but a sequence loss's token count, summed in the
 background on the control group: step.py): train sums stay on the device and are reduced only every
 `train.log_every` steps, and with `train.nonfinite: stop` the weights are checked
@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from . import checkpoint as ckpt
-from . import grad_norms, nonfinite, observe, results, saving
+from . import grad_norms, nonfinite, observe, results, saving, train_event
 from . import strategy as strategy_mod
 from . import task as task_mod
 from .batch import Forward, to_device
@@ -32,7 +32,6 @@ from .models import convert_sync_batchnorm, on_meta
 from .optim import build_optimizer, build_scheduler, nonfinite_count
 from .precision import Precision
 from .preempt import Preempted, Preemption
-from .results import mfu
 from .runlog import Clock, NullLogger, run_loggers
 from .state import Progress, RngState, RunState, cpu_rng, rank_seed, resume_path, seed_everything, set_cpu_rng
 from .step import TrainStep
@@ -255,7 +254,7 @@ class Training:
         else:
             nonfinite.skipped(self)
         if log_now:
-            self.log_train(epoch)
+            train_event.log_train(self, epoch)
         done = self.total_steps is not None and step >= self.total_steps
         if self.val_every and step % self.val_every == 0 and not done:
             self.validate_mid_epoch(epoch)
@@ -274,39 +273,6 @@ class Training:
         self.validate(epoch)
         self.phase = "training"
         self.rates.pause(time.perf_counter() - started, in_epoch=True)
-
-    def log_train(self, epoch: int) -> None:
-        """Reduce the train sums (the loop's own collective, every log_every steps) and record them. Call on all ranks."""
-        p, sums, env, rates = self.progress, self.sums, self.dist.env, self.rates
-        steps = p.step - rates.log_step
-        own = None  # each rank's own time per step (observe.RankTime), in its slot: it rides on the reduction
-        if env.world_size > 1:
-            own = torch.zeros(env.world_size, dtype=torch.float64)
-            own[env.rank] = (rates.data_wait_s + self.rank_time.take()) / max(steps, 1)
-        own = sums.reduce(self.dist, nonfinite=nonfinite_count(self.step.params), ride=own)  # finiteness agreed too
-        values = sums.values()  # on the host: the device has done the interval's work (rates are not queueing rates)
-        now = time.perf_counter()
-        elapsed, tokens = now - rates.log_time - rates.paused_s, sums.tokens()
-        event = {"split": "train", "step": p.step, "epoch": epoch, **values,
-                 "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": float(self.norm),
-                 "skipped_steps": p.skipped_total,
-                 "samples_per_s": steps * self.cfg.data.batch_size / elapsed,
-                 "data_wait_share": rates.data_wait_s / elapsed, "time": self.clock()}
-        if tokens:
-            event["tokens_per_s"] = tokens / elapsed
-            rates.tokens += tokens
-        if self.peak_flops and self.flops_per_sample:
-            event["mfu"] = mfu(event["samples_per_s"], self.flops_per_sample, self.peak_flops, env.world_size)
-        if own is not None and env.is_main:
-            event.update(self.stragglers.fields(own.tolist()))
-        if self.step.norms is not None:
-            event["grad_norms"] = self.step.norms
-        event.update(observe.memory_fields(self.dist.device))
-        self.log.record(event)
-        self.log.progress(p.step, self.total_steps)
-        nonfinite.check_finite(self, sums.all_finite())
-        sums.zero()
-        rates.next_interval(now, p.step)
 
     def end_epoch(self, epoch: int) -> None:
         """After an epoch's steps: the finite check, validation, early stopping, the epoch checkpoint."""
